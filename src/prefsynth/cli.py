@@ -1,0 +1,188 @@
+"""The `prefsynth` command: run pipelines, look into the warehouse, export training sets."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from prefsynth.errors import PrefsynthError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(
+    help="prefsynth: synthesize preference pairs (chosen/rejected) with Prefect into a DuckDB warehouse.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+DB_HELP = "DuckDB warehouse file."
+DbOption = Annotated[Path | None, typer.Option("--db", help=DB_HELP + " Overrides the config's `warehouse`.")]
+
+
+class _Rate(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.2f}/s" if task.speed else "–/s", style="progress.data.speed")
+
+
+class _Bars:
+    """The CLI's progress view: one bar per stage (done/to do, rate, elapsed, ETA)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.ids: dict[str, int] = {}
+
+    def start(self, stage: str, total: int) -> None:
+        self.ids[stage] = self.progress.add_task(escape(stage), total=total)
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        self.progress.advance(self.ids[stage], n)
+
+
+def _fail(err: Exception) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    return typer.Exit(2)
+
+
+def _run_config(config_path: Path | None, db: Path | None, packaged: bool = False) -> None:
+    from prefsynth.flows.progress import showing
+    from prefsynth.flows.synthesize import synthesize
+    from prefsynth.schemas.config import load_config
+
+    try:
+        if packaged:
+            with resources.as_file(resources.files("prefsynth").joinpath("examples", "quickstart.yaml")) as p:
+                config = load_config(p)
+        else:
+            config = load_config(config_path)  # type: ignore[arg-type]
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
+        with Progress(*columns, console=console, transient=False) as progress, showing(_Bars(progress)):
+            summary = synthesize(config=config, db=str(db) if db else None)
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    table = Table(title=f"run {summary.run_id} → {summary.warehouse}")
+    for col in ("stage", "total", "reused", "new", "failed", "model calls"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for s in summary.stages:
+        table.add_row(s.stage, str(s.total), str(s.reused), str(s.new), str(s.failed), str(s.model_calls))
+    Console().print(table)
+    Console().print(
+        f"{summary.pairs} pairs, {summary.model_calls} new model calls, {summary.failures} failures, "
+        f"{summary.seconds:.1f} s" + "".join(f"\nexported: {p}" for p in summary.exports)
+    )
+    if summary.failures and config.failures_fatal:
+        console.print(f"[red]{summary.failures} items failed and the config sets failures_fatal[/]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")],
+    db: DbOption = None,
+) -> None:
+    """Run a pipeline config: ingest, generate, score, curate, export.
+
+    Example: prefsynth run examples/quickstart.yaml --db my.duckdb
+
+    A rerun of the same config makes no new model calls; new prompts compute only what is missing.
+    """
+    _run_config(config, db)
+
+
+@app.command()
+def demo(db: DbOption = None) -> None:
+    """Run the quickstart on the embedded default (SmolLM2-135M as policy and judge, on this machine).
+
+    Example: prefsynth demo            (leaves prefsynth.duckdb and exports/quickstart/ here)
+    """
+    _run_config(None, db, packaged=True)
+
+
+@app.command()
+def stats(
+    db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("prefsynth.duckdb"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Row counts per table and model calls per model.
+
+    Example: prefsynth stats --db prefsynth.duckdb --json
+    """
+    from prefsynth.warehouse.store import Store
+
+    try:
+        with Store(db, read_only=True) as store:
+            data = store.stats()
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    if as_json:
+        print(json.dumps(data, sort_keys=True))
+        return
+    out = Console()
+    table = Table(title=str(db))
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    for key, value in data.items():
+        if isinstance(value, int):
+            table.add_row(key, str(value))
+    out.print(table)
+    calls = Table(title="model calls")
+    for col in ("model", "kind", "calls", "errors", "prompt tokens", "completion tokens"):
+        calls.add_column(col)
+    for row in data["calls_by_model"]:
+        calls.add_row(*(str(v) for v in row.values()))
+    out.print(calls)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("prefsynth.duckdb"),
+    fmt: Annotated[str, typer.Option("--format", help="trl (train.parquet) or jsonl (train.jsonl).")] = "trl",
+    run_id: Annotated[str | None, typer.Option("--run", help="A run id (default: the newest completed).")] = None,
+) -> None:
+    """Write the pairs of the latest completed run as a TRL conversational preference dataset.
+
+    Example: prefsynth export --db prefsynth.duckdb --out exports/v1 --format trl
+    """
+    from prefsynth.tasks.export import FILES, write_dataset
+    from prefsynth.warehouse.store import Store
+
+    if fmt not in FILES:
+        raise _fail(PrefsynthError(f"--format must be one of {', '.join(FILES)}, got {fmt!r}"))
+    try:
+        with Store(db) as store:
+            chosen_run, rows = store.export_rows(run_id)
+            if chosen_run is None:
+                raise PrefsynthError(f"{db} has no completed run to export")
+            done = write_dataset(rows, out, fmt)
+            store.record_snapshot(done.snapshot_id, chosen_run, fmt, str(done.path), done.n_pairs)
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    if done.n_pairs == 0:
+        console.print(f"[yellow]warning:[/] run {chosen_run} has no pairs; wrote an empty dataset")
+    print(f"{done.n_pairs} pairs from run {chosen_run} -> {done.path}")
+
+
+if __name__ == "__main__":
+    app()

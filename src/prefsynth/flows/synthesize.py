@@ -1,0 +1,203 @@
+"""The pipeline: prompts -> generate -> score -> curate -> export, all into one DuckDB warehouse.
+
+The flow holds no logic beyond wiring, progress and the summary: tasks compute, the store writes. It is
+the only writer of the warehouse; every chunk's records are committed as soon as its task returns.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+
+from prefsynth.backends.client import Endpoint, check_reachable
+from prefsynth.backends.local import LocalServers
+from prefsynth.flows.progress import StageProgress
+from prefsynth.schemas.config import PipelineConfig
+from prefsynth.schemas.records import Message, Prompt, RunSummary, StageCounts, StageResult
+from prefsynth.tasks._async import run_async
+from prefsynth.tasks.curate import curate
+from prefsynth.tasks.export import export
+from prefsynth.tasks.generate import generate_chunk, plan_generation
+from prefsynth.tasks.ingest import ingest
+from prefsynth.tasks.score import score_chunk
+from prefsynth.tasks.scorers import PointwiseScorer, ScoreItem, build_scorer
+from prefsynth.warehouse.ids import canonical_json, score_id
+from prefsynth.warehouse.store import Store
+
+T = TypeVar("T")
+
+
+def chunks(items: Sequence[T], size: int) -> list[list[T]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def run_stage(
+    name: str,
+    todo: Sequence[T],
+    total: int,
+    chunk_size: int,
+    work: Callable[[list[T], Callable[[int], None]], StageResult],
+    store: Store,
+    run_id: str,
+) -> StageCounts:
+    """Run `work` chunk by chunk, committing each chunk's records before the next starts."""
+    logger = get_run_logger()
+    counts = StageCounts(stage=name, total=total, reused=total - len(todo))
+    progress = StageProgress(name, len(todo))
+    if counts.reused:
+        logger.info(f"{name}: {counts.reused} of {total} already in the warehouse")
+    for chunk in chunks(todo, chunk_size):
+        result = work(chunk, progress.advance)
+        written = store.write(run_id, result)
+        counts.new += written["responses"] + written["scores"]
+        counts.failed += len(result.failures)
+        counts.model_calls += written["model_calls"]
+        logger.info(progress.line() + (f", {counts.failed} failed" if counts.failed else ""))
+    return counts
+
+
+def _merge(name: str, parts: list[StageCounts]) -> StageCounts:
+    total = StageCounts(stage=name)
+    for p in parts:
+        total.total += p.total
+        total.reused += p.reused
+        total.new += p.new
+        total.failed += p.failed
+        total.model_calls += p.model_calls
+    return total
+
+
+def generate_stage(
+    store: Store, run_id: str, config: PipelineConfig, prompts: list[Prompt], policies: list[Endpoint]
+) -> StageCounts:
+    gen = config.generation
+    parts = []
+    for ep in policies:
+        plan = plan_generation(prompts, ep, gen.sampling, gen.samples_per_prompt)
+        have = store.existing_ids("responses", [i.response_id for i in plan])
+        todo = [i for i in plan if i.response_id not in have]
+        parts.append(
+            run_stage(
+                f"generate[{ep.label}]", todo, len(plan), config.chunk_size,
+                lambda chunk, done, ep=ep: generate_chunk(ep, chunk, gen.sampling, store.cached_calls, done),
+                store, run_id,
+            )
+        )  # fmt: skip
+    return _merge("generate", parts)
+
+
+def score_stage(
+    store: Store, run_id: str, config: PipelineConfig, scorer: PointwiseScorer, prompt_ids: list[str],
+    policies: list[Endpoint],
+) -> StageCounts:  # fmt: skip
+    store.register_scorer(scorer.scorer_id, scorer.name, scorer.kind, scorer.config_json)
+    responses = store.responses_for(prompt_ids, [ep.identity for ep in policies])
+    messages = {pid: [Message(**m) for m in json.loads(raw)]
+                for pid, raw in zip(responses["prompt_id"], responses["messages"], strict=True)}  # fmt: skip
+    items = [
+        ScoreItem(score_id(rid, scorer.scorer_id), rid, messages[pid], text)
+        for rid, pid, text in zip(responses["response_id"], responses["prompt_id"], responses["text"], strict=True)
+    ]
+    have = store.existing_ids("scores", [i.score_id for i in items])
+    todo = [i for i in items if i.score_id not in have]
+    return run_stage(
+        f"score[{scorer.name}]", todo, len(items), config.chunk_size,
+        lambda chunk, done: score_chunk(scorer, chunk, store.cached_calls, done),
+        store, run_id,
+    )  # fmt: skip
+
+
+@flow(name="prefsynth-synthesize")
+def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
+    """Generate, score, curate and export preference pairs as `config` says, into the warehouse `db`."""
+    logger = get_run_logger()
+    started = time.monotonic()
+    warehouse = Path(db or config.warehouse)
+    summary = RunSummary(run_id=uuid.uuid4().hex, name=config.name, warehouse=str(warehouse))
+    with LocalServers() as servers:
+        for model in config.all_models():  # a missing GGUF file fails before anything starts
+            servers.check(model)
+        table_rows = None
+        if config.prompts.warehouse_table:
+            with Store(warehouse) as reader:
+                table_rows = reader.prompts_from_table(config.prompts.warehouse_table).to_dicts()
+        ingested = ingest(config.prompts, config.generation.system_prompt, table_rows)
+        summary.prompts_read, summary.duplicates_dropped = ingested.read, ingested.duplicates
+        logger.info(f"ingest: {len(ingested.prompts)} prompts ({ingested.duplicates} duplicates dropped)")
+
+        policies = [servers.endpoint(m) for m in config.generation.models]
+        scorers = [build_scorer(s, servers.endpoint(s.model)) for s in config.scorers]
+        for ep in {e.base_url: e for e in [*policies, *(s.endpoint for s in scorers)]}.values():
+            run_async(check_reachable(ep))
+
+        with Store(warehouse) as store:
+            store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), _flow_run_id())
+            try:
+                _run(store, config, ingested.prompts, policies, scorers, summary)
+            except BaseException as err:
+                summary.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+                summary.seconds = time.monotonic() - started
+                store.end_run(summary.run_id, summary.status, summary.model_dump())
+                raise
+            summary.seconds = time.monotonic() - started
+            store.end_run(summary.run_id, summary.status, summary.model_dump())
+    _publish(summary)
+    return summary
+
+
+def _run(
+    store: Store, config: PipelineConfig, prompts: list[Prompt], policies: list[Endpoint],
+    scorers: list[PointwiseScorer], summary: RunSummary,
+) -> None:  # fmt: skip
+    logger = get_run_logger()
+    run_id = summary.run_id
+    new_prompts = store.write_prompts(run_id, prompts)
+    summary.stages.append(StageCounts(stage="ingest", total=len(prompts), new=new_prompts,
+                                      reused=len(prompts) - new_prompts))  # fmt: skip
+    summary.stages.append(generate_stage(store, run_id, config, prompts, policies))
+    prompt_ids = [p.prompt_id for p in prompts]
+    for scorer in scorers:
+        summary.stages.append(score_stage(store, run_id, config, scorer, prompt_ids, policies))
+
+    judge = next(s for s in scorers if s.name == config.curation_scorer.name)
+    scores = store.scores_for(judge.scorer_id, prompt_ids, [ep.identity for ep in policies])
+    pairs = curate(scores, judge.scorer_id, config.curation)
+    new_pairs = store.write_pairs(run_id, pairs)
+    summary.pairs = len(pairs)
+    summary.stages.append(StageCounts(stage="curate", total=len(pairs), new=new_pairs, reused=len(pairs) - new_pairs))
+    logger.info(f"curate: {len(pairs)} pairs from {scores['prompt_id'].n_unique()} scored prompts")
+
+    for target in config.export:
+        _, rows = store.export_rows(run_id)
+        done = export(rows, target.path, target.format)
+        store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), done.n_pairs)
+        summary.exports.append(str(done.path))
+        logger.info(f"export: {done.n_pairs} pairs -> {done.path}")
+
+
+def _flow_run_id() -> str | None:
+    value = flow_run.get_id()
+    return str(value) if value else None
+
+
+def _publish(summary: RunSummary) -> None:
+    rows = [s.model_dump() for s in summary.stages]
+    create_table_artifact(
+        table=rows,
+        key="prefsynth-run-summary",
+        description=(
+            f"run {summary.run_id}: {summary.pairs} pairs, {summary.model_calls} model calls, "
+            f"{summary.failures} failures, {summary.seconds:.1f} s -> {summary.warehouse}"
+        ),
+    )
+    get_run_logger().info(
+        f"done: {summary.pairs} pairs, {summary.model_calls} new model calls, {summary.failures} failures"
+    )

@@ -1,0 +1,252 @@
+"""Pipeline configuration: the YAML file a user writes, validated before any model call.
+
+Relative paths of inputs (prompt files, GGUF files) resolve against the config file's folder; the
+warehouse path, an output, resolves against the current directory (like `--db`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prefsynth.errors import ConfigError
+
+PACKAGED_MODELS = ("smollm2-135m-instruct", "gemma3-270m-base")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """A model: an OpenAI-compatible endpoint (`base_url` + `model`) or a local GGUF file (`gguf`)."""
+
+    name: str | None = Field(None, description="Label used in records; defaults to `model` or the GGUF alias.")
+    base_url: str | None = Field(None, description="OpenAI-compatible API root, e.g. http://host:8000/v1")
+    model: str | None = Field(None, description="Model name sent to the endpoint.")
+    api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key.")
+    server: Literal["openai", "vllm", "llama-cpp"] = Field(
+        "openai", description="Kind of endpoint server, for its quirks (local GGUF models are llama-cpp)."
+    )
+    gguf: str | None = Field(None, description=f"Path to a .gguf file or a packaged alias: {PACKAGED_MODELS}.")
+    n_ctx: int = Field(2048, ge=256, description="Context length of a local server.")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads of a local server (default: all).")
+    max_concurrency: int | None = Field(None, ge=1, le=1024, description="Requests in flight at once.")
+    timeout_s: float = Field(300.0, gt=0, description="Timeout of one request, queueing included.")
+    max_retries: int = Field(3, ge=0, le=20, description="Retries of one request (backoff, Retry-After).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ModelSpec:
+        if self.gguf and (self.base_url or self.model):
+            raise ValueError("give either `gguf` (a local model) or `base_url` + `model` (an endpoint), not both")
+        if not self.gguf:
+            if not self.base_url or not self.model:
+                raise ValueError("an endpoint model needs both `base_url` and `model` (or give `gguf`)")
+            if not self.base_url.startswith(("http://", "https://")):
+                raise ValueError(f"`base_url` must start with http:// or https://, got {self.base_url!r}")
+        if self.api_key_env is not None and not self.api_key_env.isidentifier():
+            raise ValueError("`api_key_env` is the *name* of an environment variable, e.g. OPENAI_API_KEY")
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        return self.gguf is not None
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.gguf:
+            return self.gguf if self.gguf in PACKAGED_MODELS else Path(self.gguf).stem
+        return str(self.model)
+
+    @property
+    def concurrency(self) -> int:
+        # llama-cpp-python serves one request at a time: two in flight keeps it busy without queueing.
+        return self.max_concurrency or (2 if self.is_local else 16)
+
+    def api_key(self) -> str:
+        if self.api_key_env is None:
+            return "not-needed"
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            raise ConfigError(f"environment variable {self.api_key_env} (api_key_env) is not set")
+        return value
+
+
+class SamplingParams(_Strict):
+    temperature: float = Field(0.8, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1, le=32768)
+    seed: int = Field(0, ge=0, description="Base seed; sample i uses seed + i.")
+
+
+class PromptSource(_Strict):
+    """Exactly one of `path`, `hf_dataset`, `warehouse_table`, `builtin`."""
+
+    path: str | None = Field(None, description="A .jsonl, .json, .csv or .parquet file.")
+    hf_dataset: str | None = Field(None, description="A Hugging Face dataset saved with save_to_disk.")
+    split: str | None = Field(None, description="Split of a DatasetDict (default: train, or the only one).")
+    warehouse_table: str | None = Field(None, description="A table or view in the warehouse.")
+    builtin: Literal["quickstart"] | None = Field(None, description="A prompt set shipped with prefsynth.")
+    prompt_field: str = Field("prompt", description="Column with the user turn as text.")
+    messages_field: str = Field("messages", description="Column with a chat message list (used if present).")
+    system_field: str | None = Field(None, description="Optional column with a system prompt.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N prompts (after de-duplication).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PromptSource:
+        given = [k for k in ("path", "hf_dataset", "warehouse_table", "builtin") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of `path`, `hf_dataset`, `warehouse_table`, `builtin`"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.path and Path(self.path).suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
+            raise ValueError(f"`path` must end in .jsonl, .json, .csv or .parquet: {self.path}")
+        if self.warehouse_table and not self.warehouse_table.replace(".", "_").isidentifier():
+            raise ValueError(f"`warehouse_table` is not a plain table name: {self.warehouse_table!r}")
+        return self
+
+
+class GenerationSpec(_Strict):
+    models: list[ModelSpec] = Field(..., min_length=1, description="Policy models; each answers every prompt.")
+    samples_per_prompt: int = Field(2, ge=1, le=64)
+    sampling: SamplingParams = SamplingParams()
+    system_prompt: str | None = Field(None, description="Added to prompts that have no system turn.")
+
+    @field_validator("models")
+    @classmethod
+    def _unique_labels(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        labels = [m.label for m in models]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"policy models need distinct names; set `name` for: {', '.join(dupes)}")
+        return models
+
+
+DEFAULT_RUBRIC = (
+    "Rate how well the response answers the user's request: correct, relevant, helpful and clear. "
+    "1 means useless or wrong, 10 means excellent."
+)
+
+
+class PointwiseJudgeSpec(_Strict):
+    """An LLM rates each response on a scale, with a short rationale, answering in JSON."""
+
+    kind: Literal["pointwise_judge"] = "pointwise_judge"
+    name: str = "judge"
+    model: ModelSpec
+    rubric: str = DEFAULT_RUBRIC
+    scale_min: int = 1
+    scale_max: int = 10
+    max_tokens: int = Field(160, ge=16, le=8192)
+    temperature: float = Field(0.0, ge=0, le=2)
+    seed: int = 0
+    structured_output: bool = Field(True, description="Ask the server to constrain output to the JSON schema.")
+
+    @model_validator(mode="after")
+    def _scale(self) -> PointwiseJudgeSpec:
+        if self.scale_max <= self.scale_min:
+            raise ValueError("`scale_max` must be greater than `scale_min`")
+        return self
+
+
+ScorerSpec = Annotated[PointwiseJudgeSpec, Field(discriminator="kind")]
+
+
+class CurationSpec(_Strict):
+    rule: Literal["best_vs_worst"] = "best_vs_worst"
+    scorer: str | None = Field(None, description="Name of the scorer whose values rank responses (default: first).")
+    min_margin: float = Field(1.0, ge=0, description="Pairs need chosen - rejected >= this (and > 0).")
+
+
+class ExportTarget(_Strict):
+    format: Literal["trl", "jsonl"] = "trl"
+    path: str = Field(..., description="Output folder (relative to the current directory).")
+
+
+class PipelineConfig(_Strict):
+    name: str = "prefsynth"
+    prompts: PromptSource
+    generation: GenerationSpec
+    scorers: list[ScorerSpec] = Field(..., min_length=1)
+    curation: CurationSpec = CurationSpec()
+    export: list[ExportTarget] = []
+    warehouse: str = Field("prefsynth.duckdb", description="DuckDB file (relative to the current directory).")
+    chunk_size: int = Field(32, ge=1, le=4096, description="Items per Prefect task run.")
+    failures_fatal: bool = Field(False, description="Exit non-zero when any item failed.")
+
+    @model_validator(mode="after")
+    def _names(self) -> PipelineConfig:
+        names = [s.name for s in self.scorers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"scorer names must be distinct: {names}")
+        if self.curation.scorer is not None and self.curation.scorer not in names:
+            raise ValueError(f"curation.scorer {self.curation.scorer!r} is not a scorer name; have {names}")
+        return self
+
+    @property
+    def curation_scorer(self) -> PointwiseJudgeSpec:
+        wanted = self.curation.scorer or self.scorers[0].name
+        return next(s for s in self.scorers if s.name == wanted)
+
+    def all_models(self) -> list[ModelSpec]:
+        return [*self.generation.models, *(s.model for s in self.scorers)]
+
+
+def _resolve_inputs(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative input paths absolute against the config file's folder (before validation)."""
+
+    def fix(path: Any) -> Any:
+        if not isinstance(path, str) or path in PACKAGED_MODELS or Path(path).is_absolute():
+            return path
+        return str((base / path).resolve())
+
+    prompts = raw.get("prompts")
+    if isinstance(prompts, dict):
+        for key in ("path", "hf_dataset"):
+            if key in prompts:
+                prompts[key] = fix(prompts[key])
+    models = [*(raw.get("generation") or {}).get("models", []), *(s.get("model") for s in raw.get("scorers", []))]
+    for m in models:
+        if isinstance(m, dict) and "gguf" in m:
+            m["gguf"] = fix(m["gguf"])
+    return raw
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid config ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Any, source: str = "config", base_dir: Path | None = None) -> PipelineConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    if base_dir is not None:
+        raw = _resolve_inputs(raw, base_dir)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(source, err)) from None
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {err.problem}") from None
+    return parse_config(raw, str(path), path.parent.resolve())

@@ -1,0 +1,124 @@
+"""What tasks return and the warehouse stores: one pydantic model per fact table row."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class Prompt(BaseModel):
+    prompt_id: str
+    messages: list[Message]
+    source: str  # file path, dataset path, table name or builtin name
+    source_ref: str  # line number, row index or row key inside the source
+
+
+class ModelCall(BaseModel):
+    """One attempt of one model request: the ledger and the cache (`status == "ok"`)."""
+
+    attempt_id: str
+    call_id: str
+    model: str  # model identity (file hash or alias@version for local models, url + name for endpoints)
+    endpoint: str  # base_url without credentials; "local" for embedded servers
+    kind: str  # "chat"
+    request: str  # canonical JSON body
+    response: str | None  # JSON: text, finish_reason, usage
+    status: str  # "ok" | "error"
+    error: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_ms: float
+
+
+class Response(BaseModel):
+    response_id: str
+    prompt_id: str
+    model: str  # label from the config
+    model_identity: str
+    sampling: str  # canonical JSON of the sampling params
+    sample_index: int
+    seed: int
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_ms: float
+    call_id: str
+
+
+class Score(BaseModel):
+    score_id: str
+    response_id: str
+    scorer_id: str
+    scorer: str  # scorer name from the config
+    value: float
+    rationale: str | None
+    raw: str  # the model's text, as returned
+    call_ids: list[str]
+
+
+class Failure(BaseModel):
+    """An item a stage could not finish: recorded, never silently dropped; retried on the next run."""
+
+    stage: str  # "generate" | "score"
+    item_id: str  # response_id (generate) or score_id (score)
+    scorer_id: str | None
+    error: str
+    raw: str | None
+
+
+class Pair(BaseModel):
+    pair_id: str
+    prompt_id: str
+    chosen_id: str
+    rejected_id: str
+    scorer_id: str
+    rule: str  # canonical JSON of the curation rule
+    score_chosen: float
+    score_rejected: float
+    margin: float
+
+
+class StageResult(BaseModel):
+    """What a task returns for one chunk: rows for each table, written by the flow in one statement each."""
+
+    calls: list[ModelCall] = []
+    responses: list[Response] = []
+    scores: list[Score] = []
+    failures: list[Failure] = []
+
+
+class StageCounts(BaseModel):
+    """One stage of a run: what it had to do, what was already there, what it made, what failed."""
+
+    stage: str
+    total: int = 0
+    reused: int = 0
+    new: int = 0
+    failed: int = 0
+    model_calls: int = 0
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    name: str
+    warehouse: str
+    status: str = "completed"
+    prompts_read: int = 0
+    duplicates_dropped: int = 0
+    stages: list[StageCounts] = []
+    pairs: int = 0
+    exports: list[str] = []
+    seconds: float = 0.0
+
+    @property
+    def failures(self) -> int:
+        return sum(s.failed for s in self.stages)
+
+    @property
+    def model_calls(self) -> int:
+        return sum(s.model_calls for s in self.stages)

@@ -1,0 +1,55 @@
+"""Curate: turn scores into chosen/rejected pairs by a rule. Pure polars; no model calls.
+
+best_vs_worst: per prompt, the highest-scored response is chosen and the lowest rejected, when
+chosen - rejected >= min_margin and > 0. Ties break by the smaller response id (deterministic).
+Prompts with one scored response, or all scores equal, give no pair.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from prefsynth.schemas.config import CurationSpec
+from prefsynth.warehouse.ids import canonical_json, pair_id
+
+PAIR_COLUMNS = ["pair_id", "prompt_id", "chosen_id", "rejected_id", "scorer_id", "rule",
+                "score_chosen", "score_rejected", "margin"]  # fmt: skip
+
+
+def rule_of(spec: CurationSpec, scorer_id: str) -> dict[str, object]:
+    return {"rule": spec.rule, "min_margin": spec.min_margin, "scorer_id": scorer_id}
+
+
+def best_vs_worst(scores: pl.DataFrame, scorer_id: str, spec: CurationSpec) -> pl.DataFrame:
+    """scores: prompt_id, response_id, value -> pairs (sorted by prompt_id)."""
+    rule = rule_of(spec, scorer_id)
+    rule_json = canonical_json(rule)
+    order = ["value", "response_id"]
+    grouped = (
+        scores.lazy()
+        .filter(pl.col("value").is_not_null() & pl.col("value").is_not_nan())
+        .group_by("prompt_id")
+        .agg(
+            n=pl.len(),
+            chosen_id=pl.col("response_id").sort_by(order, descending=[True, False]).first(),
+            score_chosen=pl.col("value").max(),
+            rejected_id=pl.col("response_id").sort_by(order, descending=[False, False]).first(),
+            score_rejected=pl.col("value").min(),
+        )
+        .with_columns(margin=pl.col("score_chosen") - pl.col("score_rejected"))
+        .filter((pl.col("n") >= 2) & (pl.col("margin") > 0) & (pl.col("margin") >= spec.min_margin))
+        .sort("prompt_id")
+        .collect()
+    )
+    ids = [pair_id(c, r, rule) for c, r in zip(grouped["chosen_id"], grouped["rejected_id"], strict=True)]
+    return grouped.with_columns(
+        pair_id=pl.Series(ids, dtype=pl.String), scorer_id=pl.lit(scorer_id), rule=pl.lit(rule_json)
+    ).select(PAIR_COLUMNS)
+
+
+@task(name="curate", cache_policy=NO_CACHE)
+def curate(scores: pl.DataFrame, scorer_id: str, spec: CurationSpec) -> pl.DataFrame:
+    """Prefect task: pairs for a run's scored responses."""
+    return best_vs_worst(scores, scorer_id, spec)

@@ -1,0 +1,48 @@
+"""Content-addressed ids: a hash of everything that determined a row, in canonical JSON."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no whitespace, UTF-8 kept as is: the same value always gives the same text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_default)
+
+
+def _default(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    raise TypeError(f"cannot hash value of type {type(value).__name__}")
+
+
+def content_id(kind: str, *parts: Any) -> str:
+    """A 32-hex-digit id for `parts`, namespaced by `kind` so that different tables never collide."""
+    digest = hashlib.sha256(canonical_json([kind, *parts]).encode()).hexdigest()
+    return digest[:32]
+
+
+def prompt_id(messages: list[dict[str, str]]) -> str:
+    return content_id("prompt", messages)
+
+
+def call_id(model_identity: str, body: dict[str, Any]) -> str:
+    return content_id("call", model_identity, body)
+
+
+def response_id(prompt: str, model_identity: str, sampling: dict[str, Any], sample_index: int) -> str:
+    return content_id("response", prompt, model_identity, sampling, sample_index)
+
+
+def scorer_id(config: dict[str, Any]) -> str:
+    return content_id("scorer", config)
+
+
+def score_id(response: str, scorer: str) -> str:
+    return content_id("score", response, scorer)
+
+
+def pair_id(chosen: str, rejected: str, rule: dict[str, Any]) -> str:
+    return content_id("pair", chosen, rejected, rule)

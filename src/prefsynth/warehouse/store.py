@@ -1,0 +1,311 @@
+"""The one class that talks to DuckDB. All SQL of the project lives here and in migrations/.
+
+One process holds the file read-write: the flow. Tasks return record batches; `Store.write` inserts each
+batch in one statement through Arrow, inside one transaction per batch, so a crash loses only calls that
+were in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+from pydantic import BaseModel
+
+from prefsynth.errors import PrefsynthError
+from prefsynth.schemas.records import Pair, Prompt, StageResult
+
+# Column types of what tasks return, so empty or all-null batches keep their schema.
+_SCHEMAS: dict[str, dict[str, Any]] = {
+    "prompts": {"prompt_id": pl.String, "messages": pl.String, "source": pl.String, "source_ref": pl.String},
+    "model_calls": {
+        "attempt_id": pl.String, "call_id": pl.String, "model": pl.String, "endpoint": pl.String,
+        "kind": pl.String, "request": pl.String, "response": pl.String, "status": pl.String,
+        "error": pl.String, "prompt_tokens": pl.Int32, "completion_tokens": pl.Int32, "latency_ms": pl.Float64,
+    },
+    "responses": {
+        "response_id": pl.String, "prompt_id": pl.String, "model": pl.String, "model_identity": pl.String,
+        "sampling": pl.String, "sample_index": pl.Int32, "seed": pl.Int64, "text": pl.String,
+        "finish_reason": pl.String, "prompt_tokens": pl.Int32, "completion_tokens": pl.Int32,
+        "latency_ms": pl.Float64, "call_id": pl.String,
+    },
+    "scores": {
+        "score_id": pl.String, "response_id": pl.String, "scorer_id": pl.String, "scorer": pl.String,
+        "value": pl.Float64, "rationale": pl.String, "raw": pl.String, "call_ids": pl.List(pl.String),
+    },
+    "failures": {
+        "stage": pl.String, "item_id": pl.String, "scorer_id": pl.String, "error": pl.String, "raw": pl.String,
+    },
+    "pairs": {
+        "pair_id": pl.String, "prompt_id": pl.String, "chosen_id": pl.String, "rejected_id": pl.String,
+        "scorer_id": pl.String, "rule": pl.String, "score_chosen": pl.Float64, "score_rejected": pl.Float64,
+        "margin": pl.Float64,
+    },
+}  # fmt: skip
+_KEYS = {"prompts": "prompt_id", "model_calls": "attempt_id", "responses": "response_id",
+         "scores": "score_id", "pairs": "pair_id"}  # fmt: skip
+STATS_TABLES = ("runs", "prompts", "responses", "scores", "failures", "pairs", "dataset_snapshots", "model_calls")
+
+
+def frame(table: str, rows: Iterable[BaseModel | dict[str, Any]]) -> pl.DataFrame:
+    """Records -> a polars frame with the table's column types."""
+    dicts = [r.model_dump() if isinstance(r, BaseModel) else r for r in rows]
+    return pl.DataFrame(dicts, schema=_SCHEMAS[table], orient="row" if not dicts else None)
+
+
+class Store:
+    """A DuckDB warehouse file: migrations on open, batched writes, the reads the pipeline needs."""
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        self.path = Path(path)
+        if read_only and not self.path.exists():
+            raise PrefsynthError(f"warehouse not found: {self.path}")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as err:
+            raise PrefsynthError(f"cannot open warehouse {self.path}: {err}") from None
+        self._lock = threading.Lock()
+        if not read_only:
+            self.migrate()
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- schema -------------------------------------------------------------------------------
+    def migrate(self) -> list[int]:
+        """Apply numbered migrations/NNN_*.sql not yet in schema_version, each in one transaction."""
+        self.con.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version "
+            "(version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMP DEFAULT current_timestamp)"
+        )
+        done = {v for (v,) in self.con.execute("SELECT version FROM schema_version").fetchall()}
+        applied = []
+        folder = resources.files("prefsynth.warehouse").joinpath("migrations")
+        for item in sorted(folder.iterdir(), key=lambda p: p.name):
+            if not item.name.endswith(".sql"):
+                continue
+            version = int(item.name.split("_", 1)[0])
+            if version in done:
+                continue
+            self.con.execute("BEGIN")
+            try:
+                self.con.execute(item.read_text(encoding="utf-8"))
+                self.con.execute("INSERT INTO schema_version (version, name) VALUES (?, ?)", [version, item.name])
+                self.con.execute("COMMIT")
+            except Exception:
+                self.con.execute("ROLLBACK")
+                raise
+            applied.append(version)
+        return applied
+
+    def schema_version(self) -> int:
+        return self.con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+
+    # ---- writes -------------------------------------------------------------------------------
+    def _insert(self, table: str, df: pl.DataFrame, run_id: str | None) -> int:
+        if df.is_empty():
+            return 0
+        key = _KEYS.get(table)
+        if key:
+            df = df.unique(subset=key, keep="first", maintain_order=True)
+        cols = list(df.columns)
+        select = ", ".join(cols)
+        if run_id is not None:
+            df = df.with_columns(pl.lit(run_id).alias("run_id"))
+            cols.append("run_id")
+            select += ", run_id"
+        conflict = " ON CONFLICT DO NOTHING" if key else ""
+        self.con.register("_batch", df.to_arrow())
+        try:
+            before = self._count(table)
+            self.con.execute(f"INSERT INTO {table} ({', '.join(cols)}) SELECT {select} FROM _batch{conflict}")
+            return self._count(table) - before
+        finally:
+            self.con.unregister("_batch")
+
+    def _count(self, table: str) -> int:
+        return self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    def _transaction(self, fn: Any) -> Any:
+        with self._lock:
+            self.con.execute("BEGIN")
+            try:
+                out = fn()
+                self.con.execute("COMMIT")
+                return out
+            except BaseException:
+                self.con.execute("ROLLBACK")
+                raise
+
+    def begin_run(self, run_id: str, name: str, config_json: str, flow_run_id: str | None) -> None:
+        self.con.execute(
+            "INSERT INTO runs (run_id, name, config, flow_run_id) VALUES (?, ?, ?, ?)",
+            [run_id, name, config_json, flow_run_id],
+        )
+
+    def end_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
+        self.con.execute(
+            "INSERT INTO run_ends (run_id, status, summary) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            [run_id, status, json.dumps(summary, sort_keys=True)],
+        )
+
+    def write_prompts(self, run_id: str, prompts: Sequence[Prompt]) -> int:
+        rows = [
+            {**p.model_dump(exclude={"messages"}), "messages": json.dumps([m.model_dump() for m in p.messages])}
+            for p in prompts
+        ]
+        df = frame("prompts", rows)
+        links = pl.DataFrame({"run_id": [run_id] * len(df), "prompt_id": df["prompt_id"]})
+
+        def write() -> int:
+            new = self._insert("prompts", df, run_id)
+            self._insert_links("run_prompts", links)
+            return new
+
+        return self._transaction(write)
+
+    def _insert_links(self, table: str, df: pl.DataFrame) -> None:
+        if df.is_empty():
+            return
+        self.con.register("_links", df.unique().to_arrow())
+        try:
+            self.con.execute(f"INSERT INTO {table} SELECT * FROM _links ON CONFLICT DO NOTHING")
+        finally:
+            self.con.unregister("_links")
+
+    def write(self, run_id: str, result: StageResult) -> dict[str, int]:
+        """Write one chunk's records (calls, responses, scores, failures) in one transaction."""
+
+        def write() -> dict[str, int]:
+            return {
+                "model_calls": self._insert("model_calls", frame("model_calls", result.calls), run_id),
+                "responses": self._insert("responses", frame("responses", result.responses), run_id),
+                "scores": self._insert("scores", frame("scores", result.scores), run_id),
+                "failures": self._insert("failures", frame("failures", result.failures), run_id),
+            }
+
+        return self._transaction(write)
+
+    def register_scorer(self, scorer_id: str, name: str, kind: str, config_json: str) -> None:
+        self.con.execute(
+            "INSERT INTO scorers (scorer_id, name, kind, config) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            [scorer_id, name, kind, config_json],
+        )
+
+    def write_pairs(self, run_id: str, pairs: pl.DataFrame | Sequence[Pair]) -> int:
+        df = pairs if isinstance(pairs, pl.DataFrame) else frame("pairs", pairs)
+        links = pl.DataFrame({"run_id": [run_id] * len(df), "pair_id": df["pair_id"]}, schema=[
+            ("run_id", pl.String), ("pair_id", pl.String)])
+
+        def write() -> int:
+            new = self._insert("pairs", df, run_id)
+            self._insert_links("run_pairs", links)
+            return new
+
+        return self._transaction(write)
+
+    def record_snapshot(self, snapshot_id: str, run_id: str | None, fmt: str, path: str, n_pairs: int) -> None:
+        self.con.execute(
+            "INSERT INTO dataset_snapshots (snapshot_id, run_id, format, path, n_pairs) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            [snapshot_id, run_id, fmt, path, n_pairs],
+        )
+
+    # ---- reads --------------------------------------------------------------------------------
+    def existing_ids(self, table: str, ids: Sequence[str]) -> set[str]:
+        key = _KEYS[table]
+        if not ids:
+            return set()
+        with self._lock:
+            cur = self.con.cursor()
+            try:
+                cur.register("_ids", pl.DataFrame({"id": list(ids)}, schema={"id": pl.String}).to_arrow())
+                rows = cur.execute(f"SELECT t.{key} FROM {table} t JOIN _ids ON t.{key} = _ids.id").fetchall()
+            finally:
+                cur.close()
+        return {r[0] for r in rows}
+
+    def cached_calls(self, call_ids: list[str]) -> dict[str, str]:
+        """{call_id: response JSON} for calls answered ok before (the model-call cache). Thread-safe."""
+        if not call_ids:
+            return {}
+        with self._lock:
+            cur = self.con.cursor()
+            try:
+                cur.register("_ids", pl.DataFrame({"id": call_ids}, schema={"id": pl.String}).to_arrow())
+                rows = cur.execute(
+                    "SELECT call_id, any_value(response) FROM model_calls JOIN _ids ON call_id = _ids.id "
+                    "WHERE status = 'ok' GROUP BY call_id"
+                ).fetchall()
+            finally:
+                cur.close()
+        return dict(rows)
+
+    def prompts_from_table(self, table: str) -> pl.DataFrame:
+        try:
+            return self.con.execute(f'SELECT * FROM "{table}"').pl()
+        except duckdb.CatalogException:
+            raise PrefsynthError(f"warehouse {self.path} has no table or view named {table!r}") from None
+
+    def responses_for(self, prompt_ids: Sequence[str], model_identities: Sequence[str]) -> pl.DataFrame:
+        """The responses of these prompts by these models (what a scorer works on)."""
+        return self._query(
+            "SELECT r.response_id, r.prompt_id, p.messages, r.text, r.model FROM responses r "
+            "JOIN prompts p USING (prompt_id) "
+            "WHERE r.prompt_id IN (SELECT unnest($1)) AND r.model_identity IN (SELECT unnest($2)) "
+            "ORDER BY r.response_id",
+            [list(prompt_ids), list(model_identities)],
+        )
+
+    def scores_for(self, scorer_id: str, prompt_ids: Sequence[str], model_identities: Sequence[str]) -> pl.DataFrame:
+        return self._query(
+            "SELECT r.prompt_id, s.response_id, s.value FROM scores s JOIN responses r USING (response_id) "
+            "WHERE s.scorer_id = $1 AND r.prompt_id IN (SELECT unnest($2)) "
+            "AND r.model_identity IN (SELECT unnest($3))",
+            [scorer_id, list(prompt_ids), list(model_identities)],
+        )
+
+    def export_rows(self, run_id: str | None = None) -> tuple[str | None, pl.DataFrame]:
+        """Pairs of `run_id`, or of the newest completed run, joined with their texts."""
+        if run_id is None:
+            row = self.con.execute("SELECT run_id FROM v_latest_run").fetchone()
+            if row is None:
+                return None, pl.DataFrame()
+            run_id = row[0]
+        df = self._query("SELECT * FROM v_run_pairs WHERE run_id = $1 ORDER BY prompt_id, pair_id", [run_id])
+        return run_id, df
+
+    def _query(self, sql: str, params: list[Any]) -> pl.DataFrame:
+        with self._lock:
+            return self.con.execute(sql, params).pl()
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {t: self._count(t) for t in STATS_TABLES}
+        out["model_calls_ok"] = self.con.execute(
+            "SELECT count(*) FROM model_calls WHERE status = 'ok'"
+        ).fetchone()[0]
+        out["schema_version"] = self.schema_version()
+        per_model = self.con.execute(
+            "SELECT model, kind, count(*), count(*) FILTER (WHERE status = 'error'), "
+            "coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) "
+            "FROM model_calls GROUP BY ALL ORDER BY ALL"
+        ).fetchall()
+        out["calls_by_model"] = [
+            {"model": m, "kind": k, "calls": c, "errors": e, "prompt_tokens": pt, "completion_tokens": ct}
+            for m, k, c, e, pt, ct in per_model
+        ]
+        return out
