@@ -157,6 +157,7 @@ class PointwiseJudgeSpec(_Strict):
 
 
 ScorerSpec = Annotated[PointwiseJudgeSpec, Field(discriminator="kind")]
+SCORER_KINDS = ("pointwise_judge",)
 
 
 class CurationSpec(_Strict):
@@ -224,6 +225,8 @@ def format_validation_error(source: str, err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            msg = f"`kind` must be one of: {', '.join(SCORER_KINDS)}"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 

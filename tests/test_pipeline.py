@@ -1,0 +1,167 @@
+"""End to end on the embedded default: real llama.cpp server with SmolLM2, real DuckDB, real Prefect."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import duckdb
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from prefsynth.cli import app
+from prefsynth.errors import EndpointError, InputError, ModelFileError
+from prefsynth.flows.synthesize import synthesize
+from tests.conftest import small_config, write_jsonl
+
+PROMPTS = [
+    "Name one primary color.",
+    "What is 3 + 4?",
+    "Give a synonym for 'happy'.",
+    "Écris « bonjour » en anglais.",
+    "What do bees make?",
+    "Say something kind to a friend.",
+]
+runner = CliRunner()
+
+
+def _q(db, sql):
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, prefect_harness):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    prompts = write_jsonl(tmp / "prompts.jsonl", PROMPTS)
+    config = small_config(tmp, prompts)
+    summary = synthesize(config=config)
+    return tmp, config, summary
+
+
+def test_first_run_fills_every_table(first_run):
+    tmp, config, summary = first_run
+    db = config.warehouse
+    counts = dict(_q(db, "SELECT 'prompts', count(*) FROM prompts UNION ALL SELECT 'responses', count(*) FROM "
+                         "responses UNION ALL SELECT 'scored', count(*) FROM scores UNION ALL SELECT 'failed', "
+                         "count(DISTINCT item_id) FROM failures WHERE stage = 'score'"))  # fmt: skip
+    assert counts["prompts"] == 6 and counts["responses"] == 12
+    assert counts["scored"] + counts["failed"] == 12 and counts["scored"] > 0
+    # every response carries what produced it
+    row = _q(db, "SELECT model, sampling, seed, finish_reason, completion_tokens, latency_ms FROM responses LIMIT 1")[0]
+    assert row[0] == "smollm2-135m-instruct" and json.loads(row[1])["max_tokens"] == 12
+    assert row[3] in ("stop", "length") and row[4] > 0 and row[5] > 0
+    # the ledger: one ok call per response, plus judge calls (one or two per response)
+    calls = dict(_q(db, "SELECT status, count(*) FROM model_calls GROUP BY 1"))
+    assert 12 + 12 <= calls["ok"] <= 12 + 24 and summary.model_calls == sum(calls.values())
+    # pairs are exactly best-vs-worst with margin >= 1, recomputed here in SQL
+    expected = _q(db, "SELECT count(*) FROM (SELECT r.prompt_id FROM scores s JOIN responses r USING (response_id) "
+                      "GROUP BY 1 HAVING count(*) >= 2 AND max(value) - min(value) >= 1)")[0][0]  # fmt: skip
+    assert summary.pairs == expected
+    status = _q(db, "SELECT status FROM run_ends WHERE run_id = '%s'" % summary.run_id)
+    assert status == [("completed",)]
+
+
+def test_rerun_makes_zero_model_calls_and_the_same_pairs(first_run):
+    tmp, config, summary = first_run
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
+    calls_before = _q(config.warehouse, "SELECT count(*) FROM model_calls")[0][0]
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert _q(config.warehouse, "SELECT count(*) FROM model_calls")[0][0] == calls_before
+    runs = [r[0] for r in _q(config.warehouse, "SELECT run_id FROM runs ORDER BY started_at")]
+    assert len(runs) == 2
+    pair_sets = [
+        {r[0] for r in _q(config.warehouse, f"SELECT pair_id FROM run_pairs WHERE run_id = '{run}'")} for run in runs
+    ]
+    assert pair_sets[0] == pair_sets[1]
+
+
+def test_adding_prompts_computes_only_the_new_ones(first_run):
+    tmp, config, _ = first_run
+    prompts = write_jsonl(tmp / "more.jsonl", [*PROMPTS, "What color is the sky on a clear day?"])
+    bigger = config.model_copy(update={"prompts": config.prompts.model_copy(update={"path": str(prompts)})})
+    summary = synthesize(config=bigger)
+    gen = next(s for s in summary.stages if s.stage == "generate")
+    score = next(s for s in summary.stages if s.stage.startswith("score"))
+    assert (gen.total, gen.reused, gen.new, gen.model_calls) == (14, 12, 2, 2)
+    assert score.reused == 12 and score.new + score.failed == 2
+    assert 2 <= score.model_calls <= 4
+
+
+def test_stats_and_export_commands(first_run, tmp_path):
+    _, config, _ = first_run
+    result = runner.invoke(app, ["stats", "--db", config.warehouse, "--json"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    assert {"prompts", "responses", "scores", "pairs", "model_calls"} <= set(stats)
+    assert stats["prompts"] == 7 and stats["responses"] == 14
+    latest = _q(config.warehouse, "SELECT count(*) FROM v_pairs_export")[0][0]
+    result = runner.invoke(app, ["export", "--db", config.warehouse, "--out", str(tmp_path), "--format", "trl"])
+    assert result.exit_code == 0, result.output
+    if latest:
+        ds = datasets.Dataset.from_parquet(str(tmp_path / "train.parquet"))
+        assert len(ds) == latest
+        assert ds[0]["chosen"][0]["role"] == "assistant" and ds[0]["prompt"][-1]["role"] == "user"
+        assert ds[0]["score_chosen"] - ds[0]["score_rejected"] == ds[0]["margin"] >= 1
+    assert _q(config.warehouse, "SELECT n_pairs FROM dataset_snapshots ORDER BY created_at DESC LIMIT 1") == [(latest,)]
+
+
+# ---- bad input: a clear error and nothing written ------------------------------------------------------------
+
+
+def _fails_cleanly(tmp_path, config, error, match):
+    with pytest.raises(error, match=match):
+        synthesize(config=config)
+    db = tmp_path / "w.duckdb"
+    assert not db.exists() or _q(db, "SELECT count(*) FROM runs") == [(0,)]
+
+
+def test_unreachable_endpoint(tmp_path, prefect_harness):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ["hi"])
+    remote = {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "NOT_USED_KEY"}
+    config = small_config(tmp_path, prompts, generation={"models": [remote]},
+                          scorers=[{"kind": "pointwise_judge", "model": remote}])  # fmt: skip
+    import os
+
+    os.environ["NOT_USED_KEY"] = "sk-do-not-print"
+    try:
+        _fails_cleanly(tmp_path, config, EndpointError, r"http://127.0.0.1:9/v1 \(m\) is unreachable")
+    finally:
+        del os.environ["NOT_USED_KEY"]
+
+
+def test_missing_gguf(tmp_path, prefect_harness):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ["hi"])
+    config = small_config(tmp_path, prompts, generation={"models": [{"gguf": str(tmp_path / "gone.gguf")}]})
+    _fails_cleanly(tmp_path, config, ModelFileError, "gone.gguf")
+
+
+def test_empty_prompt_file(tmp_path, prefect_harness):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("")
+    _fails_cleanly(tmp_path, small_config(tmp_path, prompts), InputError, "no prompts found")
+
+
+def test_malformed_prompt_line(tmp_path, prefect_harness):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": "broken"\n')
+    _fails_cleanly(tmp_path, small_config(tmp_path, prompts), InputError, r"p.jsonl:2: invalid JSON")
+
+
+def test_invalid_config_field_via_cli(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("prompts: {builtin: quickstart}\ngeneration: {models: [{gguf: smollm2-135m-instruct}], "
+                    "samples_per_prompt: -1}\nscorers: []\nwarehouse: " + str(tmp_path / "w.duckdb") + "\n")
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2
+    assert "generation.samples_per_prompt" in result.output and "scorers" in result.output
+    assert not (tmp_path / "w.duckdb").exists()
+
+
+def test_every_command_has_help_with_an_example():
+    for command in ("run", "demo", "stats", "export"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "Example" in result.output, command
