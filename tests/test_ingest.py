@@ -80,9 +80,10 @@ def test_csv_parquet_and_limit(tmp_path):
 def test_hugging_face_dataset_on_disk(tmp_path):
     import datasets
 
-    datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict({"prompt": ["a", "b"]}), "test": datasets.Dataset.from_dict({"prompt": ["c"]})}
-    ).save_to_disk(tmp_path / "ds")
+    train = datasets.Dataset.from_dict({"prompt": ["a", "b"]})
+    datasets.DatasetDict({"train": train, "test": datasets.Dataset.from_dict({"prompt": ["c"]})}).save_to_disk(
+        tmp_path / "ds"
+    )
     assert len(load_prompts(PromptSource(hf_dataset=str(tmp_path / "ds"))).prompts) == 2
     assert len(load_prompts(PromptSource(hf_dataset=str(tmp_path / "ds"), split="test")).prompts) == 1
     with pytest.raises(InputError, match="choose `split`"):

@@ -59,7 +59,7 @@ def test_first_run_fills_every_table(first_run):
     expected = _q(db, "SELECT count(*) FROM (SELECT r.prompt_id FROM scores s JOIN responses r USING (response_id) "
                       "GROUP BY 1 HAVING count(*) >= 2 AND max(value) - min(value) >= 1)")[0][0]  # fmt: skip
     assert summary.pairs == expected
-    status = _q(db, "SELECT status FROM run_ends WHERE run_id = '%s'" % summary.run_id)
+    status = _q(db, f"SELECT status FROM run_ends WHERE run_id = '{summary.run_id}'")
     assert status == [("completed",)]
 
 
