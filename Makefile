@@ -20,11 +20,11 @@ demo: $(STAMP)
 	$(VENV)/bin/prefsynth demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) prefsynth.duckdb
