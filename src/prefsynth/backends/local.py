@@ -109,7 +109,7 @@ class LocalServer:
 
     def start(self, ready_timeout_s: float = 180.0) -> None:
         cmd = [
-            sys.executable, "-m", "llama_cpp.server",
+            sys.executable, "-m", "prefsynth.backends.llama_server",
             "--model", str(self.path),
             "--host", "127.0.0.1", "--port", str(self.port),
             "--n_ctx", str(self.n_ctx),

@@ -1,0 +1,211 @@
+"""Human-labelled preference pairs for `prefsynth eval`: LLMBar, Anthropic HH-RLHF and RewardBench files.
+
+Each pair is a prompt (chat messages ending in a user turn) with the response humans labelled better and the
+one they labelled worse; `accuracy_report` then says how often a scorer agrees with those labels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefsynth.errors import InputError
+from prefsynth.schemas.records import Message
+from prefsynth.warehouse.ids import content_id
+
+FORMATS = ("llmbar", "hh-rlhf", "rewardbench")
+
+_ASSISTANT = "\n\nAssistant:"
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class LabelledPair:
+    pair_key: str  # content_id("labelled", prompt messages as dicts, better, worse)
+    prompt: list[Message]  # chat messages ending in a user turn
+    better: str  # the labelled-better response text
+    worse: str
+    subset: str
+    source_ref: str  # "file:line" or "file[index]"
+
+
+def _pair(prompt: list[Message], better: str, worse: str, subset: str, source_ref: str) -> LabelledPair:
+    key = content_id("labelled", [m.model_dump() for m in prompt], better, worse)
+    return LabelledPair(pair_key=key, prompt=prompt, better=better, worse=worse, subset=subset, source_ref=source_ref)
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, str, Any]]:
+    """Yield (where, ref, record) for each non-blank line of a JSONL file, gzip-compressed when it ends in .gz."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+                yield f"{path}:{lineno}", f"{path.name}:{lineno}", record
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read: {err}") from None
+
+
+def _json_list(path: Path) -> Iterator[tuple[str, str, Any]]:
+    """Yield (where, ref, record) for each element of a file holding one JSON list."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read: {err}") from None
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    for i, record in enumerate(data):
+        yield f"{path}[{i}]", f"{path.name}[{i}]", record
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, str, Any]]:
+    """Yield (where, ref, record) for each row of a parquet file."""
+    import polars as pl
+
+    try:
+        frame = pl.read_parquet(path)
+    except Exception as err:  # polars raises its own error types for unreadable files
+        raise InputError(f"{path}: cannot read parquet: {err}") from None
+    for i, record in enumerate(frame.iter_rows(named=True)):
+        yield f"{path}[{i}]", f"{path.name}[{i}]", record
+
+
+def _fields(where: str, record: Any, types: dict[str, type]) -> dict[str, Any]:
+    """The named fields of `record`, each checked to be present with the given type."""
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected an object, got {type(record).__name__}")
+    for name, kind in types.items():
+        if name not in record or record[name] is None:
+            raise InputError(f"{where}: missing field {name!r}")
+        if not isinstance(record[name], kind) or isinstance(record[name], bool):
+            raise InputError(f"{where}: field {name!r} must be {kind.__name__}, got {type(record[name]).__name__}")
+    return record
+
+
+def _user_prompt(where: str, text: str) -> list[Message]:
+    """A one-turn prompt; an empty one is an error."""
+    if not text.strip():
+        raise InputError(f"{where}: the prompt is empty")
+    return [Message(role="user", content=text)]
+
+
+def _llmbar(path: Path) -> Iterator[LabelledPair | None]:
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    if not files:
+        raise InputError(f"{path}: no *.json files in this directory")
+    for file in files:
+        for where, ref, record in _json_list(file):
+            rec = _fields(where, record, {"input": str, "output_1": str, "output_2": str, "label": int})
+            if rec["label"] not in (1, 2):
+                raise InputError(f"{where}: 'label' must be 1 or 2, got {rec['label']!r}")
+            better, worse = ("output_1", "output_2") if rec["label"] == 1 else ("output_2", "output_1")
+            yield _pair(_user_prompt(where, rec["input"]), rec[better], rec[worse], file.stem, ref)
+
+
+def _dialogue(prefix: str) -> list[Message] | None:
+    """HH-RLHF text before the final reply -> alternating user/assistant messages; None if it does not parse."""
+    parts = _TURN.split(prefix)
+    speakers, texts = parts[1::2], [t.strip() for t in parts[2::2]]
+    expected = ["Human" if i % 2 == 0 else "Assistant" for i in range(len(speakers))]
+    if parts[0].strip() or speakers != expected or speakers[-1:] != ["Human"] or not all(texts):
+        return None
+    return [Message(role=_ROLES[s], content=t) for s, t in zip(speakers, texts, strict=True)]
+
+
+def _hh_rlhf(path: Path) -> Iterator[LabelledPair | None]:
+    for where, ref, record in _jsonl(path):
+        rec = _fields(where, record, {"chosen": str, "rejected": str})
+        prefix, sep, better = rec["chosen"].rpartition(_ASSISTANT)
+        prefix_r, _, worse = rec["rejected"].rpartition(_ASSISTANT)
+        prompt = _dialogue(prefix) if sep and prefix == prefix_r else None
+        better, worse = better.strip(), worse.strip()
+        yield _pair(prompt, better, worse, "hh-rlhf", ref) if prompt and better and worse else None
+
+
+def _rewardbench(path: Path) -> Iterator[LabelledPair | None]:
+    if path.name.endswith(".json"):
+        records = _json_list(path)
+    elif path.name.endswith(".parquet"):
+        records = _parquet(path)
+    else:
+        records = _jsonl(path)
+    for where, ref, record in records:
+        rec = _fields(where, record, {"prompt": str, "chosen": str, "rejected": str})
+        subset = rec.get("subset")
+        if subset is not None and not isinstance(subset, str):
+            raise InputError(f"{where}: field 'subset' must be str, got {type(subset).__name__}")
+        yield _pair(_user_prompt(where, rec["prompt"]), rec["chosen"], rec["rejected"], subset or "default", ref)
+
+
+_READERS = {"llmbar": _llmbar, "hh-rlhf": _hh_rlhf, "rewardbench": _rewardbench}
+
+
+def load_labelled_report(path: str | Path, fmt: str, limit: int | None = None) -> tuple[list[LabelledPair], int]:
+    """Read labelled pairs and count the HH-RLHF rows skipped as unusable (differing or unparsable dialogue
+    before the final reply, or an empty reply); with `limit`, reading stops after the first `limit` pairs."""
+    if fmt not in _READERS:
+        raise InputError(f"unknown labelled-data format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be at least 1, got {limit}")
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"labelled data not found: {path}")
+    if path.is_dir() and fmt != "llmbar":
+        raise InputError(f"{path}: is a directory; the {fmt} format reads one file")
+    pairs: list[LabelledPair] = []
+    skipped = 0
+    for pair in _READERS[fmt](path):
+        if pair is None:
+            skipped += 1
+            continue
+        pairs.append(pair)
+        if len(pairs) == limit:
+            break
+    if not pairs:
+        detail = f" ({skipped} rows skipped as unusable)" if skipped else ""
+        raise InputError(f"{path}: no labelled pairs found{detail}")
+    return pairs, skipped
+
+
+def load_labelled(path: str | Path, fmt: str, limit: int | None = None) -> list[LabelledPair]:
+    """Read labelled pairs from `path` in format `fmt` (one of FORMATS); raise InputError naming the file at fault."""
+    return load_labelled_report(path, fmt, limit)[0]
+
+
+def _counts(rows: list[tuple[float | None, float | None]]) -> dict[str, Any]:
+    scored = [(b, w) for b, w in rows if b is not None and w is not None]
+    correct = sum(b > w for b, w in scored)
+    return {
+        "n": len(scored),
+        "correct": correct,
+        "accuracy": round(correct / len(scored), 4) if scored else 0.0,
+        "ties": sum(b == w for b, w in scored),
+        "failed": len(rows) - len(scored),
+    }
+
+
+def accuracy_report(rows: list[tuple[str, float | None, float | None]]) -> dict:
+    """rows: (subset, score_of_better, score_of_worse); None = the scorer failed on that side.
+
+    A pair counts as correct only when the better response scores strictly higher (ties are wrong, as in
+    RewardBench); failed pairs are left out of `n` and `accuracy` and counted apart.
+    """
+    by_subset: dict[str, list[tuple[float | None, float | None]]] = {}
+    for subset, better, worse in rows:
+        by_subset.setdefault(subset, []).append((better, worse))
+    report = _counts([(b, w) for _, b, w in rows])
+    report["by_subset"] = {name: _counts(by_subset[name]) for name in sorted(by_subset)}
+    return report
