@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from prefsynth.backends.client import Endpoint, check_reachable
+from prefsynth.backends.client import Endpoint, ModelClient, check_reachable
 from prefsynth.errors import EndpointError
 from prefsynth.schemas.config import PointwiseJudgeSpec, SamplingParams
 from prefsynth.schemas.records import Message, Prompt
@@ -73,8 +73,8 @@ def test_judge_parses_repairs_and_records_failures_with_raw_text():
     spec = PointwiseJudgeSpec(model={"base_url": "http://x/v1", "model": "m"})
     kinds = ["good", "repairable", "hopeless", "down"] * 5  # 50% of the batch fails
     with FakeOpenAI(respond) as fake:
-        judge = build_scorer(spec, _endpoint(fake.base_url))
-        items = [ScoreItem(f"s{i}", f"r{i}", [Message(role="user", content="q")], f"answer [{k}]")
+        judge = build_scorer(spec, lambda model: _endpoint(fake.base_url))
+        items = [ScoreItem(f"s{i}", f"r{i}", "p", [Message(role="user", content="q")], f"answer {i} [{k}]")
                  for i, k in enumerate(kinds)]  # fmt: skip
         result = asyncio.run(score_items(judge, items))
     by_id = {s.response_id: s for s in result.scores}
@@ -94,11 +94,37 @@ def test_cached_calls_are_not_repeated(tmp_path):
         ep = _endpoint(fake.base_url)
         items = plan_generation(_prompts("a", "b"), ep, SamplingParams(), 2)
         with Store(tmp_path / "w.duckdb") as store:
-            first = asyncio.run(generate_items(ep, items, SamplingParams(), store.cached_calls))
+            first = asyncio.run(generate_items(ep, items, SamplingParams(), store))
             store.write("run1", first)
-            second = asyncio.run(generate_items(ep, items, SamplingParams(), store.cached_calls))
+            second = asyncio.run(generate_items(ep, items, SamplingParams(), store))
     assert len(fake.requests) == 4
     assert second.calls == [] and [r.text for r in second.responses] == ["cached answer"] * 4
+
+
+def test_identical_concurrent_calls_are_made_once():
+    with FakeOpenAI(lambda body: chat_reply("same")) as fake:
+        ep = _endpoint(fake.base_url)
+
+        async def twice():
+            async with ModelClient(ep) as client:
+                body = client.request_body([{"role": "user", "content": "x"}], seed=1)
+                return await asyncio.gather(client.chat(body), client.chat(body), client.chat(body))
+
+        outcomes = asyncio.run(twice())
+    assert len(fake.requests) == 1
+    assert [o.text for o in outcomes] == ["same"] * 3 and sum(not o.cached for o in outcomes) == 1
+
+
+def test_unreadable_logprob_responses_are_recorded_as_errors():
+    with FakeOpenAI(lambda body: chat_reply("no logprobs here")) as fake:
+        ep = _endpoint(fake.base_url)
+
+        async def ask():
+            async with ModelClient(ep) as client:
+                return await client.text_logprob("Hello")
+
+        outcome = asyncio.run(ask())
+    assert not outcome.ok and "unreadable response" in outcome.call.error and outcome.call.kind == "logprob"
 
 
 def test_unreachable_endpoint_fails_fast_with_its_url_and_no_secret():

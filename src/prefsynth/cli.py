@@ -59,6 +59,12 @@ class _Bars:
         self.progress.advance(self.ids[stage], n)
 
 
+def _progress() -> Progress:
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
+    return Progress(*columns, console=console, transient=False)
+
+
 def _fail(err: Exception) -> typer.Exit:
     console.print(f"[bold red]error:[/] {err}", highlight=False)
     return typer.Exit(2)
@@ -75,9 +81,7 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
                 config = load_config(p)
         else:
             config = load_config(config_path)  # type: ignore[arg-type]
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
-        with Progress(*columns, console=console, transient=False) as progress, showing(_Bars(progress)):
+        with _progress() as progress, showing(_Bars(progress)):
             summary = synthesize(config=config, db=str(db) if db else None)
     except PrefsynthError as err:
         raise _fail(err) from None
@@ -182,6 +186,80 @@ def export(
     if done.n_pairs == 0:
         console.print(f"[yellow]warning:[/] run {chosen_run} has no pairs; wrote an empty dataset")
     print(f"{done.n_pairs} pairs from run {chosen_run} -> {done.path}")
+
+
+@app.command("eval")
+def eval_(
+    config: Annotated[Path, typer.Option("--config", help="Config whose scorers to evaluate.")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled pairs: a file (or an LLMBar folder).")],
+    fmt: Annotated[str, typer.Option("--format", help="llmbar, hh-rlhf or rewardbench.")],
+    limit: Annotated[int | None, typer.Option("--limit", help="Use the first N pairs.")] = None,
+    db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Measure how often each scorer of CONFIG prefers the human-labelled better reply.
+
+    Example: prefsynth eval --config examples/cdr.yaml --data ../shared/data/llmbar/natural.json --format llmbar
+
+    Reports accuracy (ties count as wrong), ties and accuracy per subset, and stores them in the warehouse
+    (tables evals, eval_items). Several scorers in CONFIG give a side-by-side table.
+    """
+    from prefsynth.flows.evaluate import evaluate, summary_frame
+    from prefsynth.flows.progress import showing
+    from prefsynth.schemas.config import load_config
+    from prefsynth.tasks.labelled import FORMATS, load_labelled
+
+    if fmt not in FORMATS:
+        raise _fail(PrefsynthError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}"))
+    try:
+        cfg = load_config(config)
+        load_labelled(data, fmt, limit)  # bad data fails here, before servers or Prefect start
+        with _progress() as progress, showing(_Bars(progress)):
+            result = evaluate(config=cfg, data=str(data), fmt=fmt, limit=limit, db=str(db) if db else None)
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    if as_json:
+        reports = list(result["scorers"].values())
+        print(json.dumps({**reports[0], **result, "scorers": result["scorers"]}, sort_keys=True))
+        return
+    frame = summary_frame(result)
+    table = Table(title=f"{result['pairs']} labelled pairs from {data}")
+    for col in frame.columns:
+        table.add_column(col, justify="left" if col == "scorer" else "right")
+    for row in frame.iter_rows():
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+    Console().print(table)
+
+
+@app.command("score-text")
+def score_text(
+    prompt: Annotated[str, typer.Option("--prompt", help="The user turn.")],
+    response: Annotated[str, typer.Option("--response", help="The reply to score.")],
+    scorer: Annotated[str, typer.Option("--scorer", help="Scorer name or kind in the config.")] = "cdr",
+    config: Annotated[Path | None, typer.Option("--config", help="Config (default: the embedded CDR pair).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Score one reply and show exactly what each model scored (no warehouse, no Prefect).
+
+    Example: prefsynth score-text --scorer cdr --prompt "What is 2+2?" --response "4." --json
+
+    For CDR: strong/weak log-probs and token counts, cdr_sum, cdr_mean, and the exact context and
+    continuation strings. Without --config the embedded pair is used: SmolLM2-135M-Instruct (strong) over
+    Gemma-3-270M base (weak), vanilla.
+    """
+    from prefsynth.tasks.score_text import score_one
+
+    try:
+        out = score_one(scorer, prompt, response, config)
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    if as_json:
+        print(json.dumps(out, ensure_ascii=False, sort_keys=True))
+        return
+    table = Table(title=f"{out['scorer']} ({out['kind']})", show_header=False)
+    for key, value in out.items():
+        table.add_row(key, escape(repr(value) if isinstance(value, str) else str(value)))
+    Console().print(table)
 
 
 if __name__ == "__main__":

@@ -12,18 +12,17 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
+from prefsynth.backends import quirks
+from prefsynth.backends.templates import PLAIN_TEMPLATE, ChatTemplate
 from prefsynth.schemas.records import ModelCall
 from prefsynth.warehouse.ids import call_id, canonical_json
-
-CacheLookup = Callable[[list[str]], Mapping[str, str]]
-"""Given call ids, return {call_id: response JSON} for those answered before."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,8 @@ class Endpoint:
     max_retries: int
     is_local: bool
     server: str = "openai"  # openai | vllm | llama-cpp: which quirks apply (see quirks.py)
+    logprobs: str = "echo"  # how to ask for prompt log-probs: echo | prompt_logprobs
+    template: ChatTemplate = PLAIN_TEMPLATE  # renders chat turns as text for log-prob scoring
 
     @property
     def public_url(self) -> str:
@@ -55,6 +56,14 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+class Cache(Protocol):
+    """What clients and scorers read back from the warehouse (the Store implements it; thread-safe)."""
+
+    def cached_calls(self, call_ids: list[str]) -> dict[str, str]: ...
+
+    def cached_logprobs(self, lp_ids: list[str]) -> dict[str, tuple[float, int]]: ...
+
+
 @dataclass
 class ChatOutcome:
     call: ModelCall
@@ -67,12 +76,30 @@ class ChatOutcome:
         return self.call.status == "ok"
 
 
-class ModelClient:
-    """Calls one endpoint; use `async with` inside one event loop."""
+@dataclass
+class LogprobOutcome:
+    call: ModelCall
+    logprob: float = 0.0
+    tokens: int = 0
+    cached: bool = False
 
-    def __init__(self, endpoint: Endpoint, cache: CacheLookup | None = None) -> None:
+    @property
+    def ok(self) -> bool:
+        return self.call.status == "ok"
+
+
+class ModelClient:
+    """Calls one endpoint; use `async with` inside one event loop.
+
+    Answers come from, in order: calls prefetched from the cache, an identical call already in flight,
+    the cache, and only then the endpoint.
+    """
+
+    def __init__(self, endpoint: Endpoint, cache: Cache | None = None) -> None:
         self.endpoint = endpoint
         self._cache = cache
+        self._known: dict[str, str] = {}
+        self._inflight: dict[str, asyncio.Future[tuple[ModelCall, bool]]] = {}
         self._sem = asyncio.Semaphore(endpoint.concurrency)
         self._client = openai.AsyncOpenAI(
             base_url=endpoint.base_url,
@@ -90,33 +117,72 @@ class ModelClient:
     def request_body(self, messages: list[dict[str, str]], **params: Any) -> dict[str, Any]:
         return {"messages": messages, **{k: v for k, v in params.items() if v is not None}}
 
-    def call_id(self, body: dict[str, Any]) -> str:
-        return call_id(self.endpoint.identity, body)
+    def call_id(self, kind: str, body: dict[str, Any]) -> str:
+        return call_id(self.endpoint.identity, body if kind == "chat" else {"kind": kind, **body})
 
-    def cached(self, bodies: list[dict[str, Any]]) -> dict[str, str]:
-        if self._cache is None or not bodies:
-            return {}
-        return dict(self._cache([self.call_id(b) for b in bodies]))
+    def prefetch(self, kind: str, bodies: list[dict[str, Any]]) -> None:
+        """Load the cached answers of these requests in one warehouse read."""
+        if self._cache is not None and bodies:
+            self._known.update(self._cache.cached_calls([self.call_id(kind, b) for b in bodies]))
 
-    async def chat(self, body: dict[str, Any], cache: Mapping[str, str] | None = None) -> ChatOutcome:
-        """Send one chat request, or answer it from `cache` (see `cached`); never raises for model errors."""
-        cid = self.call_id(body)
+    async def chat(self, body: dict[str, Any]) -> ChatOutcome:
+        """One chat completion; never raises for model or HTTP errors (they are in the outcome)."""
+        call, cached = await self._once("chat", body, self._send_chat)
+        if call.status != "ok" or call.response is None:
+            return ChatOutcome(call=call)
+        data = json.loads(call.response)
+        return ChatOutcome(call=call, text=data["text"], finish_reason=data.get("finish_reason"), cached=cached)
+
+    async def text_logprob(self, text: str) -> LogprobOutcome:
+        """Sum of the log-probs of the tokens of `text` (all but the first), and how many were counted."""
+        call, cached = await self._once("logprob", quirks.logprob_request(self.endpoint, text), self._send_logprob)
+        if call.status != "ok" or call.response is None:
+            return LogprobOutcome(call=call)
+        data = json.loads(call.response)
+        return LogprobOutcome(call=call, logprob=data["logprob"], tokens=data["tokens"], cached=cached)
+
+    async def _once(
+        self, kind: str, body: dict[str, Any], send: Callable[[dict[str, Any]], Any]
+    ) -> tuple[ModelCall, bool]:
+        cid = self.call_id(kind, body)
         request = canonical_json(body)
-        if cache is not None and cid in cache:
-            return _outcome(self._record(cid, request, "ok", cache[cid], None, 0.0), cached=True)
-        async with self._sem:
-            start = time.perf_counter()
-            try:
-                completion = await self._client.chat.completions.create(model=self.endpoint.model, **body)
-            except openai.APIError as err:
+        if cid not in self._known and cid not in self._inflight and self._cache is not None:
+            self._known.update(self._cache.cached_calls([cid]))
+        if cid in self._known:
+            return self._record(cid, kind, request, "ok", self._known[cid], None, 0.0), True
+        if cid in self._inflight:  # the same request is already on its way: share its answer
+            call, _ = await asyncio.shield(self._inflight[cid])
+            return call, True
+        future: asyncio.Future[tuple[ModelCall, bool]] = asyncio.get_running_loop().create_future()
+        self._inflight[cid] = future
+        try:
+            async with self._sem:
+                start = time.perf_counter()
+                try:
+                    response, error = await send(body), None
+                except openai.APIError as err:
+                    response, error = None, describe_error(err)
+                except ValueError as err:  # a response we cannot read
+                    response, error = None, f"unreadable response: {err}"
                 latency = (time.perf_counter() - start) * 1000
-                return _outcome(self._record(cid, request, "error", None, describe_error(err), latency))
-            latency = (time.perf_counter() - start) * 1000
+            status = "ok" if error is None else "error"
+            call = self._record(cid, kind, request, status, response, error, latency)
+            if status == "ok":
+                self._known[cid] = response  # type: ignore[assignment]
+            future.set_result((call, False))
+            return call, False
+        finally:
+            if not future.done():
+                future.cancel()
+            del self._inflight[cid]
+
+    async def _send_chat(self, body: dict[str, Any]) -> str:
+        completion = await self._client.chat.completions.create(model=self.endpoint.model, **body)
         if not completion.choices:
-            return _outcome(self._record(cid, request, "error", None, "response has no choices", latency))
+            raise ValueError("response has no choices")
         choice = completion.choices[0]
         usage = completion.usage
-        payload = canonical_json(
+        return canonical_json(
             {
                 "text": choice.message.content or "",
                 "finish_reason": choice.finish_reason,
@@ -124,10 +190,22 @@ class ModelClient:
                 "completion_tokens": usage.completion_tokens if usage else None,
             }
         )
-        return _outcome(self._record(cid, request, "ok", payload, None, latency))
+
+    async def _send_logprob(self, body: dict[str, Any]) -> str:
+        standard = {k: v for k, v in body.items() if k not in quirks.NONSTANDARD}
+        extra = {k: v for k, v in body.items() if k in quirks.NONSTANDARD}
+        completion = await self._client.completions.create(
+            model=self.endpoint.model, **standard, extra_body=extra or None
+        )
+        payload = completion.model_dump()
+        total, tokens = quirks.parse_logprobs(self.endpoint, payload)
+        usage = payload.get("usage") or {}
+        return canonical_json(
+            {"logprob": total, "tokens": tokens, "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": 0}
+        )
 
     def _record(
-        self, cid: str, request: str, status: str, response: str | None, error: str | None, latency: float
+        self, cid: str, kind: str, request: str, status: str, response: str | None, error: str | None, latency: float
     ) -> ModelCall:
         usage = json.loads(response) if response else {}
         return ModelCall(
@@ -135,7 +213,7 @@ class ModelClient:
             call_id=cid,
             model=self.endpoint.identity,
             endpoint=self.endpoint.public_url,
-            kind="chat",
+            kind=kind,
             request=request,
             response=response,
             status=status,
@@ -144,13 +222,6 @@ class ModelClient:
             completion_tokens=usage.get("completion_tokens"),
             latency_ms=latency,
         )
-
-
-def _outcome(call: ModelCall, cached: bool = False) -> ChatOutcome:
-    if call.status != "ok" or call.response is None:
-        return ChatOutcome(call=call)
-    data = json.loads(call.response)
-    return ChatOutcome(call=call, text=data["text"], finish_reason=data.get("finish_reason"), cached=cached)
 
 
 def describe_error(err: openai.APIError) -> str:

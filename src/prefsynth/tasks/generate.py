@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from prefsynth.backends.client import CacheLookup, Endpoint, ModelClient
+from prefsynth.backends.client import Cache, Endpoint, ModelClient
 from prefsynth.schemas.config import SamplingParams
 from prefsynth.schemas.records import Failure, Prompt, Response, StageResult
 from prefsynth.tasks._async import run_async
@@ -39,7 +39,7 @@ async def generate_items(
     endpoint: Endpoint,
     items: Sequence[GenerationItem],
     sampling: SamplingParams,
-    cache: CacheLookup | None = None,
+    cache: Cache | None = None,
     on_done: Callable[[int], None] | None = None,
 ) -> StageResult:
     result = StageResult()
@@ -55,10 +55,10 @@ async def generate_items(
             )
             for item in items
         ]
-        known = client.cached(bodies)
+        client.prefetch("chat", bodies)
 
         async def one(item: GenerationItem, body: dict) -> None:
-            outcome = await client.chat(body, known)
+            outcome = await client.chat(body)
             if not outcome.cached:
                 result.calls.append(outcome.call)
             if outcome.ok:
@@ -97,7 +97,7 @@ def generate_chunk(
     endpoint: Endpoint,
     items: list[GenerationItem],
     sampling: SamplingParams,
-    cache: CacheLookup | None = None,
+    cache: Cache | None = None,
     on_done: Callable[[int], None] | None = None,
 ) -> StageResult:
     """Prefect task: one chunk of generations, calls made concurrently up to the endpoint's limit."""

@@ -1,14 +1,15 @@
-"""Score: run a scorer over a chunk of responses, calls made concurrently up to the endpoint's limit."""
+"""Score: run a scorer over a chunk of responses, calls made concurrently up to each endpoint's limit."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from prefsynth.backends.client import CacheLookup, ModelClient
+from prefsynth.backends.client import Cache, ModelClient
 from prefsynth.schemas.records import StageResult
 from prefsynth.tasks._async import run_async
 from prefsynth.tasks.scorers import PointwiseScorer, ScoreItem
@@ -17,16 +18,22 @@ from prefsynth.tasks.scorers import PointwiseScorer, ScoreItem
 async def score_items(
     scorer: PointwiseScorer,
     items: Sequence[ScoreItem],
-    cache: CacheLookup | None = None,
+    cache: Cache | None = None,
     on_done: Callable[[int], None] | None = None,
 ) -> StageResult:
     result = StageResult()
-    async with ModelClient(scorer.endpoint, cache) as client:
-        known = client.cached([scorer.first_request(client, item) for item in items])
+    async with contextlib.AsyncExitStack() as stack:
+        by_url: dict[str, ModelClient] = {}  # roles served by one endpoint share its client and limit
+        for ep in scorer.endpoints.values():
+            if ep.base_url not in by_url:
+                by_url[ep.base_url] = await stack.enter_async_context(ModelClient(ep, cache))
+        clients = {role: by_url[ep.base_url] for role, ep in scorer.endpoints.items()}
+        result.routes.extend(await scorer.prepare(clients, items, cache))
 
         async def one(item: ScoreItem) -> None:
-            outcome = await scorer.score(client, item, known)
+            outcome = await scorer.score(clients, item)
             result.calls.extend(outcome.calls)
+            result.logprobs.extend(outcome.logprobs)
             if outcome.score is not None:
                 result.scores.append(outcome.score)
             if outcome.failure is not None:
@@ -42,7 +49,7 @@ async def score_items(
 def score_chunk(
     scorer: PointwiseScorer,
     items: list[ScoreItem],
-    cache: CacheLookup | None = None,
+    cache: Cache | None = None,
     on_done: Callable[[int], None] | None = None,
 ) -> StageResult:
     """Prefect task: one chunk of one scorer's items."""

@@ -38,6 +38,19 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
     "scores": {
         "score_id": pl.String, "response_id": pl.String, "scorer_id": pl.String, "scorer": pl.String,
         "value": pl.Float64, "rationale": pl.String, "raw": pl.String, "call_ids": pl.List(pl.String),
+        "details": pl.String,
+    },
+    "logprobs": {
+        "lp_id": pl.String, "model": pl.String, "context_hash": pl.String, "continuation_hash": pl.String,
+        "logprob": pl.Float64, "tokens": pl.Int32, "call_ids": pl.List(pl.String),
+    },
+    "prompt_routes": {
+        "route_id": pl.String, "prompt_id": pl.String, "router": pl.String, "domain": pl.String,
+        "parsed": pl.Boolean, "raw": pl.String, "call_id": pl.String,
+    },
+    "eval_items": {
+        "eval_id": pl.String, "scorer_id": pl.String, "pair_key": pl.String, "subset": pl.String,
+        "source_ref": pl.String, "score_better": pl.Float64, "score_worse": pl.Float64, "error": pl.String,
     },
     "failures": {
         "stage": pl.String, "item_id": pl.String, "scorer_id": pl.String, "error": pl.String, "raw": pl.String,
@@ -49,8 +62,9 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 _KEYS = {"prompts": "prompt_id", "model_calls": "attempt_id", "responses": "response_id",
-         "scores": "score_id", "pairs": "pair_id"}  # fmt: skip
-STATS_TABLES = ("runs", "prompts", "responses", "scores", "failures", "pairs", "dataset_snapshots", "model_calls")
+         "scores": "score_id", "pairs": "pair_id", "logprobs": "lp_id", "prompt_routes": "route_id"}  # fmt: skip
+STATS_TABLES = ("runs", "prompts", "responses", "scores", "failures", "pairs", "dataset_snapshots", "logprobs",
+                "prompt_routes", "evals", "model_calls")
 
 
 def frame(table: str, rows: Iterable[BaseModel | dict[str, Any]]) -> pl.DataFrame:
@@ -196,6 +210,8 @@ class Store:
                 "responses": self._insert("responses", frame("responses", result.responses), run_id),
                 "scores": self._insert("scores", frame("scores", result.scores), run_id),
                 "failures": self._insert("failures", frame("failures", result.failures), run_id),
+                "logprobs": self._insert("logprobs", frame("logprobs", result.logprobs), run_id),
+                "prompt_routes": self._insert("prompt_routes", frame("prompt_routes", result.routes), run_id),
             }
 
         return self._transaction(write)
@@ -228,32 +244,42 @@ class Store:
     # ---- reads --------------------------------------------------------------------------------
     def existing_ids(self, table: str, ids: Sequence[str]) -> set[str]:
         key = _KEYS[table]
+        return {r[0] for r in self._lookup(f"SELECT t.{key} FROM {table} t JOIN _ids ON t.{key} = _ids.id", ids)}
+
+    def cached_calls(self, call_ids: list[str]) -> dict[str, str]:
+        """{call_id: response JSON} for calls answered ok before (the model-call cache). Thread-safe."""
+        sql = ("SELECT call_id, any_value(response) FROM model_calls JOIN _ids ON call_id = _ids.id "
+               "WHERE status = 'ok' GROUP BY call_id")  # fmt: skip
+        return dict(self._lookup(sql, call_ids))
+
+    def cached_logprobs(self, lp_ids: list[str]) -> dict[str, tuple[float, int]]:
+        """{lp_id: (log-prob, tokens)} for continuations scored before (the CDR cache). Thread-safe."""
+        rows = self._lookup("SELECT lp_id, logprob, tokens FROM logprobs JOIN _ids ON lp_id = _ids.id", lp_ids)
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def _lookup(self, sql: str, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         if not ids:
-            return set()
+            return []
         with self._lock:
             cur = self.con.cursor()
             try:
                 cur.register("_ids", pl.DataFrame({"id": list(ids)}, schema={"id": pl.String}).to_arrow())
-                rows = cur.execute(f"SELECT t.{key} FROM {table} t JOIN _ids ON t.{key} = _ids.id").fetchall()
+                return cur.execute(sql).fetchall()
             finally:
                 cur.close()
-        return {r[0] for r in rows}
 
-    def cached_calls(self, call_ids: list[str]) -> dict[str, str]:
-        """{call_id: response JSON} for calls answered ok before (the model-call cache). Thread-safe."""
-        if not call_ids:
-            return {}
-        with self._lock:
-            cur = self.con.cursor()
-            try:
-                cur.register("_ids", pl.DataFrame({"id": call_ids}, schema={"id": pl.String}).to_arrow())
-                rows = cur.execute(
-                    "SELECT call_id, any_value(response) FROM model_calls JOIN _ids ON call_id = _ids.id "
-                    "WHERE status = 'ok' GROUP BY call_id"
-                ).fetchall()
-            finally:
-                cur.close()
-        return dict(rows)
+    def write_eval(self, eval_id: str, rows: dict[str, Any], items: pl.DataFrame) -> None:
+        """One scorer's evaluation: its summary row and every labelled pair's scores, in one transaction."""
+
+        def write() -> None:
+            self.con.execute(
+                "INSERT INTO evals (eval_id, scorer_id, scorer, data, format, n, accuracy, ties, failed, report) "
+                "VALUES ($eval_id, $scorer_id, $scorer, $data, $format, $n, $accuracy, $ties, $failed, $report)",
+                {"eval_id": eval_id, **rows},
+            )
+            self._insert("eval_items", items, None)
+
+        self._transaction(write)
 
     def prompts_from_table(self, table: str) -> pl.DataFrame:
         try:

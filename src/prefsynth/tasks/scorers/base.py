@@ -1,19 +1,20 @@
 """The scorer interface every scoring backend plugs into.
 
-A scorer has an id (hash of what determines its values: config and model identity), a kind
-("pointwise": one value per response), and scores one item with the model calls it needs. Curation
-reads scores by scorer id, so scorers live side by side and new curation rules never re-call a model.
+A scorer has an id (hash of what determines its values: config and model identities), a kind
+("pointwise": one value per response), the endpoints it calls by role, and scores one item at a time
+after an optional `prepare` over the whole chunk (cache prefetch, routing). Curation reads scores by
+scorer id, so scorers live side by side and a new curation rule never re-calls a model.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from prefsynth.backends.client import Endpoint, ModelClient
-from prefsynth.schemas.records import Failure, Message, ModelCall, Score
+from prefsynth.backends.client import Cache, ChatOutcome, Endpoint, LogprobOutcome, ModelClient
+from prefsynth.schemas.records import Failure, LogprobRow, Message, ModelCall, Route, Score
 from prefsynth.warehouse.ids import canonical_json, scorer_id
 
 
@@ -21,6 +22,7 @@ from prefsynth.warehouse.ids import canonical_json, scorer_id
 class ScoreItem:
     score_id: str
     response_id: str
+    prompt_id: str
     messages: list[Message]
     response: str
 
@@ -30,6 +32,15 @@ class ScoreOutcome:
     score: Score | None = None
     failure: Failure | None = None
     calls: list[ModelCall] = field(default_factory=list)  # calls actually made (cache hits excluded)
+    logprobs: list[LogprobRow] = field(default_factory=list)
+
+    def keep(self, outcome: ChatOutcome | LogprobOutcome) -> None:
+        """Remember a call for the ledger unless it was answered from the cache."""
+        if not outcome.cached:
+            self.calls.append(outcome.call)
+
+
+Clients = dict[str, ModelClient]
 
 
 class PointwiseScorer(ABC):
@@ -37,26 +48,34 @@ class PointwiseScorer(ABC):
 
     kind: ClassVar[str] = "pointwise"
 
-    def __init__(self, name: str, endpoint: Endpoint) -> None:
+    def __init__(self, name: str, endpoints: dict[str, Endpoint]) -> None:
         self.name = name
-        self.endpoint = endpoint
+        self.endpoints = endpoints
 
     @abstractmethod
     def identity(self) -> dict[str, Any]:
-        """Everything that determines the values (not names, ports or concurrency)."""
+        """Everything that determines the values besides model identities (not names, ports or limits)."""
+
+    def _full_identity(self) -> dict[str, Any]:
+        models = {role: ep.identity for role, ep in sorted(self.endpoints.items())}
+        return {"kind": self.kind, "models": models, **self.identity()}
 
     @property
     def scorer_id(self) -> str:
-        return scorer_id({"kind": self.kind, "model": self.endpoint.identity, **self.identity()})
+        return scorer_id(self._full_identity())
 
     @property
     def config_json(self) -> str:
-        return canonical_json({"kind": self.kind, "model": self.endpoint.identity, **self.identity()})
+        return canonical_json(self._full_identity())
+
+    async def prepare(self, clients: Clients, items: Sequence[ScoreItem], cache: Cache | None) -> list[Route]:
+        """Work shared by a chunk's items (cache prefetch, routing); returns routes to store."""
+        return []
 
     @abstractmethod
-    def first_request(self, client: ModelClient, item: ScoreItem) -> dict[str, Any]:
-        """The body of the first call for an item (lets the task fetch cached answers in bulk)."""
-
-    @abstractmethod
-    async def score(self, client: ModelClient, item: ScoreItem, known: Mapping[str, str]) -> ScoreOutcome:
+    async def score(self, clients: Clients, item: ScoreItem) -> ScoreOutcome:
         """Score one item; failures are returned, never raised."""
+
+    def failed(self, out: ScoreOutcome, item: ScoreItem, error: str, raw: str | None) -> ScoreOutcome:
+        out.failure = Failure(stage="score", item_id=item.score_id, scorer_id=self.scorer_id, error=error, raw=raw)
+        return out

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
-from prefsynth.backends.client import ChatOutcome, Endpoint, ModelClient
+from prefsynth.backends.client import Cache, Endpoint, ModelClient
 from prefsynth.backends.quirks import json_response_format
 from prefsynth.schemas.config import PointwiseJudgeSpec
-from prefsynth.schemas.records import Failure, Message, Score
-from prefsynth.tasks.scorers.base import PointwiseScorer, ScoreItem, ScoreOutcome
+from prefsynth.schemas.records import Message, Route, Score
+from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome
 
 TEMPLATE_VERSION = 1
 SYSTEM = "You are a careful, impartial evaluator of AI assistant responses."
@@ -66,8 +66,9 @@ def parse_judgment(text: str, lo: int, hi: int) -> tuple[float, str | None]:
 
 class PointwiseJudge(PointwiseScorer):
     def __init__(self, spec: PointwiseJudgeSpec, endpoint: Endpoint) -> None:
-        super().__init__(spec.name, endpoint)
+        super().__init__(spec.name, {"judge": endpoint})
         self.spec = spec
+        self.endpoint = endpoint
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -107,17 +108,20 @@ class PointwiseJudge(PointwiseScorer):
         )
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
-    def first_request(self, client: ModelClient, item: ScoreItem) -> dict[str, Any]:
-        return self._body(client, self._messages(item))
+    async def prepare(self, clients: Clients, items: Sequence[ScoreItem], cache: Cache | None) -> list[Route]:
+        client = clients["judge"]
+        client.prefetch("chat", [self._body(client, self._messages(item)) for item in items])
+        return []
 
-    async def score(self, client: ModelClient, item: ScoreItem, known: Mapping[str, str]) -> ScoreOutcome:
+    async def score(self, clients: Clients, item: ScoreItem) -> ScoreOutcome:
+        client = clients["judge"]
         out = ScoreOutcome()
         lo, hi = self.spec.scale_min, self.spec.scale_max
         messages = self._messages(item)
-        first = await client.chat(self._body(client, messages), known)
-        _keep(out, first)
+        first = await client.chat(self._body(client, messages))
+        out.keep(first)
         if not first.ok:
-            return _failed(out, self, item, f"judge call failed: {first.call.error}", None)
+            return self.failed(out, item, f"judge call failed: {first.call.error}", None)
         raw = first.text or ""
         try:
             value, rationale = parse_judgment(raw, lo, hi)
@@ -128,16 +132,15 @@ class PointwiseJudge(PointwiseScorer):
                 {"role": "assistant", "content": raw},
                 {"role": "user", "content": REPAIR.format(problem=problem, lo=lo, hi=hi)},
             ]
-            body = self._body(client, repair_messages)
-            second = await client.chat(body, client.cached([body]))
-            _keep(out, second)
+            second = await client.chat(self._body(client, repair_messages))
+            out.keep(second)
             if not second.ok:
-                return _failed(out, self, item, f"repair call failed: {second.call.error}", raw)
+                return self.failed(out, item, f"repair call failed: {second.call.error}", raw)
             try:
                 value, rationale = parse_judgment(second.text or "", lo, hi)
             except ValueError as again:
                 both = f"{raw}\n--- repair ---\n{second.text}"
-                return _failed(out, self, item, f"unparsable judgment after repair: {again}", both)
+                return self.failed(out, item, f"unparsable judgment after repair: {again}", both)
             raw = second.text or ""
             calls = [first.call.call_id, second.call.call_id]
         out.score = Score(
@@ -151,13 +154,3 @@ class PointwiseJudge(PointwiseScorer):
             call_ids=calls,
         )
         return out
-
-
-def _keep(out: ScoreOutcome, outcome: ChatOutcome) -> None:
-    if not outcome.cached:
-        out.calls.append(outcome.call)
-
-
-def _failed(out: ScoreOutcome, scorer: PointwiseScorer, item: ScoreItem, error: str, raw: str | None) -> ScoreOutcome:
-    out.failure = Failure(stage="score", item_id=item.score_id, scorer_id=scorer.scorer_id, error=error, raw=raw)
-    return out

@@ -1,0 +1,72 @@
+"""Chat templates as text: what a model sees before its reply, and the reply with its end-of-turn marker.
+
+Log-prob scoring sends plain text, so the chat template is rendered here: from a GGUF file's metadata for
+local models, from `chat_template` in the config for endpoints, or a plain fallback. BOS is never
+rendered (servers add it where the model wants it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from prefsynth.errors import ConfigError
+
+PLAIN = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    source: str  # Jinja text
+    eos_token: str = ""
+    plain: bool = False  # the fallback: "\n\n" ends a turn, there is no end-of-turn token
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        formatter = Jinja2ChatFormatter(self.source, self.eos_token, "", add_generation_prompt=add_generation_prompt)
+        return formatter(messages=messages).prompt
+
+    def split_turn(self, messages: list[dict[str, str]], response: str) -> tuple[str, str]:
+        """(context, continuation): the text before the reply, and the reply with its end-of-turn marker."""
+        context = self.render(messages, add_generation_prompt=True)
+        full = self.render([*messages, {"role": "assistant", "content": response}], add_generation_prompt=False)
+        if not full.startswith(context):
+            raise ValueError("the chat template does not render the conversation as a prefix of the reply")
+        tail = full[len(context) :]
+        # The turn ends with its end-of-turn token; the newline a template may put after it is not the reply's.
+        return context, tail if self.plain else tail.rstrip("\n")
+
+
+PLAIN_TEMPLATE = ChatTemplate(PLAIN, plain=True)
+
+
+@functools.cache
+def gguf_template(path: str) -> ChatTemplate:
+    """The chat template and end-of-sequence text stored in a GGUF file (plain fallback if none)."""
+    from llama_cpp import Llama
+
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+        llm = Llama(path, vocab_only=True, verbose=False)
+    source = llm.metadata.get("tokenizer.chat_template")
+    eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", errors="replace")
+    llm.close()
+    return ChatTemplate(source, eos) if source else PLAIN_TEMPLATE
+
+
+def configured_template(value: str | None) -> ChatTemplate:
+    """`chat_template` from a config: Jinja text or a .jinja file; none gives the plain fallback."""
+    if value is None:
+        return PLAIN_TEMPLATE
+    if value.endswith(".jinja"):
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(f"chat_template file not found: {path}")
+        value = path.read_text(encoding="utf-8")
+    return ChatTemplate(value)

@@ -1,0 +1,269 @@
+"""CDR: Customizable Density Ratio scoring (arXiv 2411.02481).
+
+reward(x, y) = log p_strong(y | x) - log p_weak(y | x), summed over the reply's tokens including the
+end-of-turn token that closes it; also per-token means (each model's sum over its own token count),
+which the reference implementation returns and curation uses by default.
+
+Both models score the same *text*: the context is rendered once with the strong model's chat template
+(or, as an option, with each model's own), and each model returns log p(context + reply) - log p(context)
+for that text with its own tokenizer. Customization puts a domain's criteria in the system turn and
+good/bad exemplars before the user turn; a router LLM picks each prompt's domain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefsynth.backends.client import Cache, Endpoint, ModelClient
+from prefsynth.backends.quirks import json_response_format
+from prefsynth.errors import ConfigError
+from prefsynth.schemas.config import CDRSpec
+from prefsynth.schemas.records import LogprobRow, Route, Score
+from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome
+from prefsynth.tasks.scorers.pointwise_judge import render_conversation
+from prefsynth.warehouse.ids import canonical_json, content_id
+
+ROUTER_TEMPLATE = """Which domain does this request belong to?
+
+Domains:
+{domains}
+
+Request:
+{conversation}
+
+Answer with JSON: {{"domain": "<one of: {names}>"}}"""
+EXEMPLAR_INTRO = "Here are examples of a good and a bad answer:"
+
+
+@dataclass(frozen=True)
+class Customization:
+    default_domain: str
+    domains: dict[str, dict[str, str]]  # name -> {description, system}
+    exemplars: dict[str, list[dict[str, str]]]  # name -> [{user, good, bad, why}]
+
+    @classmethod
+    def load(cls, domains_file: str | None, exemplars_file: str | None) -> Customization:
+        data = resources.files("prefsynth").joinpath("data", "cdr")
+        criteria = _yaml(Path(domains_file) if domains_file else Path(str(data.joinpath("criteria.yaml"))))
+        examples = _yaml(Path(exemplars_file) if exemplars_file else Path(str(data.joinpath("exemplars.yaml"))))
+        domains = criteria.get("domains")
+        if not isinstance(domains, dict) or not domains:
+            raise ConfigError("CDR domains file needs a non-empty `domains` mapping")
+        for name, d in domains.items():
+            if not isinstance(d, dict) or not isinstance(d.get("system"), str) or not d.get("description"):
+                raise ConfigError(f"CDR domain {name!r} needs `description` and `system` texts")
+        default = criteria.get("default_domain", next(iter(domains)))
+        if default not in domains:
+            raise ConfigError(f"CDR default_domain {default!r} is not one of {sorted(domains)}")
+        for name, rows in (examples or {}).items():
+            if not isinstance(rows, list) or any(not isinstance(r, dict) or set(r) < {"user", "good", "bad"}
+                                                 for r in rows):  # fmt: skip
+                raise ConfigError(f"CDR exemplars of {name!r} must be a list of {{user, good, bad, why}}")
+        return cls(default, domains, examples or {})
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"CDR customization file not found: {path}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    return data
+
+
+class CDRScorer(PointwiseScorer):
+    def __init__(self, spec: CDRSpec, strong: Endpoint, weak: Endpoint, router: Endpoint | None = None) -> None:
+        endpoints = {"strong": strong, "weak": weak, **({"router": router} if router else {})}
+        super().__init__(spec.name, endpoints)
+        self.spec = spec
+        c = spec.customization
+        self.custom = Customization.load(c.domains_file, c.exemplars_file) if c.criteria or c.exemplars else None
+        if self.custom and c.domain is not None and c.domain not in self.custom.domains:
+            raise ConfigError(f"CDR customization.domain {c.domain!r} is not one of {sorted(self.custom.domains)}")
+        self._domains: dict[str, str] = {}
+        self._known: dict[str, tuple[float, int]] = {}
+
+    def identity(self) -> dict[str, Any]:
+        c = self.spec.customization
+        custom = None
+        if self.custom:
+            used = {"criteria": c.criteria, "exemplars": c.exemplars, "seed": c.seed, "domain": c.domain,
+                    "domains": self.custom.domains, "default_domain": self.custom.default_domain,
+                    "examples": self.custom.exemplars if c.exemplars else None}  # fmt: skip
+            custom = content_id("cdr-customization", used, ROUTER_TEMPLATE, EXEMPLAR_INTRO)
+        return {"value": self.spec.value, "template": self.spec.template, "customization": custom, "method": 1}
+
+    # ---- texts --------------------------------------------------------------------------------
+    def domain_of(self, prompt_id: str) -> str | None:
+        if self.custom is None:
+            return None
+        return self._domains.get(prompt_id) or self.spec.customization.domain or self.custom.default_domain
+
+    def customized(self, item: ScoreItem) -> list[dict[str, str]]:
+        messages = [m.model_dump() for m in item.messages]
+        domain = self.domain_of(item.prompt_id)
+        if self.custom is None or domain is None:
+            return messages
+        c = self.spec.customization
+        if c.exemplars:
+            pool = self.custom.exemplars.get(domain, [])
+            chosen = random.Random(f"{c.seed}:{item.prompt_id}").sample(pool, min(c.exemplars, len(pool)))
+            if chosen:
+                shots = "\n\n".join(
+                    f"Example {i}\nUser: {e['user']}\nGood answer: {e['good']}\nBad answer: {e['bad']}"
+                    + (f"\nWhy: {e['why']}" if e.get("why") else "")
+                    for i, e in enumerate(chosen, start=1)
+                )
+                last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+                content = f"{EXEMPLAR_INTRO}\n\n{shots}\n\nNow the actual request:\n{messages[last]['content']}"
+                messages[last] = {"role": "user", "content": content}
+        if c.criteria:
+            system = self.custom.domains[domain]["system"]
+            if messages[0]["role"] == "system":
+                messages[0] = {"role": "system", "content": f"{system}\n\n{messages[0]['content']}"}
+            else:
+                messages.insert(0, {"role": "system", "content": system})
+        return messages
+
+    def texts(self, item: ScoreItem) -> dict[str, str]:
+        """The exact strings each model scores: contexts and continuations."""
+        messages = self.customized(item)
+        s_ctx, s_cont = self.endpoints["strong"].template.split_turn(messages, item.response)
+        if self.spec.template == "own":
+            w_ctx, w_cont = self.endpoints["weak"].template.split_turn(messages, item.response)
+        else:
+            w_ctx, w_cont = s_ctx, s_cont
+        return {"strong_context": s_ctx, "strong_continuation": s_cont, "weak_context": w_ctx,
+                "weak_continuation": w_cont}  # fmt: skip
+
+    def _lp_id(self, role: str, context: str, continuation: str) -> str:
+        return content_id("logprob", self.endpoints[role].identity, _h(context), _h(continuation))
+
+    # ---- routing and cache ----------------------------------------------------------------------
+    async def prepare(self, clients: Clients, items: Sequence[ScoreItem], cache: Cache | None) -> list[Route]:
+        routes: list[Route] = []
+        if self.custom is not None and "router" in clients:
+            firsts = {item.prompt_id: item for item in reversed(items)}
+            todo = [item for pid, item in firsts.items() if pid not in self._domains]
+            routes = list(await asyncio.gather(*(self._route(clients["router"], item) for item in todo)))
+            self._domains.update({r.prompt_id: r.domain for r in routes})
+        if cache is not None:
+            ids = []
+            for item in items:
+                try:
+                    t = self.texts(item)
+                except ValueError:
+                    continue
+                ids += [self._lp_id("strong", t["strong_context"], t["strong_continuation"]),
+                        self._lp_id("weak", t["weak_context"], t["weak_continuation"])]  # fmt: skip
+            self._known.update(cache.cached_logprobs(ids))
+        return routes
+
+    def _router_body(self, client: ModelClient, item: ScoreItem) -> dict[str, Any]:
+        assert self.custom is not None
+        names = list(self.custom.domains)
+        listing = "\n".join(f"- {n}: {d['description']}" for n, d in self.custom.domains.items())
+        user = ROUTER_TEMPLATE.format(domains=listing, conversation=render_conversation(item.messages),
+                                      names=", ".join(names))  # fmt: skip
+        schema = {"type": "object", "properties": {"domain": {"type": "string", "enum": names}}, "required": ["domain"]}
+        return client.request_body(
+            [{"role": "system", "content": "You route requests to evaluation domains."},
+             {"role": "user", "content": user}],
+            temperature=0.0, max_tokens=24, seed=0,
+            response_format=json_response_format(self.endpoints["router"], "domain", schema),
+        )  # fmt: skip
+
+    async def _route(self, client: ModelClient, item: ScoreItem) -> Route:
+        assert self.custom is not None
+        outcome = await client.chat(self._router_body(client, item))
+        raw = outcome.text or ""
+        domain = parse_domain(raw, list(self.custom.domains))
+        route_id = content_id("route", self.endpoints["router"].identity, item.prompt_id, self.custom.domains)
+        return Route(route_id=route_id, prompt_id=item.prompt_id, router=self.endpoints["router"].identity,
+                     domain=domain or self.custom.default_domain, parsed=domain is not None,
+                     raw=raw if outcome.ok else f"router call failed: {outcome.call.error}",
+                     call_id=outcome.call.call_id)  # fmt: skip
+
+    # ---- scoring --------------------------------------------------------------------------------
+    async def _logprob(
+        self, client: ModelClient, role: str, context: str, continuation: str, out: ScoreOutcome
+    ) -> tuple[float, int] | str:
+        lp_id = self._lp_id(role, context, continuation)
+        if lp_id in self._known:
+            return self._known[lp_id]
+        # Full text first, then its context: the server's KV cache then holds the context, so the context
+        # pass (shared by every reply to the prompt) and the next reply's pass reuse it.
+        full = await client.text_logprob(context + continuation)
+        ctx = await client.text_logprob(context)
+        out.keep(full)
+        out.keep(ctx)
+        for part in (full, ctx):
+            if not part.ok:
+                return f"{role} model log-prob call failed: {part.call.error}"
+        tokens = full.tokens - ctx.tokens
+        if tokens <= 0:
+            return f"{role} model counted no reply tokens"
+        value = (full.logprob - ctx.logprob, tokens)
+        self._known[lp_id] = value
+        out.logprobs.append(LogprobRow(lp_id=lp_id, model=self.endpoints[role].identity, context_hash=_h(context),
+                                       continuation_hash=_h(continuation), logprob=value[0], tokens=tokens,
+                                       call_ids=[full.call.call_id, ctx.call.call_id]))  # fmt: skip
+        return value
+
+    async def score(self, clients: Clients, item: ScoreItem) -> ScoreOutcome:
+        out = ScoreOutcome()
+        try:
+            t = self.texts(item)
+        except ValueError as err:
+            return self.failed(out, item, f"cannot render the conversation: {err}", None)
+        strong = await self._logprob(clients["strong"], "strong", t["strong_context"], t["strong_continuation"], out)
+        weak = await self._logprob(clients["weak"], "weak", t["weak_context"], t["weak_continuation"], out)
+        for part in (strong, weak):
+            if isinstance(part, str):
+                return self.failed(out, item, part, None)
+        (s_lp, s_n), (w_lp, w_n) = strong, weak  # type: ignore[misc]
+        details = cdr_values(s_lp, s_n, w_lp, w_n)
+        details["domain"] = self.domain_of(item.prompt_id)
+        out.score = Score(
+            score_id=item.score_id, response_id=item.response_id, scorer_id=self.scorer_id, scorer=self.name,
+            value=details["cdr_mean"] if self.spec.value == "mean" else details["cdr_sum"], rationale=None, raw="",
+            call_ids=[], details=canonical_json(details),
+        )  # fmt: skip
+        return out
+
+
+def cdr_values(strong_lp: float, strong_n: int, weak_lp: float, weak_n: int) -> dict[str, Any]:
+    return {
+        "strong_logprob": strong_lp,
+        "weak_logprob": weak_lp,
+        "strong_tokens": strong_n,
+        "weak_tokens": weak_n,
+        "cdr_sum": strong_lp - weak_lp,
+        "cdr_mean": strong_lp / strong_n - weak_lp / weak_n,
+    }
+
+
+def parse_domain(raw: str, names: list[str]) -> str | None:
+    """The domain a router named: JSON {"domain": ...} or the first domain name in the text."""
+    try:
+        data = json.loads(raw.strip())
+        if isinstance(data, dict) and data.get("domain") in names:
+            return data["domain"]
+    except ValueError:
+        pass
+    lowered = raw.lower()
+    hits = sorted((lowered.find(n.lower()), n) for n in names if n.lower() in lowered)
+    return hits[0][1] if hits else None
+
+
+def _h(text: str) -> str:
+    return content_id("text", text)

@@ -1,0 +1,105 @@
+"""`prefsynth eval` and the pipeline with CDR as its scorer, end to end on the embedded pair."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import yaml
+from typer.testing import CliRunner
+
+from prefsynth.cli import app
+from prefsynth.flows.synthesize import synthesize
+from tests.conftest import small_config, write_jsonl
+
+runner = CliRunner()
+PAIRS = [
+    {"input": "What is the capital of France?", "output_1": "Paris.", "output_2": "Berlin is the capital.",
+     "label": 1},
+    {"input": "Give an antonym of 'cold'.", "output_1": "Purple elephants dance.", "output_2": "Hot.", "label": 2},
+    {"input": "Count from 1 to 3.", "output_1": "1, 2, 3", "output_2": "3, 2, 1", "label": 1},
+]  # fmt: skip
+CDR = {"kind": "cdr", "strong": {"gguf": "smollm2-135m-instruct"}, "weak": {"gguf": "gemma3-270m-base"}}
+
+
+def _config(tmp_path, scorers) -> str:
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump({
+        "prompts": {"builtin": "quickstart"},
+        "generation": {"models": [{"gguf": "smollm2-135m-instruct"}]},
+        "scorers": scorers,
+        "warehouse": str(tmp_path / "w.duckdb"),
+    }))  # fmt: skip
+    return str(path)
+
+
+def test_eval_reports_accuracy_side_by_side_and_reruns_for_free(tmp_path, prefect_harness):
+    data = tmp_path / "mini.json"
+    data.write_text(json.dumps(PAIRS))
+    config = _config(tmp_path, [{**CDR, "name": "vanilla"}, {**CDR, "name": "own-templates", "template": "own"}])
+    args = ["eval", "--config", config, "--data", str(data), "--format", "llmbar", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert set(out["scorers"]) == {"vanilla", "own-templates"}
+    for report in out["scorers"].values():
+        assert report["n"] + report["failed"] == 3 and 0 <= report["accuracy"] <= 1
+        assert report["by_subset"]["mini"]["n"] == report["n"]
+    assert out["n"] == out["scorers"]["vanilla"]["n"] and "ties" in out and "by_subset" in out
+    db = tmp_path / "w.duckdb"
+    with duckdb.connect(str(db), read_only=True) as con:
+        items = con.execute("SELECT scorer_id, count(*), count(score_better) FROM eval_items GROUP BY 1").fetchall()
+        assert sorted(n for _, n, _ in items) == [3, 3]
+        # accuracy in the warehouse equals the items' own verdicts
+        stored = con.execute("SELECT scorer, accuracy FROM evals").fetchall()
+        recomputed = dict(con.execute(
+            "SELECT e.scorer, avg(CASE WHEN i.score_better > i.score_worse THEN 1.0 ELSE 0.0 END) FROM eval_items i "
+            "JOIN evals e USING (eval_id, scorer_id) WHERE i.score_better IS NOT NULL GROUP BY 1").fetchall())
+        assert {s: round(a, 4) for s, a in stored} == {s: round(a, 4) for s, a in recomputed.items()}
+        calls = con.execute("SELECT count(*) FROM model_calls").fetchone()[0]
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["scorers"]["vanilla"]["accuracy"] == out["scorers"]["vanilla"]["accuracy"]
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM model_calls").fetchone()[0] == calls  # no new log-prob requests
+
+
+def test_eval_rejects_bad_data_before_any_model_call(tmp_path):
+    data = tmp_path / "bad.json"
+    data.write_text('[{"input": "x", "output_1": "a", "output_2": "b", "label": 3}]')
+    result = runner.invoke(app, ["eval", "--config", _config(tmp_path, [CDR]), "--data", str(data),
+                                 "--format", "llmbar"])  # fmt: skip
+    assert result.exit_code == 2 and "bad.json" in result.output
+    result = runner.invoke(app, ["eval", "--config", _config(tmp_path, [CDR]), "--data", str(data), "--format", "x"])
+    assert result.exit_code == 2 and "llmbar" in result.output
+
+
+def test_pipeline_with_cdr_as_its_scorer(tmp_path, prefect_harness):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ["Name a fruit.", "What is 5 - 2?", "Say hello in Spanish."])
+    config = small_config(tmp_path, prompts, scorers=[{**CDR, "name": "cdr"}], curation={"min_margin": 0.0})
+    summary = synthesize(config=config)
+    assert summary.failures == 0
+    with duckdb.connect(config.warehouse, read_only=True) as con:
+        details = [json.loads(d) for (d,) in con.execute("SELECT details FROM scores").fetchall()]
+        assert len(details) == 6 and all(d["strong_tokens"] > 0 and d["weak_tokens"] > 0 for d in details)
+        assert con.execute("SELECT count(*) FROM logprobs").fetchone()[0] == 12
+        pairs = con.execute("SELECT count(*) FROM pairs").fetchone()[0]
+        assert pairs == con.execute(
+            "SELECT count(*) FROM (SELECT r.prompt_id FROM scores s JOIN responses r USING (response_id) "
+            "GROUP BY 1 HAVING max(value) > min(value))").fetchone()[0]
+        calls = con.execute("SELECT count(*) FROM model_calls").fetchone()[0]
+    rerun = synthesize(config=config)
+    assert rerun.model_calls == 0 and rerun.pairs == summary.pairs
+    with duckdb.connect(config.warehouse, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM model_calls").fetchone()[0] == calls
+
+
+def test_shipped_cdr_examples_are_valid():
+    from pathlib import Path
+
+    from prefsynth.schemas.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    assert load_config(root / "cdr.yaml").scorers[0].kind == "cdr"
+    assert [s.name for s in load_config(root / "cdr-sweep.yaml").scorers] == [
+        "cdr-vanilla", "cdr-criteria", "cdr-criteria-exemplars"]  # fmt: skip
