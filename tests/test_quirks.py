@@ -31,15 +31,15 @@ VLLM = {
 
 
 def test_echo_drops_the_null_first_entry_and_the_generated_token():
-    assert parse_logprobs(_ep("echo"), ECHO) == (-1.5, 1)
+    assert parse_logprobs(_ep("echo"), ECHO) == [None, -1.5]
     stopped = {**ECHO, "usage": {"prompt_tokens": 3, "completion_tokens": 0}}  # EOS sampled: nothing appended
-    assert parse_logprobs(_ep("echo"), stopped) == (-1.75, 2)
+    assert parse_logprobs(_ep("echo"), stopped) == [None, -1.5, -0.25]
     assert logprob_request(_ep("echo"), "t") == {"prompt": "t", "max_tokens": 1, "temperature": 0.0, "echo": True,
                                                  "logprobs": 1}  # fmt: skip
 
 
-def test_prompt_logprobs_sum_every_token_but_the_first():
-    assert parse_logprobs(_ep("prompt_logprobs", "vllm"), VLLM) == (-2.5, 2)
+def test_prompt_logprobs_give_every_token_but_the_first():
+    assert parse_logprobs(_ep("prompt_logprobs", "vllm"), VLLM) == [None, -2.0, -0.5]
     assert logprob_request(_ep("prompt_logprobs"), "t")["prompt_logprobs"] == 0
     two = {"choices": [{"prompt_logprobs": [None, {"1": {"logprob": -1.0}, "2": {"logprob": -2.0}}]}]}
     with pytest.raises(ValueError, match="exactly one log-prob"):

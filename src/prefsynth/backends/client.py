@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -79,8 +79,7 @@ class ChatOutcome:
 @dataclass
 class LogprobOutcome:
     call: ModelCall
-    logprob: float = 0.0
-    tokens: int = 0
+    values: list[float | None] = field(default_factory=list)  # one per token of the text, None for the first
     cached: bool = False
 
     @property
@@ -134,12 +133,11 @@ class ModelClient:
         return ChatOutcome(call=call, text=data["text"], finish_reason=data.get("finish_reason"), cached=cached)
 
     async def text_logprob(self, text: str) -> LogprobOutcome:
-        """Sum of the log-probs of the tokens of `text` (all but the first), and how many were counted."""
+        """The log-prob of every token of `text` given the tokens before it (None for the first)."""
         call, cached = await self._once("logprob", quirks.logprob_request(self.endpoint, text), self._send_logprob)
         if call.status != "ok" or call.response is None:
             return LogprobOutcome(call=call)
-        data = json.loads(call.response)
-        return LogprobOutcome(call=call, logprob=data["logprob"], tokens=data["tokens"], cached=cached)
+        return LogprobOutcome(call=call, values=json.loads(call.response)["logprobs"], cached=cached)
 
     async def _once(
         self, kind: str, body: dict[str, Any], send: Callable[[dict[str, Any]], Any]
@@ -197,12 +195,8 @@ class ModelClient:
         completion = await self._client.completions.create(
             model=self.endpoint.model, **standard, extra_body=extra or None
         )
-        payload = completion.model_dump()
-        total, tokens = quirks.parse_logprobs(self.endpoint, payload)
-        usage = payload.get("usage") or {}
-        return canonical_json(
-            {"logprob": total, "tokens": tokens, "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": 0}
-        )
+        values = quirks.parse_logprobs(self.endpoint, completion.model_dump())
+        return canonical_json({"logprobs": values, "prompt_tokens": len(values), "completion_tokens": 0})
 
     def _record(
         self, cid: str, kind: str, request: str, status: str, response: str | None, error: str | None, latency: float

@@ -7,14 +7,14 @@ provider that speaks to vLLM also speaks to the embedded default.
 
 Why: llama-cpp-python's `echo` + `logprobs` path sorts the whole vocabulary in Python for every prompt
 token (measured here: 27 s for 294 tokens on SmolLM2-135M, 200 s on Gemma-3-270M). This path evaluates
-the prompt once (reusing the prefix already in the KV cache, as generation does) and takes log-softmax
-of the logits with numpy: about the cost of the forward pass.
+the prompt once and takes log-softmax of the logits with numpy: about the cost of the forward pass.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -33,31 +33,35 @@ from starlette.concurrency import run_in_threadpool
 _BLOCK = 64  # logits rows per numpy block: bounds memory for large vocabularies
 
 
+_last: dict[int, tuple[list[int], list[float | None]]] = {}  # per model: the last request's tokens, log-probs
+
+
 def prompt_token_logprobs(llama: Llama, text: str) -> tuple[list[int], list[float | None]]:
-    """Tokens of `text` (BOS added as the model says) and each one's log-prob given those before it."""
+    """Tokens of `text` (BOS added as the model says) and each one's log-prob given those before it.
+
+    The text is evaluated in one pass from an empty KV cache, so the numbers equal an in-process
+    evaluation of the same text (reusing a cached prefix would evaluate the rest in smaller batches,
+    which changes the logits slightly). A text that is a prefix of the previous request's (a context
+    after its reply: how CDR asks) is answered from that request's log-probs without any evaluation.
+    """
     tokens = llama.tokenize(text.encode("utf-8"), add_bos=llama._model.add_bos_token(), special=True)
     if len(tokens) >= llama.n_ctx():
         raise ValueError(f"text has {len(tokens)} tokens; the server's context is {llama.n_ctx()}")
-    keep = 0
-    for have, want in zip(llama._input_ids.tolist(), tokens, strict=False):
-        if have != want:
-            break
-        keep += 1
-    keep = min(keep, len(tokens) - 1)  # re-evaluate at least the last token
-    if keep == 0 or not llama._ctx.kv_cache_seq_rm(-1, keep, -1):
-        llama.reset()
-        keep = 0
-    llama.n_tokens = keep
-    llama.eval(tokens[keep:])
-    logits = llama.scores[: len(tokens) - 1]
+    prev_tokens, prev = _last.get(id(llama), ([], []))
+    if len(tokens) <= len(prev_tokens) and prev_tokens[: len(tokens)] == tokens:
+        return tokens, prev[: len(tokens)]
+    llama.reset()
+    llama.eval(tokens)
     out: list[float | None] = [None]
     targets = np.asarray(tokens[1:])
-    for start in range(0, len(targets), _BLOCK):
-        rows = logits[start : start + _BLOCK].astype(np.float64)
+    logits = llama.scores[: len(tokens) - 1]
+    for lo in range(0, len(targets), _BLOCK):
+        rows = logits[lo : lo + _BLOCK].astype(np.float64)
         top = rows.max(axis=1, keepdims=True)
         lse = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
-        picked = rows[np.arange(len(rows)), targets[start : start + _BLOCK]]
+        picked = rows[np.arange(len(rows)), targets[lo : lo + _BLOCK]]
         out.extend((picked - lse).tolist())
+    _last[id(llama)] = (tokens, out)
     return tokens, out
 
 
@@ -66,7 +70,10 @@ async def completions(request: Request) -> object:
     data = await request.json()
     if data.get("prompt_logprobs") is None:
         body = llama_app.CreateCompletionRequest.model_validate(data)
-        return await llama_app.create_completion(request, body)
+        result = await llama_app.create_completion(request, body)
+        if isinstance(result, dict):  # llama-cpp-python's log-probs are numpy floats: make them JSON
+            return JSONResponse(json.loads(json.dumps(result, default=float)))
+        return result
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]

@@ -22,15 +22,15 @@ def json_response_format(endpoint: Endpoint, name: str, schema: dict[str, Any]) 
 
 
 # ---- prompt log-probs -----------------------------------------------------------------------------
-# echo (llama-cpp-python, vLLM, legacy OpenAI): `/v1/completions` with echo=True and logprobs returns
-#   one entry per prompt token, then the generated ones. llama-cpp-python cannot take max_tokens=0, so
-#   one token is generated: drop the last `usage.completion_tokens` entries. The first entry is null
-#   (nothing precedes it). llama-cpp-python also drops tokens equal to the BOS id from the lists and
-#   reports special tokens as empty text, so its text offsets cannot locate a reply: callers take
-#   log p(context + reply) - log p(context) instead, which needs neither offsets nor a shared tokenizer.
-#   Its echo path sorts the vocabulary in Python per token (about 90 ms a token on SmolLM2): usable
-#   for short texts only, and misaligned for models that add no BOS token unless the text starts with
-#   the BOS token's text. The embedded server answers prompt_logprobs instead (see llama_server.py).
+# Both providers return one value per prompt token, the first null (nothing precedes it); callers mask
+# the context's tokens by count (see tasks/scorers/cdr.py), so no tokenizer is needed on this side.
+# echo (llama-cpp-python, vLLM, legacy OpenAI): `/v1/completions` with echo=True and logprobs lists the
+#   prompt's tokens, then the generated ones. llama-cpp-python cannot take max_tokens=0, so one token is
+#   generated: drop the last `usage.completion_tokens` entries. llama-cpp-python also drops tokens equal
+#   to the BOS id (in context and full text alike, so counts stay consistent) and reports special tokens
+#   as empty text, so its text offsets cannot locate a reply. Its echo path sorts the vocabulary in Python
+#   per token (about 90 ms a token on SmolLM2): usable for short texts only, and misaligned for models
+#   that add no BOS token unless the text starts with the BOS token's text.
 # prompt_logprobs (vLLM, the embedded server): `"prompt_logprobs": 0` returns, per prompt token, null
 #   for the first and otherwise {token_id: {"logprob": ..., "rank": ..., "decoded_token": ...}}.
 _ECHO = {"max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 1}
@@ -44,26 +44,25 @@ def logprob_request(endpoint: Endpoint, text: str) -> dict[str, Any]:
     return {"prompt": text, **extra}
 
 
-def parse_logprobs(endpoint: Endpoint, payload: dict[str, Any]) -> tuple[float, int]:
-    """(sum of prompt-token log-probs, number of tokens counted) from a completions response."""
+def parse_logprobs(endpoint: Endpoint, payload: dict[str, Any]) -> list[float | None]:
+    """One log-prob per prompt token (None for the first) from a completions response."""
     choice = (payload.get("choices") or [None])[0]
     if not isinstance(choice, dict):
         raise ValueError("response has no choices")
     if endpoint.logprobs == "prompt_logprobs":
         entries = choice.get("prompt_logprobs")
-        if not isinstance(entries, list):
+        if not isinstance(entries, list) or not entries:
             raise ValueError("response has no prompt_logprobs (does the server support them?)")
-        values = []
+        values: list[float | None] = [None]
         for entry in entries[1:]:
             if not isinstance(entry, dict) or len(entry) != 1:
                 raise ValueError("expected exactly one log-prob per prompt token (send prompt_logprobs=0)")
             values.append(float(next(iter(entry.values()))["logprob"]))
-        return sum(values), len(values)
+        return values
     logprobs = choice.get("logprobs") or {}
-    values = logprobs.get("token_logprobs")
-    if not isinstance(values, list):
+    raw = logprobs.get("token_logprobs")
+    if not isinstance(raw, list) or not raw:
         raise ValueError("response has no token_logprobs (does the server support echo with logprobs?)")
     generated = int((payload.get("usage") or {}).get("completion_tokens") or 0)
-    prompt_part = values[: len(values) - generated] if generated else values
-    counted = [float(v) for v in prompt_part if v is not None]
-    return sum(counted), len(counted)
+    prompt_part = raw[: len(raw) - generated] if generated else raw
+    return [None, *(None if v is None else float(v) for v in prompt_part[1:])]

@@ -41,7 +41,14 @@ async def score_items(
             if on_done:
                 on_done(1)
 
-        await asyncio.gather(*(one(item) for item in items))
+        groups, window = scorer.schedule(items)
+        in_flight = asyncio.Semaphore(window)
+
+        async def group(members: list[ScoreItem]) -> None:
+            async with in_flight:
+                await asyncio.gather(*(one(item) for item in members))
+
+        await asyncio.gather(*(group(g) for g in groups))
     return result
 
 

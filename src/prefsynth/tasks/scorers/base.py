@@ -72,6 +72,10 @@ class PointwiseScorer(ABC):
         """Work shared by a chunk's items (cache prefetch, routing); returns routes to store."""
         return []
 
+    def schedule(self, items: Sequence[ScoreItem]) -> tuple[list[list[ScoreItem]], int]:
+        """Groups of items to score together, and how many groups may be in flight at once."""
+        return [[item] for item in items], max(1, len(items))
+
     @abstractmethod
     async def score(self, clients: Clients, item: ScoreItem) -> ScoreOutcome:
         """Score one item; failures are returned, never raised."""

@@ -8,6 +8,12 @@ Both models score the same *text*: the context is rendered once with the strong 
 (or, as an option, with each model's own), and each model returns log p(context + reply) - log p(context)
 for that text with its own tokenizer. Customization puts a domain's criteria in the system turn and
 good/bad exemplars before the user turn; a router LLM picks each prompt's domain.
+
+Each model scores context + reply in one forward pass; the reply's tokens are those after the first
+len(tokenize(context)) tokens, as the reference implementation masks them. Where a tokenizer merges the
+context's last characters with the reply's first (a reply starting with spaces after the template's
+"\n"), that merged token counts as the context's. The context's token count comes from a log-prob
+request for the context alone, answered by the embedded server from the pass before it at no cost.
 """
 
 from __future__ import annotations
@@ -194,14 +200,23 @@ class CDRScorer(PointwiseScorer):
                      call_id=outcome.call.call_id)  # fmt: skip
 
     # ---- scoring --------------------------------------------------------------------------------
+    def schedule(self, items: Sequence[ScoreItem]) -> tuple[list[list[ScoreItem]], int]:
+        """Replies to one prompt go together, so a one-slot server reuses their shared context from its
+        KV cache; servers with more slots get proportionally more prompts in flight."""
+        groups: dict[str, list[ScoreItem]] = {}
+        for item in items:
+            groups.setdefault(item.prompt_id, []).append(item)
+        slots = min(self.endpoints["strong"].concurrency, self.endpoints["weak"].concurrency)
+        return list(groups.values()), max(1, slots // 2)
+
     async def _logprob(
         self, client: ModelClient, role: str, context: str, continuation: str, out: ScoreOutcome
     ) -> tuple[float, int] | str:
         lp_id = self._lp_id(role, context, continuation)
         if lp_id in self._known:
             return self._known[lp_id]
-        # Full text first, then its context: the server's KV cache then holds the context, so the context
-        # pass (shared by every reply to the prompt) and the next reply's pass reuse it.
+        # The full text first: the context's request (only its token count is used) then comes right after
+        # a pass that contains it, which the embedded server answers without evaluating anything.
         full = await client.text_logprob(context + continuation)
         ctx = await client.text_logprob(context)
         out.keep(full)
@@ -209,13 +224,13 @@ class CDRScorer(PointwiseScorer):
         for part in (full, ctx):
             if not part.ok:
                 return f"{role} model log-prob call failed: {part.call.error}"
-        tokens = full.tokens - ctx.tokens
-        if tokens <= 0:
-            return f"{role} model counted no reply tokens"
-        value = (full.logprob - ctx.logprob, tokens)
+        reply = full.values[len(ctx.values) :]
+        if not reply or any(v is None for v in reply):
+            return f"{role} model returned no log-probs for the reply's tokens"
+        value = (float(sum(reply)), len(reply))  # type: ignore[arg-type]
         self._known[lp_id] = value
         out.logprobs.append(LogprobRow(lp_id=lp_id, model=self.endpoints[role].identity, context_hash=_h(context),
-                                       continuation_hash=_h(continuation), logprob=value[0], tokens=tokens,
+                                       continuation_hash=_h(continuation), logprob=value[0], tokens=value[1],
                                        call_ids=[full.call.call_id, ctx.call.call_id]))  # fmt: skip
         return value
 
@@ -225,8 +240,10 @@ class CDRScorer(PointwiseScorer):
             t = self.texts(item)
         except ValueError as err:
             return self.failed(out, item, f"cannot render the conversation: {err}", None)
-        strong = await self._logprob(clients["strong"], "strong", t["strong_context"], t["strong_continuation"], out)
-        weak = await self._logprob(clients["weak"], "weak", t["weak_context"], t["weak_continuation"], out)
+        strong, weak = await asyncio.gather(
+            self._logprob(clients["strong"], "strong", t["strong_context"], t["strong_continuation"], out),
+            self._logprob(clients["weak"], "weak", t["weak_context"], t["weak_continuation"], out),
+        )
         for part in (strong, weak):
             if isinstance(part, str):
                 return self.failed(out, item, part, None)
