@@ -13,7 +13,7 @@ from pathlib import Path
 
 from distilabel.models.llms import OpenAILLM
 from distilabel.pipeline import Pipeline
-from distilabel.steps import FormatTextGenerationDPO, LoadDataFromDicts
+from distilabel.steps import FormatTextGenerationDPO, GroupColumns, LoadDataFromDicts
 from distilabel.steps.tasks import TextGeneration, UltraFeedback
 
 
@@ -33,17 +33,23 @@ def main() -> None:
 
     with Pipeline(name="prefsynth-bench", cache_dir=args.cache_dir) as pipeline:
         load = LoadDataFromDicts(data=[{"instruction": p} for p in prompts])
-        generate = TextGeneration(llm=llm(0.9, args.max_tokens), num_generations=args.samples,
-                                  group_generations=True)  # fmt: skip
+        # One TextGeneration per sample: `num_generations` sends OpenAI's `n`, which llama.cpp servers ignore
+        # (one reply comes back, so chosen == rejected).
+        generate = [TextGeneration(name=f"generate_{i}", llm=llm(0.9, args.max_tokens)) for i in range(args.samples)]
+        group = GroupColumns(columns=["generation", "model_name"], output_columns=["generations", "generation_models"])
         rate = UltraFeedback(llm=llm(0.0, 256), aspect="overall-rating")
         dpo = FormatTextGenerationDPO()
-        load >> generate >> rate >> dpo
+        load >> generate >> group >> rate >> dpo
     start = time.perf_counter()
     distiset = pipeline.run(use_cache=True)
     seconds = time.perf_counter() - start
     rows = distiset["default"]["train"]
     pairs = sum(1 for r in rows if r.get("chosen") and r.get("rejected"))
-    print(json.dumps({"seconds": seconds, "rows": len(rows), "pairs": pairs}))
+    distinct = sum(1 for r in rows if r.get("chosen") and r.get("rejected") and r["chosen"] != r["rejected"])
+    texts = sum(len([g for g in r.get("generations") or [] if g]) for r in rows)
+    rated = sum(1 for r in rows if any(x is not None for x in r.get("ratings") or []))
+    print(json.dumps({"seconds": seconds, "rows": len(rows), "pairs": pairs, "distinct_pairs": distinct,
+                      "generations": texts, "rows_with_ratings": rated}))
 
 
 if __name__ == "__main__":

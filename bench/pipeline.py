@@ -61,7 +61,7 @@ def distilabel_python() -> Path:
     python = DISTILABEL_VENV / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(DISTILABEL_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "distilabel[openai]==1.5.3"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "distilabel[openai]==1.5.3", "requests"], check=True)
     return python
 
 
@@ -118,6 +118,8 @@ def main() -> None:
                 proxy.count = 0
                 out, peak = distilabel_run(python, proxy.url, folder / "prompts.json", folder / "dl-cache")
                 r[f"{label}_seconds"], r[f"{label}_calls"], r[f"{label}_pairs"] = out["wall"], proxy.count, out["pairs"]
+                r[f"{label}_distinct_pairs"], r[f"{label}_generations"] = out["distinct_pairs"], out["generations"]
+                r[f"{label}_rows_with_ratings"] = out["rows_with_ratings"]
                 if label == "distilabel":
                     r["distilabel_peak_rss_mib"] = peak
             r["prefsynth_vs_distilabel_wall"] = r["prefsynth_seconds"] / r["distilabel_seconds"]
@@ -127,6 +129,8 @@ def main() -> None:
             first_run = con.execute("SELECT run_id FROM runs ORDER BY started_at LIMIT 1").fetchone()[0]
             sql = "SELECT count(*) FROM run_pairs WHERE run_id = ?"
             r["prefsynth_pairs"] = con.execute(sql, [first_run]).fetchone()[0]
+            r["prefsynth_generations"] = con.execute("SELECT count(*) FROM responses WHERE run_id = ?",
+                                                     [first_run]).fetchone()[0]  # fmt: skip
         proxy.close()
     for name, value in r.items():
         emit(name, float(value))
