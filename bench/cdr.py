@@ -82,10 +82,10 @@ def direct(db: str, models: dict[str, ModelSpec], since: int) -> tuple[float, in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="8 labelled pairs instead of 24")
+    parser.add_argument("--quick", action="store_true", help="3 labelled pairs instead of 12")
     parser.add_argument("--record", action="store_true", help="append the results to BENCHMARKS.md")
     args = parser.parse_args()
-    pairs = load_labelled(SHARED / "llmbar" / "natural.json", "llmbar", limit=8 if args.quick else 24)
+    pairs = load_labelled(SHARED / "llmbar" / "natural.json", "llmbar", limit=3 if args.quick else 12)
     new_weak = ModelSpec(gguf=str(resolve_gguf("smollm2-135m-instruct")[0]))  # same file, new identity
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "bench.duckdb")

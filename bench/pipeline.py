@@ -78,11 +78,11 @@ def distilabel_run(python: Path, url: str, prompts: Path, cache: Path) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="8 prompts instead of 40")
+    parser.add_argument("--quick", action="store_true", help="4 prompts instead of 40")
     parser.add_argument("--no-distilabel", action="store_true", help="skip the distilabel arm")
     parser.add_argument("--record", action="store_true", help="append the results to BENCHMARKS.md")
     args = parser.parse_args()
-    n = 8 if args.quick else 40
+    n = 4 if args.quick else 40
     r: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp, LocalServers() as servers:
         folder = Path(tmp)

@@ -162,6 +162,6 @@ def test_invalid_config_field_via_cli(tmp_path):
 
 
 def test_every_command_has_help_with_an_example():
-    for command in ("run", "demo", "stats", "export"):
+    for command in ("run", "demo", "stats", "export", "eval", "score-text"):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Example" in result.output, command
