@@ -23,12 +23,14 @@ def main() -> None:
     parser.add_argument("--prompts", required=True, help="JSON list of prompt texts")
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--rating-tokens", type=int, default=96)
     parser.add_argument("--cache-dir", required=True)
     args = parser.parse_args()
     prompts = json.loads(Path(args.prompts).read_text())
 
     def llm(temperature: float, max_tokens: int) -> OpenAILLM:
-        return OpenAILLM(model="smollm2", base_url=args.base_url, api_key="not-needed",
+        # A one-slot local server queues requests: a long timeout keeps queued requests from being retried.
+        return OpenAILLM(model="smollm2", base_url=args.base_url, api_key="not-needed", timeout=1800,
                          generation_kwargs={"temperature": temperature, "max_new_tokens": max_tokens})  # fmt: skip
 
     with Pipeline(name="prefsynth-bench", cache_dir=args.cache_dir) as pipeline:
@@ -37,7 +39,7 @@ def main() -> None:
         # (one reply comes back, so chosen == rejected).
         generate = [TextGeneration(name=f"generate_{i}", llm=llm(0.9, args.max_tokens)) for i in range(args.samples)]
         group = GroupColumns(columns=["generation", "model_name"], output_columns=["generations", "generation_models"])
-        rate = UltraFeedback(llm=llm(0.0, 256), aspect="overall-rating")
+        rate = UltraFeedback(llm=llm(0.0, args.rating_tokens), aspect="overall-rating")
         dpo = FormatTextGenerationDPO()
         load >> generate >> group >> rate >> dpo
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """The pipeline against the limit and against distilabel, on one embedded SmolLM2 server.
 
 The bench starts one llama.cpp server and a counting proxy in front of it; every arm talks to the proxy.
-A fixed job: P built-in prompts x 2 samples (max_tokens 48) + an UltraFeedback-style rating.
+A fixed job: P built-in prompts x 2 samples (max_tokens 48) + an UltraFeedback-style rating (96 tokens).
   direct     the requests prefsynth made (read back from its ledger) sent one after another by a minimal client
   prefsynth  `prefsynth run CONFIG` (a fresh process: Prefect's temporary API, warehouse writes)
   distilabel the same job as a distilabel 1.5.3 pipeline (TextGeneration, UltraFeedback, FormatTextGenerationDPO)
@@ -78,11 +78,11 @@ def distilabel_run(python: Path, url: str, prompts: Path, cache: Path) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 prompts instead of 40")
+    parser.add_argument("--quick", action="store_true", help="4 prompts instead of 24")
     parser.add_argument("--no-distilabel", action="store_true", help="skip the distilabel arm")
     parser.add_argument("--record", action="store_true", help="append the results to BENCHMARKS.md")
     args = parser.parse_args()
-    n = 4 if args.quick else 40
+    n = 4 if args.quick else 24
     r: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp, LocalServers() as servers:
         folder = Path(tmp)
