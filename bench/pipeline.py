@@ -33,7 +33,7 @@ DISTILABEL_VENV = ROOT / ".bench" / "distilabel-venv"
 
 
 def job(url: str, prompts: int, warehouse: str) -> dict:
-    model = {"base_url": url, "model": "smollm2", "server": "llama-cpp", "max_concurrency": 2}
+    model = {"base_url": url, "model": "smollm2", "server": "llama-cpp", "max_concurrency": 1}
     return {
         "name": "bench",
         "prompts": {"builtin": "quickstart", "limit": prompts},

@@ -3,7 +3,7 @@
 - llama-cpp-python's server takes a JSON schema as `{"type": "json_object", "schema": ...}` (its own
   extension, turned into a grammar); OpenAI and vLLM take `{"type": "json_schema", "json_schema": ...}`.
 - llama-cpp-python ignores `n > 1` and serves one request at a time: generation sends one request per
-  sample, and local endpoints default to two requests in flight.
+  sample, and local endpoints default to one request in flight (a second one waiting slows it down).
 """
 
 from __future__ import annotations
