@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,6 @@ async def _score(scorer: PointwiseScorer, item: ScoreItem) -> dict[str, Any]:
     out: dict[str, Any] = {"scorer": scorer.name, "kind": scorer.kind, "scorer_id": scorer.scorer_id,
                            "value": outcome.score.value}  # fmt: skip
     if isinstance(scorer, CDRScorer):
-        import json
-
         texts = scorer.texts(item)
         out.update(json.loads(outcome.score.details or "{}"))
         out.update(strong_context=texts["strong_context"], weak_context=texts["weak_context"],
