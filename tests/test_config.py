@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ def test_shipped_quickstart_is_valid_and_the_example_is_the_same_file():
     packaged = ROOT / "src" / "prefsynth" / "examples" / "quickstart.yaml"
     assert (ROOT / "examples" / "quickstart.yaml").read_text() == packaged.read_text()
     assert config.generation.models[0].gguf == "smollm2-135m-instruct"
-    assert config.curation_scorer.name == "judge"
+    assert config.curation_scorer_name == "judge"
 
 
 def _error(raw) -> str:
@@ -105,3 +106,34 @@ def test_relative_input_paths_resolve_against_the_config_folder(tmp_path):
 def test_duplicate_policy_labels_are_refused():
     raw = {**VALID, "generation": {"models": [{"gguf": "smollm2-135m-instruct"}, {"gguf": "smollm2-135m-instruct"}]}}
     assert "distinct names" in _error(raw)
+
+
+def test_judge_panel_and_reward_model_settings_are_checked(tmp_path):
+    def parse(**overrides):
+        raw = {"prompts": {"builtin": "quickstart"},
+               "generation": {"models": [{"gguf": "smollm2-135m-instruct"}], "samples_per_prompt": 2},
+               "scorers": [{"kind": "pairwise_judge", "name": "pw", "model": {"gguf": "smollm2-135m-instruct"}},
+                           {"kind": "pointwise_judge", "name": "j", "model": {"gguf": "smollm2-135m-instruct"}}]}
+        raw.update(overrides)  # fmt: skip
+        return parse_config(raw)
+
+    assert parse(panel={}).panel_members == ["pw", "j"]
+    cases = [
+        ({"panel": {"scorers": ["pw", "nope"]}}, "panel.scorers ['nope'] are not scorer names"),
+        ({"panel": {"name": "pw"}}, "also a scorer name"),
+        ({"curation": {"require_agreement": ["x"]}}, "require_agreement ['x'] are not scorer names"),
+        ({"curation": {"scorer": "panel"}}, "curation.scorer 'panel' is not a scorer name"),
+        ({"generation": {"models": [{"gguf": "smollm2-135m-instruct"}], "samples_per_prompt": 1}},
+         "at least 2 per prompt"),
+        ({"scorers": [{"kind": "pairwise_judge", "model": {"gguf": "x.gguf"}, "samples_per_order": 3}]},
+         "needs `temperature` > 0"),
+        ({"scorers": [{"kind": "pointwise_judge", "model": {"gguf": "x.gguf"}, "aspects": [
+            {"name": "score", "description": "d"}]}]}, "not `rationale` or `score`"),
+        ({"scorers": [{"kind": "reward_model"}]}, "exactly one of `model`"),
+        ({"scorers": [{"kind": "reward_model", "model": {"gguf": "x.gguf"}}]}, "GGUF files are not reward models"),
+        ({"scorers": [{"kind": "judge"}]}, "`kind` must be one of: pointwise_judge, pairwise_judge, cdr, reward_model"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse(**overrides)
+    assert parse(curation={"scorer": "panel", "require_agreement": ["pw"]}, panel={}).curation_scorer_name == "panel"

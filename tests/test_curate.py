@@ -51,3 +51,16 @@ def test_output_is_sorted_by_prompt():
     pairs = best_vs_worst(_scores(rows), "s", CurationSpec(min_margin=1))
     assert pairs["prompt_id"].to_list() == sorted(pairs["prompt_id"].to_list())
     assert len(pairs) == 200
+
+
+def test_require_agreement_keeps_only_pairs_every_named_scorer_orders_the_same_way():
+    judge = _scores([("p1", "a", 9.0), ("p1", "b", 2.0), ("p2", "c", 8.0), ("p2", "d", 1.0), ("p3", "e", 7.0),
+                     ("p3", "f", 1.0)])
+    cdr = _scores([("p1", "a", 0.3), ("p1", "b", -0.1), ("p2", "c", -0.5), ("p2", "d", 0.2), ("p3", "e", 0.1)])
+    plain = best_vs_worst(judge, "judge", CurationSpec())
+    agreed = best_vs_worst(judge, "judge", CurationSpec(), {"cdr": cdr})
+    assert plain["prompt_id"].to_list() == ["p1", "p2", "p3"]
+    # p2: CDR prefers d (disagrees); p3: CDR has no value for f (cannot agree)
+    assert agreed["prompt_id"].to_list() == ["p1"]
+    assert agreed["pair_id"][0] != plain["pair_id"][0]  # the rule is part of the pair's id
+    assert best_vs_worst(judge, "judge", CurationSpec(), {}).to_dicts() == plain.to_dicts()

@@ -252,19 +252,21 @@ def test_accuracy_report_counts_ties_as_wrong_and_failures_apart():
         "n": 5,
         "correct": 3,
         "accuracy": 0.6,
+        "accuracy_ties_half": 0.7,
         "ties": 1,
         "failed": 3,
         "by_subset": {
-            "chat": {"n": 3, "correct": 1, "accuracy": 0.3333, "ties": 1, "failed": 1},
-            "code": {"n": 0, "correct": 0, "accuracy": 0.0, "ties": 0, "failed": 1},
-            "math": {"n": 2, "correct": 2, "accuracy": 1.0, "ties": 0, "failed": 1},
+            "chat": {"n": 3, "correct": 1, "accuracy": 0.3333, "accuracy_ties_half": 0.5, "ties": 1, "failed": 1},
+            "code": {"n": 0, "correct": 0, "accuracy": 0.0, "accuracy_ties_half": 0.0, "ties": 0, "failed": 1},
+            "math": {"n": 2, "correct": 2, "accuracy": 1.0, "accuracy_ties_half": 1.0, "ties": 0, "failed": 1},
         },
     }
     assert list(accuracy_report(rows)["by_subset"]) == ["chat", "code", "math"]
 
 
 def test_accuracy_report_of_nothing():
-    assert accuracy_report([]) == {"n": 0, "correct": 0, "accuracy": 0.0, "ties": 0, "failed": 0, "by_subset": {}}
+    assert accuracy_report([]) == {"n": 0, "correct": 0, "accuracy": 0.0, "accuracy_ties_half": 0.0, "ties": 0,
+                                   "failed": 0, "by_subset": {}}  # fmt: skip
 
 
 # --- shared data ------------------------------------------------------------------------------------------------

@@ -128,9 +128,14 @@ def stats(
     db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("prefsynth.duckdb"),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Row counts per table and model calls per model.
+    """Row counts per table, model calls per model, scorer diagnostics and panel agreement.
 
     Example: prefsynth stats --db prefsynth.duckdb --json
+
+    Diagnostics per scorer (its latest run): failure rate, length bias (Spearman correlation of score and
+    response length in tokens), and for pairwise judges position consistency (share of comparisons whose
+    verdict survives swapping the two responses) and first-position rate (share of decisive verdicts for
+    the response shown first). Panels: Krippendorff's alpha and mean Kendall tau of their members.
     """
     from prefsynth.warehouse.store import Store
 
@@ -156,6 +161,27 @@ def stats(
     for row in data["calls_by_model"]:
         calls.add_row(*(str(v) for v in row.values()))
     out.print(calls)
+    for title, rows, skip in (("scorer diagnostics (latest run of each scorer)", data["scorer_diagnostics"],
+                               ("scorer_id",)), ("panels (latest run of each)", data["panels"], ())):  # fmt: skip
+        if not rows:
+            continue
+        table = Table(title=title)
+        keys = [k for k in rows[0] if k not in skip]
+        for key in keys:
+            table.add_column(key.replace("_", " "), justify="left" if key in ("scorer", "name") else "right")
+        for row in rows:
+            table.add_row(*(_cell(row[k]) for k in keys))
+        out.print(table)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
 
 
 @app.command()
@@ -202,7 +228,9 @@ def eval_(
     Example: prefsynth eval --config examples/cdr.yaml --data ../shared/data/llmbar/natural.json --format llmbar
 
     Reports accuracy (ties count as wrong), ties and accuracy per subset, and stores them in the warehouse
-    (tables evals, eval_items). Several scorers in CONFIG give a side-by-side table.
+    (tables evals, eval_items; pairwise verdicts in judgments and comparisons). Several scorers in CONFIG
+    give a side-by-side table. Pairwise judges always judge both orders here and also report
+    position_consistency, first_position_rate, flipped, calls_per_pair and tokens_per_pair.
     """
     from prefsynth.flows.evaluate import evaluate, summary_frame
     from prefsynth.flows.progress import showing
@@ -227,7 +255,7 @@ def eval_(
     for col in frame.columns:
         table.add_column(col, justify="left" if col == "scorer" else "right")
     for row in frame.iter_rows():
-        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+        table.add_row(*(_cell(v) for v in row))
     Console().print(table)
 
 

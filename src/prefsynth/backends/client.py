@@ -87,6 +87,18 @@ class LogprobOutcome:
         return self.call.status == "ok"
 
 
+@dataclass
+class RewardOutcome:
+    call: ModelCall
+    value: float | None = None
+    cached: bool = False
+    error: str | None = None  # the call succeeded but its answer holds no reward for this label_index
+
+    @property
+    def ok(self) -> bool:
+        return self.call.status == "ok" and self.error is None
+
+
 class ModelClient:
     """Calls one endpoint; use `async with` inside one event loop.
 
@@ -138,6 +150,20 @@ class ModelClient:
         if call.status != "ok" or call.response is None:
             return LogprobOutcome(call=call)
         return LogprobOutcome(call=call, values=json.loads(call.response)["logprobs"], cached=cached)
+
+    async def reward(self, body: dict[str, Any], label_index: int) -> RewardOutcome:
+        """The reward of one conversation from a vLLM pooling endpoint (`quirks.reward_request` builds `body`).
+
+        The cache keeps the server's output, not the reward, so another label_index reuses the same call.
+        """
+        call, cached = await self._once("reward", body, self._send_reward)
+        if call.status != "ok" or call.response is None:
+            return RewardOutcome(call=call)
+        try:
+            value = quirks.parse_reward(body["api"], json.loads(call.response), label_index)
+        except ValueError as err:
+            return RewardOutcome(call=call, cached=cached, error=f"unreadable reward: {err}")
+        return RewardOutcome(call=call, value=value, cached=cached)
 
     async def _once(
         self, kind: str, body: dict[str, Any], send: Callable[[dict[str, Any]], Any]
@@ -197,6 +223,14 @@ class ModelClient:
         )
         values = quirks.parse_logprobs(self.endpoint, completion.model_dump())
         return canonical_json({"logprobs": values, "prompt_tokens": len(values), "completion_tokens": 0})
+
+    async def _send_reward(self, body: dict[str, Any]) -> str:
+        api = body["api"]
+        payload = {"model": self.endpoint.model, **{k: v for k, v in body.items() if k != "api"}}
+        # a raw POST on the SDK's client, so retries, backoff, Retry-After and timeouts are the SDK's;
+        # an absolute URL is used as is (the pooling paths are not under base_url's /v1)
+        response = await self._client.post(quirks.reward_url(self.endpoint.base_url, api), cast_to=object, body=payload)
+        return canonical_json(quirks.compact_reward_response(api, response))
 
     def _record(
         self, cid: str, kind: str, request: str, status: str, response: str | None, error: str | None, latency: float

@@ -4,6 +4,8 @@
   extension, turned into a grammar); OpenAI and vLLM take `{"type": "json_schema", "json_schema": ...}`.
 - llama-cpp-python ignores `n > 1` and serves one request at a time: generation sends one request per
   sample, and local endpoints default to one request in flight (a second one waiting slows it down).
+- Reward models are scored through vLLM's `/pooling` and `/classify`, which live at the server root,
+  not under `/v1` (see the reward section below).
 """
 
 from __future__ import annotations
@@ -66,3 +68,81 @@ def parse_logprobs(endpoint: Endpoint, payload: dict[str, Any]) -> list[float | 
     generated = int((payload.get("usage") or {}).get("completion_tokens") or 0)
     prompt_part = raw[: len(raw) - generated] if generated else raw
     return [None, *(None if v is None else float(v) for v in prompt_part[1:])]
+
+
+# ---- reward models (vLLM's pooling APIs) -----------------------------------------------------------
+# vLLM serves `/pooling` and `/classify` at the server root, not under `/v1`: a base_url ending in `/v1`
+# (the convention for every other endpoint here) has that suffix dropped. Requests are chat-style
+# (`messages`: the prompt's turns, then the response as the assistant turn); the server applies the model's
+# chat template without a generation prompt. Responses (vLLM's PoolingResponse / ClassificationResponse):
+#   /pooling:  {"data": [{"index": 0, "object": "pooling", "data": <list[float] | list[list[float]]>}], ...}
+#              a 1-D list is a sequence-wise output (task classify: one value per label); a 2-D list is a
+#              token-wise output (task token_classify: one row of per-label values per token). The reward is
+#              value[label_index] of the sequence, or of the last token's row. We send use_activation=false
+#              so the values are the model's raw outputs (a one-label classifier would otherwise be sigmoided).
+#   /classify: {"data": [{"index": 0, "label": "...", "probs": [...], "num_classes": n}], ...}
+#              the reward is probs[label_index] (the server's softmax, or sigmoid for one label).
+REWARD_APIS = ("pooling", "classify")
+
+
+def reward_request(api: str, messages: list[dict[str, str]]) -> dict[str, Any]:
+    """The request body for `api`; its `api` key picks the path and is not sent (the model name is added)."""
+    extra = {"use_activation": False} if api == "pooling" else {}
+    return {"api": api, "messages": messages, **extra}
+
+
+def reward_url(base_url: str, api: str) -> str:
+    """The absolute URL of `api`: at the server root, so a trailing `/v1` of base_url is dropped."""
+    root = base_url.rstrip("/")
+    return f"{root.removesuffix('/v1')}/{api}"
+
+
+def compact_reward_response(api: str, payload: Any) -> dict[str, Any]:
+    """What is kept of a response: its first item (a token-wise output cut to its last row) and the usage.
+
+    Raises ValueError, saying what is wrong, when the shape is not the documented one.
+    """
+    item = _first_item(api, payload)
+    if api == "pooling" and _is_matrix(item["data"]):
+        item = {**item, "data": item["data"][-1:]}
+    usage = payload.get("usage") or {}
+    return {"data": [item], "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": 0}
+
+
+def parse_reward(api: str, payload: Any, label_index: int) -> float:
+    """The reward in a `/pooling` or `/classify` response (or its compact form); ValueError if unreadable."""
+    item = _first_item(api, payload)
+    values = item["probs"] if api == "classify" else item["data"]
+    if _is_matrix(values):
+        values = values[-1]  # token-wise: the last token's row
+    if not label_index < len(values):
+        raise ValueError(f"label_index {label_index} is out of range: the model returned {len(values)} value(s)")
+    return float(values[label_index])
+
+
+def _first_item(api: str, payload: Any) -> dict[str, Any]:
+    if api not in REWARD_APIS:
+        raise ValueError(f"unknown reward api {api!r}")
+    items = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(items, list) or not items or not isinstance(items[0], dict):
+        raise ValueError(f"expected a JSON object with a non-empty `data` list from /{api}")
+    item = items[0]
+    key = "probs" if api == "classify" else "data"
+    values = item.get(key)
+    if isinstance(values, str):
+        raise ValueError(f"`data[0].{key}` is a base64 string; the server must answer with encoding_format float")
+    if not (_is_vector(values) or (api == "pooling" and _is_matrix(values) and all(map(_is_vector, values)))):
+        raise ValueError(f"`data[0].{key}` is not a non-empty list of numbers (or, for /pooling, of such lists)")
+    return item
+
+
+def _is_vector(values: Any) -> bool:
+    return (
+        isinstance(values, list)
+        and bool(values)
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    )
+
+
+def _is_matrix(values: Any) -> bool:
+    return isinstance(values, list) and bool(values) and isinstance(values[0], list)

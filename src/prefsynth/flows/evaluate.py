@@ -1,14 +1,17 @@
 """Evaluate scorers against human-labelled pairs: how often does each pick the labelled-better reply?
 
 The CDR paper chose its model pair by measuring many pairs this way; `prefsynth eval` does the same for
-any scorer of a config (CDR pairs, judges), side by side, into the warehouse and as a report. Model calls
-and log-probs go through the same caches as the pipeline, so a rerun makes no new requests.
+any scorer of a config (CDR pairs, judges, reward models), side by side, into the warehouse and as a
+report. A pointwise scorer scores both replies; a pairwise judge compares them, always in both orders so
+that its position consistency is measured even when its verdict uses one order. Model calls and log-probs
+go through the same caches as the pipeline, so a rerun makes no new requests.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +24,43 @@ from prefsynth.flows.progress import StageProgress
 from prefsynth.flows.synthesize import check_endpoints, chunks
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import StageResult
+from prefsynth.tasks.compare import comparison_id
+from prefsynth.tasks.diagnostics import position_stats
 from prefsynth.tasks.labelled import LabelledPair, accuracy_report, load_labelled
 from prefsynth.tasks.score import score_chunk
-from prefsynth.tasks.scorers import PointwiseScorer, ScoreItem, build_scorer
+from prefsynth.tasks.scorers import PairItem, PairwiseScorer, ScoreItem, Scorer, build_scorer
 from prefsynth.warehouse.ids import content_id, prompt_id, score_id
 from prefsynth.warehouse.store import Store, frame
 
+REPORT_COLUMNS = ("scorer", "n", "accuracy", "ties", "failed", "position_consistency", "model_calls")
 
-def eval_items(pairs: list[LabelledPair], scorer: PointwiseScorer) -> list[ScoreItem]:
-    """Two items per labelled pair: the better reply and the worse one."""
-    items = []
-    for pair in pairs:
-        pid = prompt_id([m.model_dump() for m in pair.prompt])
-        for side, text in (("better", pair.better), ("worse", pair.worse)):
-            rid = content_id("labelled-response", pair.pair_key, side)
-            items.append(ScoreItem(score_id(rid, scorer.scorer_id), rid, pid, pair.prompt, text))
-    return items
+
+def _rid(pair: LabelledPair, side: str) -> str:
+    return content_id("labelled-response", pair.pair_key, side)
+
+
+def _pid(pair: LabelledPair) -> str:
+    return prompt_id([m.model_dump() for m in pair.prompt])
+
+
+def eval_items(pairs: list[LabelledPair], scorer: Scorer) -> list[ScoreItem] | list[PairItem]:
+    """Pointwise: two items per pair (better, worse). Pairwise: one comparison per pair, in the file's order."""
+    if isinstance(scorer, PairwiseScorer):
+        items = []
+        for pair in pairs:
+            better, worse = (_rid(pair, "better"), pair.better), (_rid(pair, "worse"), pair.worse)
+            a, b = (better, worse) if pair.better_first else (worse, better)
+            items.append(PairItem(comparison_id(scorer.scorer_id, a[0], b[0]), _pid(pair), pair.prompt, a, b, True))
+        return items
+    return [ScoreItem(score_id(_rid(pair, side), scorer.scorer_id), _rid(pair, side), _pid(pair), pair.prompt, text)
+            for pair in pairs for side, text in (("better", pair.better), ("worse", pair.worse))]  # fmt: skip
 
 
 @flow(name="prefsynth-evaluate")
 def evaluate(
     config: PipelineConfig, data: str, fmt: str, limit: int | None = None, db: str | None = None
 ) -> dict[str, Any]:
-    """Score both replies of every labelled pair with each scorer of `config`; report accuracy and ties."""
+    """Score every labelled pair with each scorer of `config`; report accuracy, ties and position consistency."""
     logger = get_run_logger()
     pairs = load_labelled(data, fmt, limit)
     logger.info(f"eval: {len(pairs)} labelled pairs from {data}")
@@ -58,19 +75,7 @@ def evaluate(
         with Store(db or config.warehouse) as store:
             for scorer in scorers:
                 store.register_scorer(scorer.scorer_id, scorer.name, scorer.kind, scorer.config_json)
-                values, errors, calls = _score_all(store, eval_id, scorer, eval_items(pairs, scorer), config.chunk_size)
-                rows, items = [], []
-                for pair in pairs:
-                    better, worse = (values.get(content_id("labelled-response", pair.pair_key, s)) for s in
-                                     ("better", "worse"))  # fmt: skip
-                    error = errors.get(content_id("labelled-response", pair.pair_key, "better")) or errors.get(
-                        content_id("labelled-response", pair.pair_key, "worse"))
-                    rows.append((pair.subset, better, worse))
-                    items.append({"eval_id": eval_id, "scorer_id": scorer.scorer_id, "pair_key": pair.pair_key,
-                                  "subset": pair.subset, "source_ref": pair.source_ref, "score_better": better,
-                                  "score_worse": worse, "error": error})  # fmt: skip
-                report = {"scorer": scorer.name, "scorer_id": scorer.scorer_id, **accuracy_report(rows),
-                          "model_calls": calls}  # fmt: skip
+                report, items = _evaluate_scorer(store, eval_id, scorer, pairs, config.chunk_size)
                 store.write_eval(
                     eval_id,
                     {"scorer_id": scorer.scorer_id, "scorer": scorer.name, "data": str(Path(data)), "format": fmt,
@@ -79,44 +84,98 @@ def evaluate(
                     frame("eval_items", items),
                 )  # fmt: skip
                 reports[scorer.name] = report
+                consistency = report.get("position_consistency")
+                swap = f", position consistency {consistency:.4f}" if consistency is not None else ""
                 logger.info(f"eval[{scorer.name}]: accuracy {report['accuracy']:.4f} on {report['n']} pairs, "
-                            f"{report['ties']} ties, {report['failed']} failed, {calls} new model calls")  # fmt: skip
+                            f"{report['ties']} ties, {report['failed']} failed, "
+                            f"{report['model_calls']} new model calls{swap}")  # fmt: skip
     create_table_artifact(
         key="prefsynth-eval",
-        table=[{k: r[k] for k in ("scorer", "n", "accuracy", "ties", "failed", "model_calls")}
-               for r in reports.values()],  # fmt: skip
+        table=[{k: r.get(k) for k in REPORT_COLUMNS} for r in reports.values()],
         description=f"eval {eval_id} on {data} ({fmt})",
     )
     return {"eval_id": eval_id, "data": data, "format": fmt, "pairs": len(pairs), "scorers": reports}
 
 
-def _score_all(
-    store: Store, eval_id: str, scorer: PointwiseScorer, items: list[ScoreItem], chunk_size: int
-) -> tuple[dict[str, float], dict[str, str], int]:
-    """{response_id: value}, {response_id: error} and the number of new model calls."""
+def _evaluate_scorer(
+    store: Store, eval_id: str, scorer: Scorer, pairs: list[LabelledPair], chunk_size: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The scorer's report and one eval_items row per labelled pair."""
+    items = eval_items(pairs, scorer)
+    result = _score_all(store, eval_id, scorer, items, chunk_size)
+    errors = {f.item_id: f.error for f in result.failures}
+    rows = []
+    if isinstance(scorer, PairwiseScorer):
+        comps = {c.comparison_id: c for c in result.comparisons}
+        for pair, item in zip(pairs, items, strict=True):
+            assert isinstance(item, PairItem)
+            c = comps.get(item.comparison_id)
+            better = None if c is None else 0.5 if c.winner is None else c.score_a  # a dropped flip: a tie
+            if better is not None and not pair.better_first:
+                better = 1 - better
+            rows.append(_row(eval_id, scorer, pair, better, None if better is None else 1 - better,
+                             errors.get(item.comparison_id), None if c is None else c.consistent))  # fmt: skip
+    else:
+        values = {s.score_id: s.value for s in result.scores}
+        for pair in pairs:
+            ids = [score_id(_rid(pair, side), scorer.scorer_id) for side in ("better", "worse")]
+            error = errors.get(ids[0]) or errors.get(ids[1])
+            rows.append(_row(eval_id, scorer, pair, values.get(ids[0]), values.get(ids[1]), error, None))
+    report = {"scorer": scorer.name, "scorer_id": scorer.scorer_id,
+              **accuracy_report([(r["subset"], r["score_better"], r["score_worse"]) for r in rows]),
+              "model_calls": len(result.calls)}  # fmt: skip
+    if isinstance(scorer, PairwiseScorer):
+        report.update(_pairwise_report(scorer, result))
+    return report, rows
+
+
+def _row(
+    eval_id: str, scorer: Scorer, pair: LabelledPair, better: float | None, worse: float | None, error: str | None,
+    consistent: bool | None,
+) -> dict[str, Any]:  # fmt: skip
+    return {"eval_id": eval_id, "scorer_id": scorer.scorer_id, "pair_key": pair.pair_key, "subset": pair.subset,
+            "source_ref": pair.source_ref, "score_better": better, "score_worse": worse, "error": error,
+            "consistent": consistent}  # fmt: skip
+
+
+def _pairwise_report(scorer: PairwiseScorer, result: StageResult) -> dict[str, Any]:
+    """Position bias and cost of a pairwise judge on the labelled pairs."""
+    comparisons = frame("comparisons", result.comparisons)
+    verdicts = frame("judgments", result.judgments)
+    used = verdicts.filter(pl.col("order").is_in(list(scorer.orders)))
+    tokens = used.select(pl.col("prompt_tokens").fill_null(0) + pl.col("completion_tokens").fill_null(0)).sum().item()
+    return {
+        **position_stats(comparisons, verdicts),
+        "flipped": int(comparisons["flipped"].sum()),
+        "dropped": int(comparisons["winner"].is_null().sum()),
+        "repaired": int(verdicts["repaired"].sum()),
+        "calls_per_pair": scorer.calls_per_comparison,
+        "tokens_per_pair": round(tokens / len(comparisons), 1) if len(comparisons) else None,
+    }
+
+
+def _score_all(store: Store, eval_id: str, scorer: Scorer, items: list[Any], chunk_size: int) -> StageResult:
+    """Score every item, writing calls, failures and judgments per chunk; returns what was scored."""
     logger = get_run_logger()
     progress = StageProgress(f"eval[{scorer.name}]", len(items))
-    values: dict[str, float] = {}
-    errors: dict[str, str] = {}
-    calls = 0
-    by_score = {i.score_id: i.response_id for i in items}
+    total = StageResult()
+    done: Callable[[int], None] = progress.advance
     for chunk in chunks(items, chunk_size):
-        result = score_chunk(scorer, chunk, store, progress.advance)
-        values.update({s.response_id: s.value for s in result.scores})
-        errors.update({by_score[f.item_id]: f.error for f in result.failures})
+        result = score_chunk(scorer, chunk, store, done)
         # scores of labelled replies are kept in eval_items, not in the pipeline's scores table
-        written = store.write(eval_id, StageResult(calls=result.calls, failures=result.failures,
-                                                   logprobs=result.logprobs, routes=result.routes))  # fmt: skip
-        calls += written["model_calls"]
+        store.write(eval_id, result.model_copy(update={"scores": []}))
+        for key in ("calls", "scores", "failures", "judgments", "comparisons"):
+            getattr(total, key).extend(getattr(result, key))
         logger.info(progress.line())
-    return values, errors, calls
+    return total
 
 
 def summary_frame(result: dict[str, Any]) -> pl.DataFrame:
-    """One row per scorer: n, accuracy, ties, failed, then accuracy per subset."""
+    """One row per scorer: n, accuracy, ties, failed, position consistency, then accuracy per subset."""
     rows = []
     for name, r in result["scorers"].items():
-        row = {"scorer": name, "n": r["n"], "accuracy": r["accuracy"], "ties": r["ties"], "failed": r["failed"]}
+        row = {"scorer": name, "n": r["n"], "accuracy": r["accuracy"], "ties": r["ties"], "failed": r["failed"],
+               "position_consistency": r.get("position_consistency")}  # fmt: skip
         row.update({f"acc[{k}]": v["accuracy"] for k, v in r["by_subset"].items()})
         rows.append(row)
     return pl.DataFrame(rows)

@@ -10,9 +10,11 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import polars as pl
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
@@ -23,12 +25,15 @@ from prefsynth.flows.progress import StageProgress
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import Message, Prompt, RunSummary, StageCounts, StageResult
 from prefsynth.tasks._async import run_async
+from prefsynth.tasks.compare import comparison_scores, plan_comparisons
 from prefsynth.tasks.curate import curate
+from prefsynth.tasks.diagnostics import diagnostics
 from prefsynth.tasks.export import export
 from prefsynth.tasks.generate import generate_chunk, plan_generation
 from prefsynth.tasks.ingest import ingest
+from prefsynth.tasks.panel import panel_id, run_panel
 from prefsynth.tasks.score import score_chunk
-from prefsynth.tasks.scorers import PointwiseScorer, ScoreItem, build_scorer
+from prefsynth.tasks.scorers import PairwiseScorer, ScoreItem, Scorer, build_scorer
 from prefsynth.warehouse.ids import canonical_json, score_id
 from prefsynth.warehouse.store import Store
 
@@ -57,7 +62,7 @@ def run_stage(
     for chunk in chunks(todo, chunk_size):
         result = work(chunk, progress.advance)
         written = store.write(run_id, result)
-        counts.new += written["responses"] + written["scores"]
+        counts.new += written["responses"] + written["scores"] + written["comparisons"]
         counts.failed += len(result.failures)
         counts.model_calls += written["model_calls"]
         logger.info(progress.line() + (f", {counts.failed} failed" if counts.failed else ""))
@@ -94,12 +99,39 @@ def generate_stage(
     return _merge("generate", parts)
 
 
+@dataclass
+class Scored:
+    """One scorer's stage in a run: its counts, and the values of this run's responses that it has."""
+
+    counts: StageCounts
+    items: int
+    values: pl.DataFrame  # prompt_id, response_id, value
+    comparisons: pl.DataFrame | None = None  # pairwise scorers
+
+
 def score_stage(
-    store: Store, run_id: str, config: PipelineConfig, scorer: PointwiseScorer, prompt_ids: list[str],
-    policies: list[Endpoint],
-) -> StageCounts:  # fmt: skip
+    store: Store, run_id: str, config: PipelineConfig, scorer: Scorer, responses: pl.DataFrame
+) -> Scored:
     store.register_scorer(scorer.scorer_id, scorer.name, scorer.kind, scorer.config_json)
-    responses = store.responses_for(prompt_ids, [ep.identity for ep in policies])
+    stage = f"score[{scorer.name}]"
+
+    def work(chunk: list[Any], done: Callable[[int], None]) -> StageResult:
+        return score_chunk(scorer, chunk, store, done)
+
+    if isinstance(scorer, PairwiseScorer):
+        pairs = plan_comparisons(responses, scorer.scorer_id)
+        have = store.existing_ids("comparisons", [i.comparison_id for i in pairs])
+        todo = [i for i in pairs if i.comparison_id not in have]
+        counts = run_stage(stage, todo, len(pairs), config.chunk_size, work, store, run_id)
+        comparisons = store.comparisons_by_ids([i.comparison_id for i in pairs])
+        scores = comparison_scores(pairs, comparisons, scorer.scorer_id, scorer.name)
+        store.write(run_id, StageResult(scores=scores))
+        prompt_of = dict(zip(responses["response_id"], responses["prompt_id"], strict=True))
+        values = pl.DataFrame(
+            [{"prompt_id": prompt_of[s.response_id], "response_id": s.response_id, "value": s.value} for s in scores],
+            schema={"prompt_id": pl.String, "response_id": pl.String, "value": pl.Float64},
+        )
+        return Scored(counts, len(pairs), values, comparisons)
     messages = {pid: [Message(**m) for m in json.loads(raw)]
                 for pid, raw in zip(responses["prompt_id"], responses["messages"], strict=True)}  # fmt: skip
     items = [
@@ -108,11 +140,8 @@ def score_stage(
     ]
     have = store.existing_ids("scores", [i.score_id for i in items])
     todo = [i for i in items if i.score_id not in have]
-    return run_stage(
-        f"score[{scorer.name}]", todo, len(items), config.chunk_size,
-        lambda chunk, done: score_chunk(scorer, chunk, store, done),
-        store, run_id,
-    )  # fmt: skip
+    counts = run_stage(stage, todo, len(items), config.chunk_size, work, store, run_id)
+    return Scored(counts, len(items), store.scores_by_ids([i.score_id for i in items]))
 
 
 @flow(name="prefsynth-synthesize")
@@ -154,7 +183,7 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
 
 def _run(
     store: Store, config: PipelineConfig, prompts: list[Prompt], policies: list[Endpoint],
-    scorers: list[PointwiseScorer], summary: RunSummary,
+    scorers: list[Scorer], summary: RunSummary,
 ) -> None:  # fmt: skip
     logger = get_run_logger()
     run_id = summary.run_id
@@ -163,16 +192,24 @@ def _run(
                                       reused=len(prompts) - new_prompts))  # fmt: skip
     summary.stages.append(generate_stage(store, run_id, config, prompts, policies))
     prompt_ids = [p.prompt_id for p in prompts]
+    responses = store.responses_for(prompt_ids, [ep.identity for ep in policies])
+    scored: dict[str, Scored] = {}
     for scorer in scorers:
-        summary.stages.append(score_stage(store, run_id, config, scorer, prompt_ids, policies))
+        scored[scorer.name] = score_stage(store, run_id, config, scorer, responses)
+        summary.stages.append(scored[scorer.name].counts)
+    values = {name: s.values for name, s in scored.items()}
+    ids = {s.name: s.scorer_id for s in scorers}
+    if config.panel is not None:
+        ids[config.panel.name], values[config.panel.name] = panel_stage(store, run_id, config, ids, values)
+    diagnose(store, run_id, scorers, scored, responses)
 
-    judge = next(s for s in scorers if s.name == config.curation_scorer.name)
-    scores = store.scores_for(judge.scorer_id, prompt_ids, [ep.identity for ep in policies])
-    pairs = curate(scores, judge.scorer_id, config.curation)
+    name = config.curation_scorer_name
+    agree = {ids[n]: values[n] for n in config.curation.require_agreement}
+    pairs = curate(values[name], ids[name], config.curation, agree)
     new_pairs = store.write_pairs(run_id, pairs)
     summary.pairs = len(pairs)
     summary.stages.append(StageCounts(stage="curate", total=len(pairs), new=new_pairs, reused=len(pairs) - new_pairs))
-    logger.info(f"curate: {len(pairs)} pairs from {scores['prompt_id'].n_unique()} scored prompts")
+    logger.info(f"curate: {len(pairs)} pairs from {values[name]['prompt_id'].n_unique()} scored prompts")
 
     for target in config.export:
         _, rows = store.export_rows(run_id)
@@ -180,6 +217,45 @@ def _run(
         store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), done.n_pairs)
         summary.exports.append(str(done.path))
         logger.info(f"export: {done.n_pairs} pairs -> {done.path}")
+
+
+def panel_stage(
+    store: Store, run_id: str, config: PipelineConfig, ids: dict[str, str], values: dict[str, pl.DataFrame]
+) -> tuple[str, pl.DataFrame]:
+    """Aggregate the panel's members and store their agreement; returns the panel's id and values."""
+    assert config.panel is not None
+    members = config.panel_members
+    pid = panel_id([ids[m] for m in members], config.panel.aggregate)
+    store.register_scorer(pid, config.panel.name, "panel",
+                          canonical_json({"members": sorted(ids[m] for m in members),
+                                          "aggregate": config.panel.aggregate}))  # fmt: skip
+    scores, agreement, summary = run_panel({m: values[m] for m in members}, pid, config.panel.aggregate)
+    store.write_panel(run_id, {**summary, "name": config.panel.name, "aggregate": config.panel.aggregate},
+                      scores, agreement)  # fmt: skip
+    alpha, tau = summary["alpha"], summary["mean_tau"]
+    get_run_logger().info(
+        f"panel[{config.panel.name}]: {summary['prompts']} prompts scored by all of {', '.join(members)}; "
+        f"Krippendorff alpha {'n/a' if alpha is None else f'{alpha:.3f}'}, "
+        f"mean Kendall tau {'n/a' if tau is None else f'{tau:.3f}'}"
+    )
+    return pid, scores.select("prompt_id", "response_id", "value")
+
+
+def diagnose(
+    store: Store, run_id: str, scorers: list[Scorer], scored: dict[str, Scored], responses: pl.DataFrame
+) -> None:
+    """Store (and log) each scorer's failure rate, length bias and position bias for this run."""
+    lengths = store.response_lengths(responses["response_id"].to_list())
+    rows = []
+    for scorer in scorers:
+        s = scored[scorer.name]
+        comps = s.comparisons
+        verdicts = store.verdicts_by_comparison(comps["comparison_id"].to_list()) if comps is not None else None
+        results = len(comps) if comps is not None else len(s.values)
+        rows.append(diagnostics(scorer.scorer_id, scorer.name, s.items, results, s.values, lengths, comps, verdicts))
+        get_run_logger().info(f"diagnostics[{scorer.name}]: " + ", ".join(
+            f"{k} {v}" for k, v in rows[-1].items() if k not in ("scorer_id", "scorer") and v is not None))
+    store.write_diagnostics(run_id, rows)
 
 
 def check_endpoints(endpoints: list[Endpoint]) -> None:

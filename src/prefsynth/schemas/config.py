@@ -142,8 +142,28 @@ DEFAULT_RUBRIC = (
 )
 
 
+class Aspect(_Strict):
+    """One rated aspect of a multi-aspect rubric (UltraFeedback style)."""
+
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$", description="Key in the judge's JSON, e.g. honesty.")
+    description: str = Field(..., min_length=1, description="What the judge rates under this aspect.")
+    weight: float = Field(1.0, gt=0, description="Weight in the overall score.")
+
+
+ULTRAFEEDBACK_ASPECTS = (
+    Aspect(name="instruction_following", description="Does the response do what the user asked, fully and only that?"),
+    Aspect(name="honesty", description="Is it candid about uncertainty, without confident claims it cannot back?"),
+    Aspect(name="truthfulness", description="Is it free of factual errors and made-up content?"),
+    Aspect(name="helpfulness", description="Is it correct, informative and useful for the user's purpose?"),
+)
+
+
 class PointwiseJudgeSpec(_Strict):
-    """An LLM rates each response on a scale, with a short rationale, answering in JSON."""
+    """An LLM rates each response on a scale, with a short rationale, answering in JSON.
+
+    With `aspects`, it rates each aspect on the scale and the score is their weighted mean (`overall: mean`)
+    or their minimum (`overall: min`); the aspect ratings are kept in the score's details.
+    """
 
     kind: Literal["pointwise_judge"] = "pointwise_judge"
     name: str = "judge"
@@ -155,14 +175,27 @@ class PointwiseJudgeSpec(_Strict):
     temperature: float = Field(0.0, ge=0, le=2)
     seed: int = 0
     structured_output: bool = Field(True, description="Ask the server to constrain output to the JSON schema.")
+    aspects: list[Aspect] | Literal["ultrafeedback"] | None = Field(
+        None, description="Rate these aspects (or the four UltraFeedback ones) instead of one overall score."
+    )
+    overall: Literal["mean", "min"] = Field("mean", description="Score from aspect ratings: weighted mean or min.")
 
     def models(self) -> list[ModelSpec]:
         return [self.model]
+
+    @property
+    def aspect_list(self) -> list[Aspect]:
+        return list(ULTRAFEEDBACK_ASPECTS) if self.aspects == "ultrafeedback" else list(self.aspects or [])
 
     @model_validator(mode="after")
     def _scale(self) -> PointwiseJudgeSpec:
         if self.scale_max <= self.scale_min:
             raise ValueError("`scale_max` must be greater than `scale_min`")
+        names = [a.name for a in self.aspect_list]
+        if len(set(names)) != len(names) or {"rationale", "score"} & set(names):
+            raise ValueError(f"aspect names must be distinct and not `rationale` or `score`: {names}")
+        if self.aspects == []:
+            raise ValueError("`aspects` is empty; leave it out for a single overall score")
         return self
 
 
@@ -204,14 +237,104 @@ class CDRSpec(_Strict):
         return [self.strong, self.weak, *([router] if router else [])]
 
 
-ScorerSpec = Annotated[PointwiseJudgeSpec | CDRSpec, Field(discriminator="kind")]
-SCORER_KINDS = ("pointwise_judge", "cdr")
+DEFAULT_CRITERIA = (
+    "Which response better follows the user's instruction? Prefer the response that is correct, honest and "
+    "helpful and does exactly what was asked; do not let the order of the responses, their length or their "
+    "style influence you."
+)
+
+
+class PairwiseJudgeSpec(_Strict):
+    """An LLM compares two responses to one prompt: verdict A, B or tie, with a rationale.
+
+    Balanced Position Calibration judges both orders; Multiple Evidence Calibration samples k judgments per
+    order; all judgments of a comparison are averaged ("Large Language Models are not Fair Evaluators").
+    """
+
+    kind: Literal["pairwise_judge"] = "pairwise_judge"
+    name: str = "pairwise"
+    model: ModelSpec
+    style: Literal["json", "answer_tag"] = Field(
+        "json", description="json: a JSON verdict; answer_tag: free reasoning ending in <answer>A</answer>."
+    )
+    criteria: str = DEFAULT_CRITERIA
+    allow_tie: bool = Field(True, description="Let the judge answer `tie`.")
+    balanced_position: bool = Field(True, description="Judge both orders (A/B and B/A) and combine them.")
+    on_flip: Literal["tie", "drop", "mean"] = Field(
+        "tie",
+        description="A comparison whose verdict reverses with the order: a tie, dropped (no winner), or decided "
+        "by the mean of all judgments (useful with samples_per_order > 1).",
+    )
+    samples_per_order: int = Field(1, ge=1, le=16, description="Judgments sampled per order (k), averaged.")
+    max_tokens: int = Field(256, ge=16, le=8192)
+    temperature: float = Field(0.0, ge=0, le=2)
+    seed: int = 0
+    structured_output: bool = Field(True, description="json style: constrain output to the JSON schema.")
+
+    def models(self) -> list[ModelSpec]:
+        return [self.model]
+
+    @model_validator(mode="after")
+    def _sampling(self) -> PairwiseJudgeSpec:
+        if self.samples_per_order > 1 and self.temperature == 0:
+            raise ValueError("`samples_per_order` > 1 needs `temperature` > 0 (greedy samples are all the same)")
+        return self
+
+
+class RewardModelSpec(_Strict):
+    """A reward model: one scalar per (prompt, response), from an HTTP server or loaded in-process.
+
+    `model` is an endpoint that scores (vLLM's pooling API: `api: pooling` for reward models, `classify`
+    for sequence classifiers); `path` is a local Hugging Face folder loaded with transformers (extra
+    `prefsynth[transformers]`). Nothing is downloaded.
+    """
+
+    kind: Literal["reward_model"] = "reward_model"
+    name: str = "reward"
+    model: ModelSpec | None = Field(None, description="HTTP endpoint serving the reward model (base_url + model).")
+    api: Literal["pooling", "classify"] = Field("pooling", description="Which vLLM scoring API the endpoint has.")
+    path: str | None = Field(None, description="Local folder of a transformers sequence-classification model.")
+    label_index: int = Field(0, ge=0, description="Output used as the reward when the model has several labels.")
+    max_length: int = Field(2048, ge=16, description="In-process: truncate inputs to this many tokens.")
+    batch_size: int = Field(8, ge=1, le=1024, description="In-process: responses per forward pass.")
+
+    def models(self) -> list[ModelSpec]:
+        return [self.model] if self.model else []
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardModelSpec:
+        if (self.model is None) == (self.path is None):
+            raise ValueError("give exactly one of `model` (an HTTP endpoint) or `path` (a local model folder)")
+        if self.model is not None and self.model.is_local:
+            raise ValueError("a reward-model endpoint needs `base_url` + `model`; GGUF files are not reward models")
+        return self
+
+
+ScorerSpec = Annotated[
+    PointwiseJudgeSpec | PairwiseJudgeSpec | CDRSpec | RewardModelSpec, Field(discriminator="kind")
+]
+SCORER_KINDS = ("pointwise_judge", "pairwise_judge", "cdr", "reward_model")
+
+
+class PanelSpec(_Strict):
+    """Several scorers on the same responses: an aggregate score plus their agreement per prompt."""
+
+    name: str = Field("panel", description="Name of the aggregate scorer (curation.scorer can use it).")
+    scorers: list[str] | None = Field(None, min_length=2, description="Member scorer names (default: all).")
+    aggregate: Literal["mean_normalized", "majority"] = Field(
+        "mean_normalized",
+        description="mean_normalized: mean of each member's z-scored values; majority: pairwise majority "
+        "votes between a prompt's responses, score = wins (Copeland).",
+    )
 
 
 class CurationSpec(_Strict):
     rule: Literal["best_vs_worst"] = "best_vs_worst"
     scorer: str | None = Field(None, description="Name of the scorer whose values rank responses (default: first).")
     min_margin: float = Field(1.0, ge=0, description="Pairs need chosen - rejected >= this (and > 0).")
+    require_agreement: list[str] = Field(
+        [], description="Scorers that must each score the chosen response strictly above the rejected one."
+    )
 
 
 class ExportTarget(_Strict):
@@ -227,6 +350,7 @@ class PipelineConfig(_Strict):
     curation: CurationSpec = CurationSpec()
     export: list[ExportTarget] = []
     warehouse: str = Field("prefsynth.duckdb", description="DuckDB file (relative to the current directory).")
+    panel: PanelSpec | None = Field(None, description="Aggregate several scorers and measure their agreement.")
     chunk_size: int = Field(32, ge=1, le=4096, description="Items per Prefect task run.")
     failures_fatal: bool = Field(False, description="Exit non-zero when any item failed.")
 
@@ -235,20 +359,42 @@ class PipelineConfig(_Strict):
         names = [s.name for s in self.scorers]
         if len(set(names)) != len(names):
             raise ValueError(f"scorer names must be distinct: {names}")
+        per_prompt = self.generation.samples_per_prompt * len(self.generation.models)
+        pairwise = [s.name for s in self.scorers if s.kind == "pairwise_judge"]
+        if pairwise and per_prompt < 2:
+            raise ValueError(f"pairwise judges ({', '.join(pairwise)}) compare responses to the same prompt: "
+                             "give at least 2 per prompt (samples_per_prompt x models)")  # fmt: skip
+        if self.panel is not None:
+            if self.panel.name in names:
+                raise ValueError(f"panel.name {self.panel.name!r} is also a scorer name")
+            missing = [n for n in self.panel.scorers or [] if n not in names]
+            if missing:
+                raise ValueError(f"panel.scorers {missing} are not scorer names; have {names}")
+            if self.panel.scorers is None and len(names) < 2:
+                raise ValueError("a panel needs at least two scorers")
+            names = [*names, self.panel.name]
         if self.curation.scorer is not None and self.curation.scorer not in names:
             raise ValueError(f"curation.scorer {self.curation.scorer!r} is not a scorer name; have {names}")
+        missing = [n for n in self.curation.require_agreement if n not in names]
+        if missing:
+            raise ValueError(f"curation.require_agreement {missing} are not scorer names; have {names}")
         return self
 
     @property
-    def curation_scorer(self) -> ScorerSpec:
-        wanted = self.curation.scorer or self.scorers[0].name
-        return next(s for s in self.scorers if s.name == wanted)
+    def curation_scorer_name(self) -> str:
+        return self.curation.scorer or self.scorers[0].name
+
+    @property
+    def panel_members(self) -> list[str]:
+        if self.panel is None:
+            return []
+        return list(self.panel.scorers or [s.name for s in self.scorers])
 
     def all_models(self) -> list[ModelSpec]:
         return [*self.generation.models, *(m for s in self.scorers for m in s.models())]
 
 
-_INPUT_KEYS = ("gguf", "domains_file", "exemplars_file")
+_INPUT_KEYS = ("gguf", "domains_file", "exemplars_file", "path")
 
 
 def _resolve_inputs(raw: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -96,6 +96,39 @@ class Route(BaseModel):
     call_id: str
 
 
+class Judgment(BaseModel):
+    """One pairwise judge call that parsed: the order shown, the verdict as given and what it means."""
+
+    judgment_id: str  # H(comparison_id, order, sample)
+    comparison_id: str
+    scorer_id: str
+    order: str  # "ab": response a shown first (as A); "ba": response b shown first
+    sample: int  # 0..k-1 (Multiple Evidence Calibration)
+    verdict: str  # as the judge answered: "A" | "B" | "tie" (positions)
+    preferred: str  # in the comparison's terms: "a" | "b" | "tie"
+    rationale: str | None
+    raw: str  # the judge's text (the repaired reply when a repair was needed)
+    repaired: bool
+    call_ids: list[str]
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+class Comparison(BaseModel):
+    """Two responses to one prompt judged by a pairwise scorer: all its judgments combined."""
+
+    comparison_id: str  # H(scorer_id, response a, response b)
+    scorer_id: str
+    prompt_id: str
+    response_a_id: str
+    response_b_id: str
+    winner: str | None  # "a" | "b" | "tie"; None: verdict flipped with the order and on_flip = drop
+    score_a: float  # a's share over the judgments used: win 1, tie 0.5, loss 0 (b's is 1 - score_a)
+    consistent: bool | None  # both orders judged: is the majority verdict the same? (None: one order)
+    flipped: bool  # the verdict reversed (a in one order, b in the other)
+    judgments: int  # judgments combined into the winner (diagnostic-only orders excluded)
+
+
 class Pair(BaseModel):
     pair_id: str
     prompt_id: str
@@ -117,6 +150,8 @@ class StageResult(BaseModel):
     failures: list[Failure] = []
     logprobs: list[LogprobRow] = []
     routes: list[Route] = []
+    judgments: list[Judgment] = []
+    comparisons: list[Comparison] = []
 
 
 class StageCounts(BaseModel):

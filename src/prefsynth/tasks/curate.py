@@ -3,6 +3,9 @@
 best_vs_worst: per prompt, the highest-scored response is chosen and the lowest rejected, when
 chosen - rejected >= min_margin and > 0. Ties break by the smaller response id (deterministic).
 Prompts with one scored response, or all scores equal, give no pair.
+
+require_agreement: a pair is kept only if each named scorer also scores the chosen response strictly above
+the rejected one (a scorer without a value for either response vetoes the pair).
 """
 
 from __future__ import annotations
@@ -18,13 +21,22 @@ PAIR_COLUMNS = ["pair_id", "prompt_id", "chosen_id", "rejected_id", "scorer_id",
                 "score_chosen", "score_rejected", "margin"]  # fmt: skip
 
 
-def rule_of(spec: CurationSpec, scorer_id: str) -> dict[str, object]:
-    return {"rule": spec.rule, "min_margin": spec.min_margin, "scorer_id": scorer_id}
+def rule_of(spec: CurationSpec, scorer_id: str, agree_ids: list[str] | None = None) -> dict[str, object]:
+    rule: dict[str, object] = {"rule": spec.rule, "min_margin": spec.min_margin, "scorer_id": scorer_id}
+    if agree_ids:  # only when used, so pairs curated without it keep their ids
+        rule["require_agreement"] = sorted(agree_ids)
+    return rule
 
 
-def best_vs_worst(scores: pl.DataFrame, scorer_id: str, spec: CurationSpec) -> pl.DataFrame:
-    """scores: prompt_id, response_id, value -> pairs (sorted by prompt_id)."""
-    rule = rule_of(spec, scorer_id)
+def best_vs_worst(
+    scores: pl.DataFrame, scorer_id: str, spec: CurationSpec, agree: dict[str, pl.DataFrame] | None = None
+) -> pl.DataFrame:
+    """scores: prompt_id, response_id, value -> pairs (sorted by prompt_id).
+
+    agree: {scorer_id: response_id, value} of the scorers that must agree on every pair.
+    """
+    agree = agree or {}
+    rule = rule_of(spec, scorer_id, list(agree))
     rule_json = canonical_json(rule)
     order = ["value", "response_id"]
     grouped = (
@@ -43,6 +55,15 @@ def best_vs_worst(scores: pl.DataFrame, scorer_id: str, spec: CurationSpec) -> p
         .sort("prompt_id")
         .collect()
     )
+    for other in agree.values():
+        vals = other.select("response_id", "value")
+        grouped = (
+            grouped.join(vals.rename({"response_id": "chosen_id", "value": "_c"}), on="chosen_id", how="left")
+            .join(vals.rename({"response_id": "rejected_id", "value": "_r"}), on="rejected_id", how="left")
+            .filter(pl.col("_c") > pl.col("_r"))
+            .drop("_c", "_r")
+            .sort("prompt_id")
+        )
     ids = [pair_id(c, r, rule) for c, r in zip(grouped["chosen_id"], grouped["rejected_id"], strict=True)]
     return grouped.with_columns(
         pair_id=pl.Series(ids, dtype=pl.String), scorer_id=pl.lit(scorer_id), rule=pl.lit(rule_json)
@@ -50,6 +71,8 @@ def best_vs_worst(scores: pl.DataFrame, scorer_id: str, spec: CurationSpec) -> p
 
 
 @task(name="curate", cache_policy=NO_CACHE)
-def curate(scores: pl.DataFrame, scorer_id: str, spec: CurationSpec) -> pl.DataFrame:
+def curate(
+    scores: pl.DataFrame, scorer_id: str, spec: CurationSpec, agree: dict[str, pl.DataFrame] | None = None
+) -> pl.DataFrame:
     """Prefect task: pairs for a run's scored responses."""
-    return best_vs_worst(scores, scorer_id, spec)
+    return best_vs_worst(scores, scorer_id, spec, agree)

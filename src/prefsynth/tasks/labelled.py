@@ -33,11 +33,16 @@ class LabelledPair:
     worse: str
     subset: str
     source_ref: str  # "file:line" or "file[index]"
+    better_first: bool  # shown first to a pairwise judge: the file's order (LLMBar), else by the key's parity
 
 
-def _pair(prompt: list[Message], better: str, worse: str, subset: str, source_ref: str) -> LabelledPair:
+def _pair(
+    prompt: list[Message], better: str, worse: str, subset: str, source_ref: str, better_first: bool | None = None
+) -> LabelledPair:
     key = content_id("labelled", [m.model_dump() for m in prompt], better, worse)
-    return LabelledPair(pair_key=key, prompt=prompt, better=better, worse=worse, subset=subset, source_ref=source_ref)
+    first = int(key, 16) % 2 == 0 if better_first is None else better_first
+    return LabelledPair(pair_key=key, prompt=prompt, better=better, worse=worse, subset=subset, source_ref=source_ref,
+                        better_first=first)  # fmt: skip
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, str, Any]]:
@@ -112,7 +117,7 @@ def _llmbar(path: Path) -> Iterator[LabelledPair | None]:
             if rec["label"] not in (1, 2):
                 raise InputError(f"{where}: 'label' must be 1 or 2, got {rec['label']!r}")
             better, worse = ("output_1", "output_2") if rec["label"] == 1 else ("output_2", "output_1")
-            yield _pair(_user_prompt(where, rec["input"]), rec[better], rec[worse], file.stem, ref)
+            yield _pair(_user_prompt(where, rec["input"]), rec[better], rec[worse], file.stem, ref, rec["label"] == 1)
 
 
 def _dialogue(prefix: str) -> list[Message] | None:
@@ -188,11 +193,13 @@ def load_labelled(path: str | Path, fmt: str, limit: int | None = None) -> list[
 def _counts(rows: list[tuple[float | None, float | None]]) -> dict[str, Any]:
     scored = [(b, w) for b, w in rows if b is not None and w is not None]
     correct = sum(b > w for b, w in scored)
+    ties = sum(b == w for b, w in scored)
     return {
         "n": len(scored),
         "correct": correct,
         "accuracy": round(correct / len(scored), 4) if scored else 0.0,
-        "ties": sum(b == w for b, w in scored),
+        "accuracy_ties_half": round((correct + ties / 2) / len(scored), 4) if scored else 0.0,
+        "ties": ties,
         "failed": len(rows) - len(scored),
     }
 
@@ -201,7 +208,8 @@ def accuracy_report(rows: list[tuple[str, float | None, float | None]]) -> dict:
     """rows: (subset, score_of_better, score_of_worse); None = the scorer failed on that side.
 
     A pair counts as correct only when the better response scores strictly higher (ties are wrong, as in
-    RewardBench); failed pairs are left out of `n` and `accuracy` and counted apart.
+    RewardBench); `accuracy_ties_half` counts a tie as half right (a calibrated judge's "don't know").
+    Failed pairs are left out of `n` and `accuracy` and counted apart.
     """
     by_subset: dict[str, list[tuple[float | None, float | None]]] = {}
     for subset, better, worse in rows:

@@ -1,10 +1,12 @@
-"""Score: run a scorer over a chunk of responses, calls made concurrently up to each endpoint's limit."""
+"""Score: run a scorer over a chunk of items (responses, or pairs of them), calls made concurrently up to each
+endpoint's limit."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -12,12 +14,12 @@ from prefect.cache_policies import NO_CACHE
 from prefsynth.backends.client import Cache, ModelClient
 from prefsynth.schemas.records import StageResult
 from prefsynth.tasks._async import run_async
-from prefsynth.tasks.scorers import PointwiseScorer, ScoreItem
+from prefsynth.tasks.scorers import Scorer
 
 
 async def score_items(
-    scorer: PointwiseScorer,
-    items: Sequence[ScoreItem],
+    scorer: Scorer,
+    items: Sequence[Any],
     cache: Cache | None = None,
     on_done: Callable[[int], None] | None = None,
 ) -> StageResult:
@@ -30,7 +32,7 @@ async def score_items(
         clients = {role: by_url[ep.base_url] for role, ep in scorer.endpoints.items()}
         result.routes.extend(await scorer.prepare(clients, items, cache))
 
-        async def one(item: ScoreItem) -> None:
+        async def one(item: Any) -> None:
             outcome = await scorer.score(clients, item)
             result.calls.extend(outcome.calls)
             result.logprobs.extend(outcome.logprobs)
@@ -38,13 +40,16 @@ async def score_items(
                 result.scores.append(outcome.score)
             if outcome.failure is not None:
                 result.failures.append(outcome.failure)
+            result.judgments.extend(outcome.judgments)
+            if outcome.comparison is not None:
+                result.comparisons.append(outcome.comparison)
             if on_done:
                 on_done(1)
 
         groups, window = scorer.schedule(items)
         in_flight = asyncio.Semaphore(window)
 
-        async def group(members: list[ScoreItem]) -> None:
+        async def group(members: list[Any]) -> None:
             async with in_flight:
                 await asyncio.gather(*(one(item) for item in members))
 
@@ -54,8 +59,8 @@ async def score_items(
 
 @task(name="score", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def score_chunk(
-    scorer: PointwiseScorer,
-    items: list[ScoreItem],
+    scorer: Scorer,
+    items: list[Any],
     cache: Cache | None = None,
     on_done: Callable[[int], None] | None = None,
 ) -> StageResult:

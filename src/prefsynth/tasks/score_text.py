@@ -58,6 +58,9 @@ def score_one(name_or_kind: str, prompt: str, response: str, config: Path | None
     spec = pick_scorer(name_or_kind, config)
     messages = [Message(role="user", content=prompt)]
     pid = prompt_id([m.model_dump() for m in messages])
+    if spec.kind == "pairwise_judge":
+        raise ConfigError(f"{spec.name!r} is a pairwise judge: it compares two replies; use `prefsynth eval` or a run")
     with LocalServers() as servers:
         scorer = build_scorer(spec, servers.endpoint)
+        assert isinstance(scorer, PointwiseScorer)
         return run_async(_score(scorer, ScoreItem("score-text", "score-text", pid, messages, response)))

@@ -51,6 +51,23 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
     "eval_items": {
         "eval_id": pl.String, "scorer_id": pl.String, "pair_key": pl.String, "subset": pl.String,
         "source_ref": pl.String, "score_better": pl.Float64, "score_worse": pl.Float64, "error": pl.String,
+        "consistent": pl.Boolean,
+    },
+    "judgments": {
+        "judgment_id": pl.String, "comparison_id": pl.String, "scorer_id": pl.String, "order": pl.String,
+        "sample": pl.Int32, "verdict": pl.String, "preferred": pl.String, "rationale": pl.String, "raw": pl.String,
+        "repaired": pl.Boolean, "call_ids": pl.List(pl.String), "prompt_tokens": pl.Int32,
+        "completion_tokens": pl.Int32,
+    },
+    "comparisons": {
+        "comparison_id": pl.String, "scorer_id": pl.String, "prompt_id": pl.String, "response_a_id": pl.String,
+        "response_b_id": pl.String, "winner": pl.String, "score_a": pl.Float64, "consistent": pl.Boolean,
+        "flipped": pl.Boolean, "judgments": pl.Int32,
+    },
+    "panel_scores": {"panel_id": pl.String, "prompt_id": pl.String, "response_id": pl.String, "value": pl.Float64},
+    "panel_agreement": {
+        "panel_id": pl.String, "prompt_id": pl.String, "scorer_a": pl.String, "scorer_b": pl.String,
+        "kendall_tau": pl.Float64, "alpha": pl.Float64,
     },
     "failures": {
         "stage": pl.String, "item_id": pl.String, "scorer_id": pl.String, "error": pl.String, "raw": pl.String,
@@ -62,9 +79,10 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 _KEYS = {"prompts": "prompt_id", "model_calls": "attempt_id", "responses": "response_id",
-         "scores": "score_id", "pairs": "pair_id", "logprobs": "lp_id", "prompt_routes": "route_id"}  # fmt: skip
-STATS_TABLES = ("runs", "prompts", "responses", "scores", "failures", "pairs", "dataset_snapshots", "logprobs",
-                "prompt_routes", "evals", "model_calls")
+         "scores": "score_id", "pairs": "pair_id", "logprobs": "lp_id", "prompt_routes": "route_id",
+         "judgments": "judgment_id", "comparisons": "comparison_id"}  # fmt: skip
+STATS_TABLES = ("runs", "prompts", "responses", "scores", "judgments", "comparisons", "failures", "pairs",
+                "dataset_snapshots", "logprobs", "prompt_routes", "evals", "model_calls")
 
 
 def frame(table: str, rows: Iterable[BaseModel | dict[str, Any]]) -> pl.DataFrame:
@@ -136,7 +154,7 @@ class Store:
         key = _KEYS.get(table)
         if key:
             df = df.unique(subset=key, keep="first", maintain_order=True)
-        cols = list(df.columns)
+        cols = [f'"{c}"' for c in df.columns]
         select = ", ".join(cols)
         if run_id is not None:
             df = df.with_columns(pl.lit(run_id).alias("run_id"))
@@ -196,8 +214,9 @@ class Store:
         if df.is_empty():
             return
         self.con.register("_links", df.unique().to_arrow())
+        cols = ", ".join(f'"{c}"' for c in df.columns)
         try:
-            self.con.execute(f"INSERT INTO {table} SELECT * FROM _links ON CONFLICT DO NOTHING")
+            self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _links ON CONFLICT DO NOTHING")
         finally:
             self.con.unregister("_links")
 
@@ -212,6 +231,8 @@ class Store:
                 "failures": self._insert("failures", frame("failures", result.failures), run_id),
                 "logprobs": self._insert("logprobs", frame("logprobs", result.logprobs), run_id),
                 "prompt_routes": self._insert("prompt_routes", frame("prompt_routes", result.routes), run_id),
+                "judgments": self._insert("judgments", frame("judgments", result.judgments), run_id),
+                "comparisons": self._insert("comparisons", frame("comparisons", result.comparisons), run_id),
             }
 
         return self._transaction(write)
@@ -268,6 +289,25 @@ class Store:
             finally:
                 cur.close()
 
+    def write_panel(self, run_id: str, summary: dict[str, Any], scores: pl.DataFrame, agreement: pl.DataFrame) -> None:
+        """One panel's run: its summary row, aggregate scores and agreement per prompt, in one transaction."""
+
+        def write() -> None:
+            self.con.execute(
+                "INSERT INTO panel_runs (run_id, panel_id, name, aggregate, members, prompts, alpha, mean_tau) "
+                "VALUES ($run_id, $panel_id, $name, $aggregate, $members, $prompts, $alpha, $mean_tau) "
+                "ON CONFLICT DO NOTHING",
+                {"run_id": run_id, **summary},
+            )
+            for table, df in (("panel_scores", scores), ("panel_agreement", agreement)):
+                self._insert_links(table, df.select(pl.lit(run_id).alias("run_id"), *df.columns))
+
+        self._transaction(write)
+
+    def write_diagnostics(self, run_id: str, rows: list[dict[str, Any]]) -> None:
+        df = pl.DataFrame(rows).select(pl.lit(run_id).alias("run_id"), pl.all()) if rows else pl.DataFrame()
+        self._transaction(lambda: self._insert_links("scorer_diagnostics", df))
+
     def write_eval(self, eval_id: str, rows: dict[str, Any], items: pl.DataFrame) -> None:
         """One scorer's evaluation: its summary row and every labelled pair's scores, in one transaction."""
 
@@ -297,13 +337,36 @@ class Store:
             [list(prompt_ids), list(model_identities)],
         )
 
-    def scores_for(self, scorer_id: str, prompt_ids: Sequence[str], model_identities: Sequence[str]) -> pl.DataFrame:
-        return self._query(
-            "SELECT r.prompt_id, s.response_id, s.value FROM scores s JOIN responses r USING (response_id) "
-            "WHERE s.scorer_id = $1 AND r.prompt_id IN (SELECT unnest($2)) "
-            "AND r.model_identity IN (SELECT unnest($3))",
-            [scorer_id, list(prompt_ids), list(model_identities)],
-        )
+    def scores_by_ids(self, score_ids: Sequence[str]) -> pl.DataFrame:
+        """prompt_id, response_id, value of these scores (those that exist)."""
+        return self._rows("SELECT r.prompt_id, s.response_id, s.value FROM scores s JOIN _ids ON s.score_id = _ids.id "
+                          "JOIN responses r USING (response_id)", score_ids,
+                          {"prompt_id": pl.String, "response_id": pl.String, "value": pl.Float64})  # fmt: skip
+
+    def comparisons_by_ids(self, comparison_ids: Sequence[str]) -> pl.DataFrame:
+        sql = "SELECT c.* EXCLUDE (run_id, created_at) FROM comparisons c JOIN _ids ON c.comparison_id = _ids.id"
+        return self._rows(sql, comparison_ids, _SCHEMAS["comparisons"])
+
+    def _rows(self, sql: str, ids: Sequence[str], schema: dict[str, Any]) -> pl.DataFrame:
+        with self._lock:
+            cur = self.con.cursor()
+            try:
+                cur.register("_ids", pl.DataFrame({"id": list(ids)}, schema={"id": pl.String}).to_arrow())
+                df = cur.execute(sql).pl()
+            finally:
+                cur.close()
+        return df.cast(schema) if len(df.columns) else pl.DataFrame(schema=schema)
+
+    def verdicts_by_comparison(self, comparison_ids: Sequence[str]) -> pl.DataFrame:
+        """comparison_id, order, verdict of every judgment of these comparisons."""
+        return self._rows('SELECT j.comparison_id, j."order", j.verdict FROM judgments j '
+                          "JOIN _ids ON j.comparison_id = _ids.id", comparison_ids,
+                          {"comparison_id": pl.String, "order": pl.String, "verdict": pl.String})  # fmt: skip
+
+    def response_lengths(self, response_ids: Sequence[str]) -> pl.DataFrame:
+        return self._rows("SELECT r.response_id, r.completion_tokens AS tokens FROM responses r "
+                          "JOIN _ids ON r.response_id = _ids.id", response_ids,
+                          {"response_id": pl.String, "tokens": pl.Int32})  # fmt: skip
 
     def export_rows(self, run_id: str | None = None) -> tuple[str | None, pl.DataFrame]:
         """Pairs of `run_id`, or of the newest completed run, joined with their texts."""
@@ -334,4 +397,13 @@ class Store:
             {"model": m, "kind": k, "calls": c, "errors": e, "prompt_tokens": pt, "completion_tokens": ct}
             for m, k, c, e, pt, ct in per_model
         ]
+        latest = ("SELECT * EXCLUDE (created_at, rn) FROM (SELECT *, row_number() OVER "
+                  "(PARTITION BY {key} ORDER BY created_at DESC, run_id) AS rn FROM {table}) WHERE rn = 1 "
+                  "ORDER BY {order}")  # fmt: skip
+        out["scorer_diagnostics"] = self._dicts(latest.format(key="scorer_id", table="scorer_diagnostics",
+                                                              order="scorer"))  # fmt: skip
+        out["panels"] = self._dicts(latest.format(key="panel_id", table="panel_runs", order="name"))
         return out
+
+    def _dicts(self, sql: str) -> list[dict[str, Any]]:
+        return self.con.execute(sql).pl().to_dicts()

@@ -1,9 +1,10 @@
 """The scorer interface every scoring backend plugs into.
 
 A scorer has an id (hash of what determines its values: config and model identities), a kind
-("pointwise": one value per response), the endpoints it calls by role, and scores one item at a time
-after an optional `prepare` over the whole chunk (cache prefetch, routing). Curation reads scores by
-scorer id, so scorers live side by side and a new curation rule never re-calls a model.
+("pointwise": one value per response; "pairwise": a verdict per pair of responses), the endpoints it
+calls by role, and scores one item at a time after an optional `prepare` over the whole chunk (cache
+prefetch, routing). Curation reads scores by scorer id, so scorers live side by side and a new curation
+rule never re-calls a model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from prefsynth.backends.client import Cache, ChatOutcome, Endpoint, LogprobOutcome, ModelClient
-from prefsynth.schemas.records import Failure, LogprobRow, Message, ModelCall, Route, Score
+from prefsynth.schemas.records import Comparison, Failure, Judgment, LogprobRow, Message, ModelCall, Route, Score
 from prefsynth.warehouse.ids import canonical_json, scorer_id
 
 
@@ -27,12 +28,30 @@ class ScoreItem:
     response: str
 
 
+@dataclass(frozen=True)
+class PairItem:
+    """Two responses to one prompt. `a` is shown first in order "ab" (the primary order)."""
+
+    comparison_id: str
+    prompt_id: str
+    messages: list[Message]
+    a: tuple[str, str]  # (response_id, text)
+    b: tuple[str, str]
+    diagnose: bool = False  # judge the swapped order too, for position consistency only
+
+    @property
+    def item_id(self) -> str:
+        return self.comparison_id
+
+
 @dataclass
 class ScoreOutcome:
     score: Score | None = None
     failure: Failure | None = None
     calls: list[ModelCall] = field(default_factory=list)  # calls actually made (cache hits excluded)
     logprobs: list[LogprobRow] = field(default_factory=list)
+    judgments: list[Judgment] = field(default_factory=list)
+    comparison: Comparison | None = None
 
     def keep(self, outcome: ChatOutcome | LogprobOutcome) -> None:
         """Remember a call for the ledger unless it was answered from the cache."""
@@ -43,10 +62,10 @@ class ScoreOutcome:
 Clients = dict[str, ModelClient]
 
 
-class PointwiseScorer(ABC):
-    """One value per response."""
+class Scorer(ABC):
+    """What every scorer shares: an id from its identity, endpoints by role, and failure records."""
 
-    kind: ClassVar[str] = "pointwise"
+    kind: ClassVar[str]
 
     def __init__(self, name: str, endpoints: dict[str, Endpoint]) -> None:
         self.name = name
@@ -68,18 +87,42 @@ class PointwiseScorer(ABC):
     def config_json(self) -> str:
         return canonical_json(self._full_identity())
 
-    async def prepare(self, clients: Clients, items: Sequence[ScoreItem], cache: Cache | None) -> list[Route]:
+    async def prepare(self, clients: Clients, items: Sequence[Any], cache: Cache | None) -> list[Route]:
         """Work shared by a chunk's items (cache prefetch, routing); returns routes to store."""
         return []
 
-    def schedule(self, items: Sequence[ScoreItem]) -> tuple[list[list[ScoreItem]], int]:
+    def schedule(self, items: Sequence[Any]) -> tuple[list[list[Any]], int]:
         """Groups of items to score together, and how many groups may be in flight at once."""
         return [[item] for item in items], max(1, len(items))
 
     @abstractmethod
-    async def score(self, clients: Clients, item: ScoreItem) -> ScoreOutcome:
+    async def score(self, clients: Clients, item: Any) -> ScoreOutcome:
         """Score one item; failures are returned, never raised."""
 
-    def failed(self, out: ScoreOutcome, item: ScoreItem, error: str, raw: str | None) -> ScoreOutcome:
-        out.failure = Failure(stage="score", item_id=item.score_id, scorer_id=self.scorer_id, error=error, raw=raw)
+    def failed(self, out: ScoreOutcome, item: ScoreItem | PairItem, error: str, raw: str | None) -> ScoreOutcome:
+        item_id = item.score_id if isinstance(item, ScoreItem) else item.comparison_id
+        out.failure = Failure(stage="score", item_id=item_id, scorer_id=self.scorer_id, error=error, raw=raw)
         return out
+
+
+class PointwiseScorer(Scorer):
+    """One value per response (ScoreItem -> Score)."""
+
+    kind: ClassVar[str] = "pointwise"
+
+    @abstractmethod
+    async def score(self, clients: Clients, item: ScoreItem) -> ScoreOutcome: ...
+
+
+class PairwiseScorer(Scorer):
+    """A verdict per pair of responses (PairItem -> Judgments + a Comparison)."""
+
+    kind: ClassVar[str] = "pairwise"
+    orders: tuple[str, ...] = ("ab",)  # the orders its verdict uses ("ab": a shown first)
+
+    @property
+    def calls_per_comparison(self) -> int:
+        return len(self.orders)
+
+    @abstractmethod
+    async def score(self, clients: Clients, item: PairItem) -> ScoreOutcome: ...

@@ -35,7 +35,7 @@ from prefsynth.errors import ConfigError
 from prefsynth.schemas.config import CDRSpec
 from prefsynth.schemas.records import LogprobRow, Route, Score
 from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome
-from prefsynth.tasks.scorers.pointwise_judge import render_conversation
+from prefsynth.tasks.scorers.judging import render_conversation
 from prefsynth.warehouse.ids import canonical_json, content_id
 
 ROUTER_TEMPLATE = """Which domain does this request belong to?

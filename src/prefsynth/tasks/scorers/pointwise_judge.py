@@ -1,21 +1,22 @@
 """Pointwise LLM judge: a rubric score on a scale with a short rationale, asked for as JSON.
 
-Output that does not parse gets one repair prompt; if that fails too, the item is recorded as a failed
-judgment with the raw text (never a silent null score).
+With aspects (e.g. UltraFeedback's instruction following, honesty, truthfulness, helpfulness) the judge
+rates each aspect on the scale and the score is their weighted mean, or their minimum (`overall`); the
+ratings are kept in the score's details. Replies that do not parse get one repair prompt (judging.py).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from prefsynth.backends.client import Cache, Endpoint, ModelClient
 from prefsynth.backends.quirks import json_response_format
 from prefsynth.schemas.config import PointwiseJudgeSpec
-from prefsynth.schemas.records import Message, Route, Score
+from prefsynth.schemas.records import Route, Score
 from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome
+from prefsynth.tasks.scorers.judging import ask_parsed, json_object, render_conversation
 
 TEMPLATE_VERSION = 1
 SYSTEM = "You are a careful, impartial evaluator of AI assistant responses."
@@ -27,41 +28,39 @@ TEMPLATE = """{rubric}
 [Response to evaluate]
 {response}
 
-Rate the response on a scale from {lo} to {hi}. Reply with only a JSON object:
-{{"rationale": "<one short sentence>", "score": <integer from {lo} to {hi}>}}"""
+{ask} Reply with only a JSON object:
+{shape}"""
 REPAIR = """Your reply could not be used: {problem}.
 Reply again with only a JSON object, nothing else:
-{{"rationale": "<one short sentence>", "score": <integer from {lo} to {hi}>}}"""
+{shape}"""
 
 
-def render_conversation(messages: list[Message]) -> str:
-    return "\n".join(f"{m.role.capitalize()}: {m.content}" for m in messages)
+def parse_ratings(text: str, lo: int, hi: int, keys: Sequence[str] = ("score",)) -> tuple[dict[str, float], str | None]:
+    """Return ({key: rating}, rationale) from a judge's reply; raise ValueError saying what is wrong."""
+    data = json_object(text)
+    ratings = {}
+    for key in keys:
+        if key not in data:
+            raise ValueError(f'the JSON object has no "{key}"')
+        value = data[key]
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError(f'"{key}" is not a number: {value!r}') from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f'"{key}" is not a number: {value!r}')
+        if not lo <= value <= hi:
+            raise ValueError(f'"{key}" {value} is outside {lo}..{hi}')
+        ratings[key] = float(value)
+    rationale = data.get("rationale")
+    return ratings, rationale if isinstance(rationale, str) else None
 
 
 def parse_judgment(text: str, lo: int, hi: int) -> tuple[float, str | None]:
-    """Return (score, rationale) from a judge's reply; raise ValueError saying what is wrong."""
-    cleaned = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
-    start = cleaned.find("{")
-    if start < 0:
-        raise ValueError("no JSON object found")
-    try:
-        data, _ = json.JSONDecoder().raw_decode(cleaned[start:])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"invalid JSON ({err.msg})") from None
-    if not isinstance(data, dict) or "score" not in data:
-        raise ValueError('the JSON object has no "score"')
-    score = data["score"]
-    if isinstance(score, str):
-        try:
-            score = float(score.strip())
-        except ValueError:
-            raise ValueError(f'"score" is not a number: {score!r}') from None
-    if isinstance(score, bool) or not isinstance(score, int | float):
-        raise ValueError(f'"score" is not a number: {score!r}')
-    if not lo <= score <= hi:
-        raise ValueError(f'"score" {score} is outside {lo}..{hi}')
-    rationale = data.get("rationale")
-    return float(score), rationale if isinstance(rationale, str) else None
+    """(score, rationale) of a single-score reply."""
+    ratings, rationale = parse_ratings(text, lo, hi)
+    return ratings["score"], rationale
 
 
 class PointwiseJudge(PointwiseScorer):
@@ -69,23 +68,30 @@ class PointwiseJudge(PointwiseScorer):
         super().__init__(spec.name, {"judge": endpoint})
         self.spec = spec
         self.endpoint = endpoint
+        self.aspects = spec.aspect_list
+        self.keys = [a.name for a in self.aspects] or ["score"]
 
     def identity(self) -> dict[str, Any]:
-        return {
-            "template": TEMPLATE_VERSION,
-            **self.spec.model_dump(include={"rubric", "scale_min", "scale_max", "max_tokens", "temperature",
-                                            "seed", "structured_output"}),
-        }  # fmt: skip
+        fields = {"rubric", "scale_min", "scale_max", "max_tokens", "temperature", "seed", "structured_output"}
+        if self.aspects:  # single-score judges keep the ids they had before aspects existed
+            fields |= {"overall"}
+        out = {"template": TEMPLATE_VERSION, **self.spec.model_dump(include=fields)}
+        if self.aspects:
+            out["aspects"] = [a.model_dump() for a in self.aspects]
+        return out
+
+    def _shape(self) -> str:
+        lo, hi = self.spec.scale_min, self.spec.scale_max
+        fields = ", ".join(f'"{k}": <integer from {lo} to {hi}>' for k in self.keys)
+        return f'{{"rationale": "<one short sentence>", {fields}}}'
 
     def _schema(self) -> dict[str, Any]:
+        # an enum, not minimum/maximum: llama.cpp's grammar enforces enums but not integer ranges
+        rating = {"type": "integer", "enum": list(range(self.spec.scale_min, self.spec.scale_max + 1))}
         return {
             "type": "object",
-            "properties": {
-                "rationale": {"type": "string", "maxLength": 200},
-                # an enum, not minimum/maximum: llama.cpp's grammar enforces enums but not integer ranges
-                "score": {"type": "integer", "enum": list(range(self.spec.scale_min, self.spec.scale_max + 1))},
-            },
-            "required": ["rationale", "score"],
+            "properties": {"rationale": {"type": "string", "maxLength": 200}, **{k: rating for k in self.keys}},
+            "required": ["rationale", *self.keys],
         }
 
     def _body(self, client: ModelClient, messages: list[dict[str, str]]) -> dict[str, Any]:
@@ -99,14 +105,29 @@ class PointwiseJudge(PointwiseScorer):
         )
 
     def _messages(self, item: ScoreItem) -> list[dict[str, str]]:
+        lo, hi = self.spec.scale_min, self.spec.scale_max
+        if self.aspects:
+            listing = "\n".join(f"- {a.name}: {a.description}" for a in self.aspects)
+            ask = f"Rate the response on each aspect below from {lo} to {hi}:\n{listing}\n"
+        else:
+            ask = f"Rate the response on a scale from {lo} to {hi}."
         user = TEMPLATE.format(
             rubric=self.spec.rubric,
             conversation=render_conversation(item.messages),
             response=item.response,
-            lo=self.spec.scale_min,
-            hi=self.spec.scale_max,
+            ask=ask,
+            shape=self._shape(),
         )
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+    def overall(self, ratings: dict[str, float]) -> float:
+        """The score from aspect ratings, by the configured rule (weighted mean or minimum)."""
+        if not self.aspects:
+            return ratings["score"]
+        if self.spec.overall == "min":
+            return min(ratings.values())
+        total = sum(a.weight for a in self.aspects)
+        return sum(ratings[a.name] * a.weight for a in self.aspects) / total
 
     async def prepare(self, clients: Clients, items: Sequence[ScoreItem], cache: Cache | None) -> list[Route]:
         client = clients["judge"]
@@ -117,40 +138,28 @@ class PointwiseJudge(PointwiseScorer):
         client = clients["judge"]
         out = ScoreOutcome()
         lo, hi = self.spec.scale_min, self.spec.scale_max
-        messages = self._messages(item)
-        first = await client.chat(self._body(client, messages))
-        out.keep(first)
-        if not first.ok:
-            return self.failed(out, item, f"judge call failed: {first.call.error}", None)
-        raw = first.text or ""
-        try:
-            value, rationale = parse_judgment(raw, lo, hi)
-            calls = [first.call.call_id]
-        except ValueError as problem:
-            repair_messages = [
-                *messages,
-                {"role": "assistant", "content": raw},
-                {"role": "user", "content": REPAIR.format(problem=problem, lo=lo, hi=hi)},
-            ]
-            second = await client.chat(self._body(client, repair_messages))
-            out.keep(second)
-            if not second.ok:
-                return self.failed(out, item, f"repair call failed: {second.call.error}", raw)
-            try:
-                value, rationale = parse_judgment(second.text or "", lo, hi)
-            except ValueError as again:
-                both = f"{raw}\n--- repair ---\n{second.text}"
-                return self.failed(out, item, f"unparsable judgment after repair: {again}", both)
-            raw = second.text or ""
-            calls = [first.call.call_id, second.call.call_id]
+        parsed = await ask_parsed(
+            client,
+            self._messages(item),
+            lambda messages: self._body(client, messages),
+            lambda text: parse_ratings(text, lo, hi, self.keys),
+            lambda problem: REPAIR.format(problem=problem, shape=self._shape()),
+        )
+        for outcome in parsed.outcomes:
+            out.keep(outcome)
+        if parsed.value is None:
+            return self.failed(out, item, parsed.error or "no judgment", parsed.raw or None)
+        ratings, rationale = parsed.value
+        details = {"aspects": ratings, "overall": self.spec.overall} if self.aspects else None
         out.score = Score(
             score_id=item.score_id,
             response_id=item.response_id,
             scorer_id=self.scorer_id,
             scorer=self.name,
-            value=value,
+            value=self.overall(ratings),
             rationale=rationale,
-            raw=raw,
-            call_ids=calls,
+            raw=parsed.raw,
+            call_ids=parsed.call_ids,
+            details=json.dumps(details, sort_keys=True) if details else None,
         )
         return out

@@ -1,0 +1,122 @@
+"""Pairwise judging: SmolLM2-135M as judge on LLMBar, with and without Balanced Position Calibration, and the
+pipeline's judging throughput against the same requests sent straight to the server.
+
+1. Accuracy: `evaluate` with two scorers that differ only in `balanced_position` on natural.json and
+   processed-faireval.json. Eval judges both orders for both, so the second shares every call; reported:
+   accuracy, ties, position consistency, first-position rate, flips, calls and tokens per pair.
+2. Throughput: K labelled pairs judged (both orders) through the Prefect score task, the client, the
+   caches and the warehouse writes, on a fresh embedded server; then the exact requests it made (from the
+   model_calls ledger, in order) replayed by a minimal HTTP client on a fresh server, same concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from prefect import flow
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import SHARED, append_results, emit, replay  # noqa: E402
+
+from prefsynth.backends.local import LocalServers  # noqa: E402
+from prefsynth.flows.evaluate import eval_items, evaluate  # noqa: E402
+from prefsynth.flows.synthesize import chunks  # noqa: E402
+from prefsynth.schemas.config import ModelSpec, PairwiseJudgeSpec, parse_config  # noqa: E402
+from prefsynth.tasks.labelled import load_labelled  # noqa: E402
+from prefsynth.tasks.score import score_chunk  # noqa: E402
+from prefsynth.tasks.scorers import build_scorer  # noqa: E402
+from prefsynth.warehouse.store import Store  # noqa: E402
+
+SMOL = {"gguf": "smollm2-135m-instruct", "n_ctx": 4096}
+JUDGE = {"kind": "pairwise_judge", "model": SMOL, "max_tokens": 160}
+FILES = ("natural.json", "processed-faireval.json")
+KEYS = ("n", "accuracy", "accuracy_ties_half", "ties", "failed", "position_consistency", "first_position_rate",
+        "flipped", "dropped", "repaired", "calls_per_pair", "tokens_per_pair")  # fmt: skip
+
+
+def accuracy(db: str, limit: int | None) -> tuple[dict[str, float], list[str]]:
+    config = parse_config({
+        "prompts": {"builtin": "quickstart"},
+        "generation": {"models": [SMOL]},
+        "scorers": [{**JUDGE, "name": "bpc"}, {**JUDGE, "name": "one-order", "balanced_position": False}],
+        "warehouse": db,
+    })  # fmt: skip
+    results: dict[str, float] = {}
+    table = ["| data | judge | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
+    for name in FILES:
+        start = time.perf_counter()
+        out = evaluate(config=config, data=str(SHARED / "llmbar" / name), fmt="llmbar", limit=limit)
+        stem = name.removesuffix(".json")
+        results[f"judge_{stem}_seconds"] = time.perf_counter() - start
+        for judge, report in out["scorers"].items():
+            for key in KEYS:
+                if report.get(key) is not None:
+                    results[f"judge_{stem}_{judge}_{key}"] = float(report[key])
+            table.append(f"| {stem} | {judge} | " + " | ".join(str(report.get(key)) for key in KEYS) + " |")
+    return results, table
+
+
+@flow(name="bench-judge")
+def pipeline_stage(spec: PairwiseJudgeSpec, pairs: list, db: str) -> float:
+    """Wall seconds of judging `pairs` in both orders (server already up and warm)."""
+    with LocalServers() as servers, Store(db) as store:
+        scorer = build_scorer(spec, servers.endpoint)
+        asyncio.run(replay(servers.endpoint(spec.model).base_url, "/chat/completions",
+                           [{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}], 1))  # fmt: skip
+        items = eval_items(pairs, scorer)
+        start = time.perf_counter()
+        for chunk in chunks(items, 32):
+            store.write("bench", score_chunk(scorer, chunk, store).model_copy(update={"scores": []}))
+        return time.perf_counter() - start
+
+
+def direct(db: str, spec: ModelSpec) -> tuple[float, int]:
+    with Store(db, read_only=True) as store:
+        bodies = [{**json.loads(r), "model": "x"} for (r,) in
+                  store.con.execute("SELECT request FROM model_calls ORDER BY rowid").fetchall()]  # fmt: skip
+    with LocalServers() as servers:
+        ep = servers.endpoint(spec)
+        asyncio.run(replay(ep.base_url, "/chat/completions",
+                           [{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}], 1))  # fmt: skip
+        return asyncio.run(replay(ep.base_url, "/chat/completions", bodies, ep.concurrency)), len(bodies)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="5 pairs per file and 3 for throughput")
+    parser.add_argument("--record", action="store_true", help="append the results to BENCHMARKS.md")
+    parser.add_argument("--db", help="warehouse to keep the judge calls in (default: a temporary one)")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    args = parser.parse_args()
+    results: dict[str, float] = {}
+    table: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_accuracy:
+            results, table = accuracy(args.db or str(Path(tmp) / "acc.duckdb"), 5 if args.quick else None)
+        pairs = load_labelled(SHARED / "llmbar" / "natural.json", "llmbar", limit=3 if args.quick else 12)
+        spec = PairwiseJudgeSpec(**JUDGE)
+        db = str(Path(tmp) / "speed.duckdb")
+        t_pipe = pipeline_stage(spec, pairs, db)
+        t_direct, n = direct(db, spec.model)
+    results.update({"judge_throughput_pairs": float(len(pairs)), "judge_throughput_requests": float(n),
+                    "judge_pipeline_seconds": t_pipe, "judge_direct_seconds": t_direct,
+                    "judge_pipeline_vs_direct": t_pipe / t_direct})  # fmt: skip
+    for name, value in results.items():
+        emit(name, value)
+    if args.record:
+        append_results(
+            "Pairwise judge (SmolLM2-135M) on LLMBar, with and without BPC; judging throughput",
+            "python bench/judge.py --record" + (" --quick" if args.quick else ""),
+            [f"{k}: {v:.4f}" for k, v in results.items()],
+            table,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Pairwise LLM judge with position-bias controls: verdict A, B or tie, and a rationale.
+
+Styles: `json` asks for {"rationale", "verdict"} (schema-constrained where the server can); `answer_tag`
+lets the judge reason freely and end with <answer>A</answer>, as generative reward models do.
+
+Calibration ("Large Language Models are not Fair Evaluators", Wang et al. 2023):
+- Balanced Position Calibration judges order "ab" (a shown as A) and order "ba" (b shown as A).
+- Multiple Evidence Calibration samples k judgments per order (seed + i).
+Each judgment gives a a share (win 1, tie 0.5, loss 0); `score_a` is the mean of the per-order means.
+A comparison *flips* when one order's majority prefers a and the other's prefers b; `on_flip` then makes
+it a tie (score 0.5), drops it (no winner), or keeps the mean (`mean`). Otherwise the winner follows
+`score_a`. Every judgment is stored with its order, raw text and rationale.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from prefsynth.backends.client import Cache, Endpoint, ModelClient
+from prefsynth.backends.quirks import json_response_format
+from prefsynth.schemas.config import PairwiseJudgeSpec
+from prefsynth.schemas.records import Comparison, Judgment, Route
+from prefsynth.tasks.scorers.base import Clients, PairItem, PairwiseScorer, ScoreOutcome
+from prefsynth.tasks.scorers.judging import ask_parsed, json_object, render_conversation
+from prefsynth.warehouse.ids import content_id
+
+TEMPLATE_VERSION = 1
+SYSTEM = "You are a careful, impartial judge comparing two AI assistant responses."
+TEMPLATE = """{criteria}
+
+[Conversation]
+{conversation}
+
+[Response A]
+{first}
+
+[Response B]
+{second}
+
+{ask}"""
+ASK = {
+    "json": 'Which response is better? Reply with only a JSON object:\n{{"rationale": "<one or two short sentences>", '
+    '"verdict": "{choices}"}}',
+    "answer_tag": "Which response is better? Explain your reasoning briefly, then end with your verdict on the "
+    "last line as {tags}.",
+}
+REPAIR = {
+    "json": 'Your reply could not be used: {problem}.\nReply again with only a JSON object, nothing else:\n'
+    '{{"rationale": "<one or two short sentences>", "verdict": "{choices}"}}',
+    "answer_tag": "Your reply could not be used: {problem}.\nReply again, ending with exactly one of {tags}.",
+}
+ORDERS = ("ab", "ba")
+_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.IGNORECASE | re.DOTALL)
+SHARE = {"a": 1.0, "tie": 0.5, "b": 0.0}
+
+
+def _verdict(value: str, allow_tie: bool) -> str:
+    """Normalize "A", "response b", "Tie" ...; raise ValueError for anything else."""
+    word = re.sub(r"^(response|assistant|output)\s+", "", value.strip().strip(".\"'*").strip(), flags=re.I).lower()
+    if word in ("a", "b"):
+        return word.upper()
+    if word in ("tie", "draw", "equal"):
+        if not allow_tie:
+            raise ValueError("a tie is not allowed here: choose A or B")
+        return "tie"
+    raise ValueError(f"the verdict must be {'A, B or tie' if allow_tie else 'A or B'}, got {value[:40]!r}")
+
+
+def parse_verdict_json(text: str, allow_tie: bool = True) -> tuple[str, str | None]:
+    """(verdict, rationale) from a JSON reply; verdict is "A", "B" or "tie"."""
+    data = json_object(text)
+    if "verdict" not in data:
+        raise ValueError('the JSON object has no "verdict"')
+    if not isinstance(data["verdict"], str):
+        raise ValueError(f'"verdict" must be a string, got {data["verdict"]!r}')
+    rationale = data.get("rationale")
+    return _verdict(data["verdict"], allow_tie), rationale if isinstance(rationale, str) else None
+
+
+def parse_verdict_tag(text: str, allow_tie: bool = True) -> tuple[str, str | None]:
+    """(verdict, rationale) from a reasoning reply ending in <answer>X</answer>; the last tag counts."""
+    tags = list(_TAG.finditer(text))
+    if not tags:
+        raise ValueError("no <answer>...</answer> tag found")
+    last = tags[-1]
+    rationale = text[: last.start()].strip()
+    return _verdict(last.group(1), allow_tie), rationale or None
+
+
+def preferred(verdict: str, order: str) -> str:
+    """A verdict about positions -> about the comparison's responses ("a", "b" or "tie")."""
+    if verdict == "tie":
+        return "tie"
+    first, second = ("a", "b") if order == "ab" else ("b", "a")
+    return first if verdict == "A" else second
+
+
+def _majority(shares: list[float]) -> str:
+    mean = sum(shares) / len(shares)
+    return "a" if mean > 0.5 else "b" if mean < 0.5 else "tie"
+
+
+def combine(
+    judgments: Sequence[Judgment], orders: Sequence[str], on_flip: str
+) -> tuple[str | None, float, bool | None, bool, int]:
+    """(winner, score_a, consistent, flipped, judgments used) of a comparison's judgments.
+
+    `orders` are the orders the verdict uses; judgments of other orders only inform `consistent`.
+    """
+    by_order = {o: [SHARE[j.preferred] for j in judgments if j.order == o] for o in ORDERS}
+    used = [o for o in orders if by_order[o]]
+    score_a = sum(sum(by_order[o]) / len(by_order[o]) for o in used) / len(used)
+    both = all(by_order[o] for o in ORDERS)
+    majorities = {_majority(by_order[o]) for o in ORDERS if by_order[o]}
+    consistent = len(majorities) == 1 if both else None
+    flipped = both and majorities == {"a", "b"}
+    n = sum(len(by_order[o]) for o in used)
+    if flipped and len(used) == 2 and on_flip != "mean":
+        return ("tie", 0.5, consistent, True, n) if on_flip == "tie" else (None, score_a, consistent, True, n)
+    winner = "a" if score_a > 0.5 else "b" if score_a < 0.5 else "tie"
+    return winner, score_a, consistent, flipped, n
+
+
+class PairwiseJudge(PairwiseScorer):
+    def __init__(self, spec: PairwiseJudgeSpec, endpoint: Endpoint) -> None:
+        super().__init__(spec.name, {"judge": endpoint})
+        self.spec = spec
+        self.endpoint = endpoint
+        self.orders: tuple[str, ...] = ORDERS if spec.balanced_position else ("ab",)
+        self._parse = parse_verdict_json if spec.style == "json" else parse_verdict_tag
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "template": TEMPLATE_VERSION,
+            **self.spec.model_dump(include={"style", "criteria", "allow_tie", "balanced_position", "on_flip",
+                                            "samples_per_order", "max_tokens", "temperature", "seed",
+                                            "structured_output"}),
+        }  # fmt: skip
+
+    @property
+    def calls_per_comparison(self) -> int:
+        return len(self.orders) * self.spec.samples_per_order
+
+    def _choices(self) -> str:
+        return "A|B|tie" if self.spec.allow_tie else "A|B"
+
+    def _tags(self) -> str:
+        names = ["A", "B", *(["tie"] if self.spec.allow_tie else [])]
+        return ", ".join(f"<answer>{n}</answer>" for n in names)
+
+    def _schema(self) -> dict[str, Any]:
+        verdicts = ["A", "B", *(["tie"] if self.spec.allow_tie else [])]
+        return {
+            "type": "object",
+            "properties": {"rationale": {"type": "string", "maxLength": 400}, "verdict": {"enum": verdicts}},
+            "required": ["rationale", "verdict"],
+        }
+
+    def _body(self, client: ModelClient, messages: list[dict[str, str]], sample: int) -> dict[str, Any]:
+        structured = self.spec.style == "json" and self.spec.structured_output
+        fmt = json_response_format(self.endpoint, "verdict", self._schema()) if structured else None
+        return client.request_body(
+            messages,
+            temperature=self.spec.temperature,
+            max_tokens=self.spec.max_tokens,
+            seed=self.spec.seed + sample,
+            response_format=fmt,
+        )
+
+    def _messages(self, item: PairItem, order: str) -> list[dict[str, str]]:
+        first, second = (item.a, item.b) if order == "ab" else (item.b, item.a)
+        ask = ASK[self.spec.style].format(choices=self._choices(), tags=self._tags())
+        user = TEMPLATE.format(criteria=self.spec.criteria, conversation=render_conversation(item.messages),
+                               first=first[1], second=second[1], ask=ask)  # fmt: skip
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+    def _plan(self, item: PairItem) -> list[tuple[str, int]]:
+        orders = ORDERS if item.diagnose else self.orders
+        return [(o, k) for o in orders for k in range(self.spec.samples_per_order)]
+
+    async def prepare(self, clients: Clients, items: Sequence[PairItem], cache: Cache | None) -> list[Route]:
+        client = clients["judge"]
+        bodies = [self._body(client, self._messages(i, o), k) for i in items for o, k in self._plan(i)]
+        client.prefetch("chat", bodies)
+        return []
+
+    async def score(self, clients: Clients, item: PairItem) -> ScoreOutcome:
+        client = clients["judge"]
+        out = ScoreOutcome()
+        allow_tie = self.spec.allow_tie
+        errors = []
+        for order, sample in self._plan(item):
+            parsed = await ask_parsed(
+                client,
+                self._messages(item, order),
+                lambda messages, sample=sample: self._body(client, messages, sample),
+                lambda text: self._parse(text, allow_tie),
+                lambda problem: REPAIR[self.spec.style].format(problem=problem, choices=self._choices(),
+                                                               tags=self._tags()),
+            )  # fmt: skip
+            for outcome in parsed.outcomes:
+                out.keep(outcome)
+            if parsed.value is None:
+                errors.append((f"order {order} sample {sample}: {parsed.error}", parsed.raw))
+                continue
+            verdict, rationale = parsed.value
+            out.judgments.append(
+                Judgment(
+                    judgment_id=content_id("judgment", item.comparison_id, order, sample),
+                    comparison_id=item.comparison_id, scorer_id=self.scorer_id, order=order, sample=sample,
+                    verdict=verdict, preferred=preferred(verdict, order), rationale=rationale, raw=parsed.raw,
+                    repaired=parsed.repaired, call_ids=parsed.call_ids,
+                    prompt_tokens=parsed.tokens("prompt_tokens"), completion_tokens=parsed.tokens("completion_tokens"),
+                )
+            )  # fmt: skip
+        if errors:
+            raw = "\n=== next judgment ===\n".join(r for _, r in errors if r)
+            return self.failed(out, item, "; ".join(e for e, _ in errors), raw or None)
+        winner, score_a, consistent, flipped, used = combine(out.judgments, self.orders, self.spec.on_flip)
+        out.comparison = Comparison(
+            comparison_id=item.comparison_id, scorer_id=self.scorer_id, prompt_id=item.prompt_id,
+            response_a_id=item.a[0], response_b_id=item.b[0], winner=winner, score_a=score_a,
+            consistent=consistent, flipped=flipped, judgments=used,
+        )  # fmt: skip
+        return out
