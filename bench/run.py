@@ -23,7 +23,7 @@ def main() -> int:
     runs = [
         ["pipeline.py", *(["--quick", "--no-distilabel"] if args.quick else []), *record],
         ["cdr.py", *(["--quick"] if args.quick else []), *record],
-        ["judge.py", *(["--quick", "--skip-accuracy"] if args.quick else []), *record],
+        ["judge.py", *(["--quick", "--parts", "throughput"] if args.quick else []), *record],
         ["scale.py", "--sizes", "10000,100000" if args.quick else "10000,100000,1000000", *record],
     ]
     failed = []

@@ -36,6 +36,8 @@ def test_pipeline_with_a_calibrated_pairwise_judge_a_rubric_judge_and_a_panel(tm
     )  # fmt: skip
     summary = synthesize(config=config)
     db = config.warehouse
+    stage = next(s for s in summary.stages if s.stage == "score[pairwise]")
+    assert stage.model_calls >= 8 and stage.tokens > 0  # two orders per comparison: the cost is reported
     # every comparison was judged in both orders; each judgment keeps order, verdict, rationale and raw text
     comps = _q(db, "SELECT comparison_id, winner, consistent, flipped, judgments FROM comparisons")
     failed = _q(db, "SELECT count(DISTINCT item_id) FROM failures f JOIN scorers s USING (scorer_id) "

@@ -185,3 +185,21 @@ def test_comparisons_become_values_only_when_a_prompt_is_complete():
 def test_judgments_and_comparisons_fit_their_tables():
     assert frame("judgments", []).is_empty() and "order" in frame("judgments", []).columns
     assert frame("comparisons", [])["consistent"].dtype == pl.Boolean
+
+
+def test_answer_tag_style_sends_no_schema_and_keeps_the_reasoning_as_rationale():
+    def respond(body):
+        assert "response_format" not in body and "<answer>A</answer>" in body["messages"][1]["content"]
+        first = _first_shown(body)
+        return chat_reply(f"{first} is shorter but correct.\n<answer>{'A' if first == 'right' else 'B'}</answer>")
+
+    spec = PairwiseJudgeSpec(model={"base_url": "http://x/v1", "model": "m"}, style="answer_tag")
+    item = PairItem("c", "p", [Message(role="user", content="q")], ("r1", "wrong"), ("r2", "right"))
+    with FakeOpenAI(respond) as fake:
+        judge = build_scorer(spec, lambda model: _endpoint(fake.base_url))
+        result = asyncio.run(score_items(judge, [item]))
+    (comp,) = result.comparisons
+    assert (comp.winner, comp.score_a, comp.consistent, comp.flipped) == ("b", 0.0, True, False)
+    by_order = {j.order: j for j in result.judgments}
+    assert by_order["ab"].verdict == "B" and by_order["ba"].verdict == "A"  # "right" shown second, then first
+    assert by_order["ab"].rationale == "wrong is shorter but correct." and len(fake.requests) == 2

@@ -86,10 +86,10 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
     except PrefsynthError as err:
         raise _fail(err) from None
     table = Table(title=f"run {summary.run_id} → {summary.warehouse}")
-    for col in ("stage", "total", "reused", "new", "failed", "model calls"):
+    for col in ("stage", "total", "reused", "new", "failed", "model calls", "tokens"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for s in summary.stages:
-        table.add_row(s.stage, str(s.total), str(s.reused), str(s.new), str(s.failed), str(s.model_calls))
+        table.add_row(s.stage, *(str(v) for v in (s.total, s.reused, s.new, s.failed, s.model_calls, s.tokens)))
     Console().print(table)
     Console().print(
         f"{summary.pairs} pairs, {summary.model_calls} new model calls, {summary.failures} failures, "

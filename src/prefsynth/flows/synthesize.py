@@ -65,6 +65,7 @@ def run_stage(
         counts.new += written["responses"] + written["scores"] + written["comparisons"]
         counts.failed += len(result.failures)
         counts.model_calls += written["model_calls"]
+        counts.tokens += sum((c.prompt_tokens or 0) + (c.completion_tokens or 0) for c in result.calls)
         logger.info(progress.line() + (f", {counts.failed} failed" if counts.failed else ""))
     return counts
 
@@ -77,6 +78,7 @@ def _merge(name: str, parts: list[StageCounts]) -> StageCounts:
         total.new += p.new
         total.failed += p.failed
         total.model_calls += p.model_calls
+        total.tokens += p.tokens
     return total
 
 

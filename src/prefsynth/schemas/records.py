@@ -163,6 +163,7 @@ class StageCounts(BaseModel):
     new: int = 0
     failed: int = 0
     model_calls: int = 0
+    tokens: int = 0  # prompt + completion tokens of the new model calls
 
 
 class RunSummary(BaseModel):
