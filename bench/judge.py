@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--parts", default="accuracy,variants,throughput", help="comma-separated parts to run")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    if not parts <= {"accuracy", "variants", "throughput"}:
+        parser.error(f"--parts takes accuracy, variants, throughput; got {args.parts}")
     results: dict[str, float] = {}
     table: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,6 +34,8 @@ def test_call_id_includes_seed_and_model_identity():
 
 def test_pair_and_score_ids():
     rule = {"rule": "best_vs_worst", "min_margin": 1.0, "scorer_id": "s"}
-    assert ids.pair_id("a", "b", rule) != ids.pair_id("b", "a", rule)
-    assert ids.pair_id("a", "b", rule) != ids.pair_id("a", "b", {**rule, "min_margin": 2.0})
+    assert ids.pair_id("a", "b", rule, (2, 1)) != ids.pair_id("b", "a", rule, (2, 1))
+    assert ids.pair_id("a", "b", rule, (2, 1)) != ids.pair_id("a", "b", {**rule, "min_margin": 2.0}, (2, 1))
+    assert ids.pair_id("a", "b", rule, (1.0, 0.0)) != ids.pair_id("a", "b", rule, (0.75, 0.0))  # values moved
+    assert ids.pair_id("a", "b", rule, (1.0, 0.0)) == ids.pair_id("a", "b", rule, (1.0 + 1e-12, 0.0))
     assert ids.score_id("r", "s1") != ids.score_id("r", "s2")

@@ -203,3 +203,48 @@ def test_answer_tag_style_sends_no_schema_and_keeps_the_reasoning_as_rationale()
     by_order = {j.order: j for j in result.judgments}
     assert by_order["ab"].verdict == "B" and by_order["ba"].verdict == "A"  # "right" shown second, then first
     assert by_order["ab"].rationale == "wrong is shorter but correct." and len(fake.requests) == 2
+
+
+def _shown(body: dict) -> tuple[str, str]:
+    user = body["messages"][1]["content"]
+    first = user.split("[Response A]\n", 1)[1].split("\n\n[Response B]", 1)[0]
+    second = user.split("[Response B]\n", 1)[1].split("\n\n", 1)[0]
+    return first, second
+
+
+def test_eval_maps_verdicts_to_the_labelled_better_reply_in_either_file_order(tmp_path, prefect_harness):
+    import json
+
+    from prefsynth.flows.evaluate import evaluate
+    from prefsynth.schemas.config import parse_config
+
+    records = [  # the better reply is output_1 in two records and output_2 in three
+        {"input": f"q{i}", "output_1": f"GOOD {i}" if label == 1 else f"bad {i}",
+         "output_2": f"bad {i}" if label == 1 else f"GOOD {i}", "label": label}
+        for i, label in enumerate([1, 2, 2, 1, 2])
+    ]  # fmt: skip
+    data = tmp_path / "mini.json"
+    data.write_text(json.dumps(records))
+
+    def fair(body):  # prefers the GOOD reply wherever it is shown
+        first, _ = _shown(body)
+        return chat_reply(json.dumps({"rationale": "r", "verdict": "A" if first.startswith("GOOD") else "B"}))
+
+    def first_always(body):  # always the reply shown first
+        return chat_reply('{"rationale": "r", "verdict": "A"}')
+
+    def run(respond, **judge):
+        with FakeOpenAI(respond) as fake:
+            model = {"base_url": fake.base_url, "model": "m", "max_retries": 0}
+            config = parse_config({"prompts": {"builtin": "quickstart"}, "generation": {"models": [model]},
+                                   "scorers": [{"kind": "pairwise_judge", "model": model, **judge}],
+                                   "warehouse": str(tmp_path / f"{respond.__name__}.duckdb")})  # fmt: skip
+            return evaluate(config=config, data=str(data), fmt="llmbar")["scorers"]["pairwise"]
+
+    good = run(fair)
+    assert (good["accuracy"], good["ties"], good["position_consistency"]) == (1.0, 0, 1.0)
+    biased = run(first_always, balanced_position=False)
+    assert biased["accuracy"] == 0.4  # right exactly where the better reply is output_1 (2 of 5)
+    assert (biased["position_consistency"], biased["first_position_rate"]) == (0.0, 1.0)
+    calibrated = run(first_always)
+    assert (calibrated["accuracy"], calibrated["ties"], calibrated["accuracy_ties_half"]) == (0.0, 5, 0.5)

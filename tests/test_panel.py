@@ -65,10 +65,27 @@ def test_diagnostics_failure_rate_length_bias_and_position_bias():
     # Spearman: ranks of value 1,2,3,4 and of tokens 1,2,4,3: d^2 = 0+0+1+1 = 2 -> 1 - 6*2/(4*15) = 0.8
     assert length_corr(values, lengths) == pytest.approx(0.8)
     assert length_corr(values.head(2), lengths) is None
-    comps = pl.DataFrame({"consistent": [True, False, False, None]}, schema={"consistent": pl.Boolean})
-    verdicts = pl.DataFrame({"verdict": ["A", "A", "A", "B", "tie"]})
+    comps = pl.DataFrame({"comparison_id": ["c1", "c2", "c3", "c4"], "consistent": [True, False, False, None]},
+                         schema={"comparison_id": pl.String, "consistent": pl.Boolean})
+    # c9's comparison failed: its verdict is left out
+    verdicts = pl.DataFrame({"comparison_id": ["c1", "c1", "c2", "c3", "c4", "c9"],
+                             "verdict": ["A", "A", "A", "B", "tie", "B"]})
     assert position_stats(comps, verdicts) == {"position_consistency": pytest.approx(1 / 3, abs=1e-4),
                                                "first_position_rate": 0.75}  # fmt: skip
     row = diagnostics("id", "judge", 10, 7, values, lengths)
     assert row["failed"] == 3 and row["failure_rate"] == 0.3 and row["position_consistency"] is None
     assert math.isclose(row["length_corr"], 0.8)
+
+
+def test_panel_alpha_against_a_hand_computation():
+    a = _values([("p", "r1", 1.0), ("p", "r2", 2.0), ("p", "r3", 3.0)])
+    b = _values([("p", "r1", 10.0), ("p", "r2", 30.0), ("p", "r3", 20.0)])
+    _, agreement, summary = run_panel({"a": a, "b": b}, "P", "mean_normalized")
+    # z-scores: a = (-s, 0, s), b = (-s, s, 0) with s = sqrt(3/2) = 1.2247.
+    # Within units (ordered pairs, m_u = 2): r1 0, r2 2 * 1.5, r3 2 * 1.5 -> 6.
+    # All ordered pairs of the 6 values: 2 * 6 * sum of squares (4 * 1.5 = 6) = 72.
+    # alpha = 1 - (n - 1) * 6 / 72 = 1 - 5 * 6 / 72 = 7/12.
+    assert summary["alpha"] == pytest.approx(7 / 12)
+    assert agreement.filter(pl.col("scorer_a") == "*")["alpha"][0] == pytest.approx(7 / 12)
+    # tau: (r1,r2) concordant, (r1,r3) concordant, (r2,r3) discordant -> 1/3
+    assert summary["mean_tau"] == pytest.approx(1 / 3)

@@ -76,3 +76,29 @@ def test_second_writer_gets_a_clear_error(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_older_warehouse_opened_read_only_asks_to_be_migrated(tmp_path):
+    path = tmp_path / "old.duckdb"
+    with Store(path) as store:
+        store.con.execute("DELETE FROM schema_version WHERE version = (SELECT max(version) FROM schema_version)")
+    with pytest.raises(PrefsynthError, match="has schema version .* open it once read-write"):
+        Store(path, read_only=True)
+    Store(path).close()  # a read-write open migrates (the last migration is idempotent)
+    Store(path, read_only=True).close()
+
+
+def test_scores_wide_keeps_one_value_per_scorer_when_a_response_has_several(tmp_path):
+    from prefsynth.schemas.records import Score
+
+    def score(sid: str, value: float) -> Score:
+        return Score(score_id=sid, response_id="r", scorer_id="s", scorer="pairwise", value=value, rationale=None,
+                     raw="", call_ids=[])  # fmt: skip
+
+    with Store(tmp_path / "w.duckdb") as store:
+        store.con.execute("INSERT INTO responses VALUES ('r', 'p', 'm', 'mi', '{}', 0, 0, 't', NULL, NULL, NULL, 1, "
+                          "'c', 'run', current_timestamp)")  # fmt: skip
+        store.write("run1", StageResult(scores=[score("s1", 1.0)]))
+        store.write("run2", StageResult(scores=[score("s2", 0.75)]))  # the same response against new opponents
+        (row,) = store.con.execute("SELECT scores FROM v_scores_wide").fetchall()
+        assert row[0] == {"pairwise": 0.75}

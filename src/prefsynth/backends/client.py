@@ -94,10 +94,6 @@ class RewardOutcome:
     cached: bool = False
     error: str | None = None  # the call succeeded but its answer holds no reward for this label_index
 
-    @property
-    def ok(self) -> bool:
-        return self.call.status == "ok" and self.error is None
-
 
 class ModelClient:
     """Calls one endpoint; use `async with` inside one event loop.

@@ -25,8 +25,8 @@ from prefsynth.flows.synthesize import check_endpoints, chunks
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import StageResult
 from prefsynth.tasks.compare import comparison_id
-from prefsynth.tasks.diagnostics import position_stats
-from prefsynth.tasks.labelled import LabelledPair, accuracy_report, load_labelled
+from prefsynth.tasks.diagnostics import pairwise_report
+from prefsynth.tasks.labelled import LabelledPair, accuracy_report, better_share, load_labelled
 from prefsynth.tasks.score import score_chunk
 from prefsynth.tasks.scorers import PairItem, PairwiseScorer, ScoreItem, Scorer, build_scorer
 from prefsynth.warehouse.ids import content_id, prompt_id, score_id
@@ -110,9 +110,7 @@ def _evaluate_scorer(
         for pair, item in zip(pairs, items, strict=True):
             assert isinstance(item, PairItem)
             c = comps.get(item.comparison_id)
-            better = None if c is None else 0.5 if c.winner is None else c.score_a  # a dropped flip: a tie
-            if better is not None and not pair.better_first:
-                better = 1 - better
+            better = better_share(pair, c)
             rows.append(_row(eval_id, scorer, pair, better, None if better is None else 1 - better,
                              errors.get(item.comparison_id), None if c is None else c.consistent))  # fmt: skip
     else:
@@ -125,7 +123,8 @@ def _evaluate_scorer(
               **accuracy_report([(r["subset"], r["score_better"], r["score_worse"]) for r in rows]),
               "model_calls": len(result.calls)}  # fmt: skip
     if isinstance(scorer, PairwiseScorer):
-        report.update(_pairwise_report(scorer, result))
+        report.update(pairwise_report(frame("comparisons", result.comparisons), frame("judgments", result.judgments),
+                                      scorer.orders, scorer.calls_per_comparison))  # fmt: skip
     return report, rows
 
 
@@ -136,22 +135,6 @@ def _row(
     return {"eval_id": eval_id, "scorer_id": scorer.scorer_id, "pair_key": pair.pair_key, "subset": pair.subset,
             "source_ref": pair.source_ref, "score_better": better, "score_worse": worse, "error": error,
             "consistent": consistent}  # fmt: skip
-
-
-def _pairwise_report(scorer: PairwiseScorer, result: StageResult) -> dict[str, Any]:
-    """Position bias and cost of a pairwise judge on the labelled pairs."""
-    comparisons = frame("comparisons", result.comparisons)
-    verdicts = frame("judgments", result.judgments)
-    used = verdicts.filter(pl.col("order").is_in(list(scorer.orders)))
-    tokens = used.select(pl.col("prompt_tokens").fill_null(0) + pl.col("completion_tokens").fill_null(0)).sum().item()
-    return {
-        **position_stats(comparisons, verdicts),
-        "flipped": int(comparisons["flipped"].sum()),
-        "dropped": int(comparisons["winner"].is_null().sum()),
-        "repaired": int(verdicts["repaired"].sum()),
-        "calls_per_pair": scorer.calls_per_comparison,
-        "tokens_per_pair": round(tokens / len(comparisons), 1) if len(comparisons) else None,
-    }
 
 
 def _score_all(store: Store, eval_id: str, scorer: Scorer, items: list[Any], chunk_size: int) -> StageResult:

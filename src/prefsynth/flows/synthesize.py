@@ -84,11 +84,14 @@ def _merge(name: str, parts: list[StageCounts]) -> StageCounts:
 
 def generate_stage(
     store: Store, run_id: str, config: PipelineConfig, prompts: list[Prompt], policies: list[Endpoint]
-) -> StageCounts:
+) -> tuple[StageCounts, list[str]]:
+    """Generate what is missing; returns the counts and the ids of every response this run planned."""
     gen = config.generation
     parts = []
+    planned: list[str] = []
     for ep in policies:
         plan = plan_generation(prompts, ep, gen.sampling, gen.samples_per_prompt)
+        planned += [i.response_id for i in plan]
         have = store.existing_ids("responses", [i.response_id for i in plan])
         todo = [i for i in plan if i.response_id not in have]
         parts.append(
@@ -98,7 +101,7 @@ def generate_stage(
                 store, run_id,
             )
         )  # fmt: skip
-    return _merge("generate", parts)
+    return _merge("generate", parts), planned
 
 
 @dataclass
@@ -128,12 +131,7 @@ def score_stage(
         comparisons = store.comparisons_by_ids([i.comparison_id for i in pairs])
         scores = comparison_scores(pairs, comparisons, scorer.scorer_id, scorer.name)
         store.write(run_id, StageResult(scores=scores))
-        prompt_of = dict(zip(responses["response_id"], responses["prompt_id"], strict=True))
-        values = pl.DataFrame(
-            [{"prompt_id": prompt_of[s.response_id], "response_id": s.response_id, "value": s.value} for s in scores],
-            schema={"prompt_id": pl.String, "response_id": pl.String, "value": pl.Float64},
-        )
-        return Scored(counts, len(pairs), values, comparisons)
+        return Scored(counts, len(pairs), store.scores_by_ids([s.score_id for s in scores]), comparisons)
     messages = {pid: [Message(**m) for m in json.loads(raw)]
                 for pid, raw in zip(responses["prompt_id"], responses["messages"], strict=True)}  # fmt: skip
     items = [
@@ -192,9 +190,9 @@ def _run(
     new_prompts = store.write_prompts(run_id, prompts)
     summary.stages.append(StageCounts(stage="ingest", total=len(prompts), new=new_prompts,
                                       reused=len(prompts) - new_prompts))  # fmt: skip
-    summary.stages.append(generate_stage(store, run_id, config, prompts, policies))
-    prompt_ids = [p.prompt_id for p in prompts]
-    responses = store.responses_for(prompt_ids, [ep.identity for ep in policies])
+    generated, planned = generate_stage(store, run_id, config, prompts, policies)
+    summary.stages.append(generated)
+    responses = store.responses_by_ids(planned)  # this run's samples only, not earlier runs' other settings
     scored: dict[str, Scored] = {}
     for scorer in scorers:
         scored[scorer.name] = score_stage(store, run_id, config, scorer, responses)

@@ -367,7 +367,10 @@ class PipelineConfig(_Strict):
         if self.panel is not None:
             if self.panel.name in names:
                 raise ValueError(f"panel.name {self.panel.name!r} is also a scorer name")
-            missing = [n for n in self.panel.scorers or [] if n not in names]
+            members = self.panel.scorers or []
+            if len(set(members)) != len(members):
+                raise ValueError(f"panel.scorers must be distinct: {members}")
+            missing = [n for n in members if n not in names]
             if missing:
                 raise ValueError(f"panel.scorers {missing} are not scorer names; have {names}")
             if self.panel.scorers is None and len(names) < 2:

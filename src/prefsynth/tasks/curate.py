@@ -64,7 +64,8 @@ def best_vs_worst(
             .drop("_c", "_r")
             .sort("prompt_id")
         )
-    ids = [pair_id(c, r, rule) for c, r in zip(grouped["chosen_id"], grouped["rejected_id"], strict=True)]
+    ids = [pair_id(c, r, rule, (sc, sr)) for c, r, sc, sr in
+           grouped.select("chosen_id", "rejected_id", "score_chosen", "score_rejected").iter_rows()]  # fmt: skip
     return grouped.with_columns(
         pair_id=pl.Series(ids, dtype=pl.String), scorer_id=pl.lit(scorer_id), rule=pl.lit(rule_json)
     ).select(PAIR_COLUMNS)

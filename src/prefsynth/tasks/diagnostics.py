@@ -26,11 +26,30 @@ def length_corr(values: pl.DataFrame, lengths: pl.DataFrame) -> float | None:
 
 
 def position_stats(comparisons: pl.DataFrame, verdicts: pl.DataFrame) -> dict[str, float | None]:
+    """Over the comparisons that were combined (failed ones excluded, their judgments too)."""
     both = comparisons.filter(pl.col("consistent").is_not_null())
-    decisive = verdicts.filter(pl.col("verdict").is_in(["A", "B"]))
+    decisive = verdicts.filter(pl.col("verdict").is_in(["A", "B"]),
+                               pl.col("comparison_id").is_in(comparisons["comparison_id"].implode()))  # fmt: skip
     return {
         "position_consistency": _round(both["consistent"].mean()) if len(both) else None,  # type: ignore[arg-type]
         "first_position_rate": _round((decisive["verdict"] == "A").mean()) if len(decisive) else None,
+    }
+
+
+def pairwise_report(
+    comparisons: pl.DataFrame, judgments: pl.DataFrame, orders: tuple[str, ...], calls_per_comparison: int
+) -> dict[str, Any]:
+    """Position bias and cost of a pairwise judge over its combined comparisons (for `prefsynth eval`)."""
+    done = judgments.filter(pl.col("comparison_id").is_in(comparisons["comparison_id"].implode()))
+    used = done.filter(pl.col("order").is_in(list(orders)))
+    tokens = used.select(pl.col("prompt_tokens").fill_null(0) + pl.col("completion_tokens").fill_null(0)).sum().item()
+    return {
+        **position_stats(comparisons, done),
+        "flipped": int(comparisons["flipped"].sum()),
+        "dropped": int(comparisons["winner"].is_null().sum()),
+        "repaired": int(done["repaired"].sum()),
+        "calls_per_pair": calls_per_comparison,
+        "tokens_per_pair": round(tokens / len(comparisons), 1) if len(comparisons) else None,
     }
 
 

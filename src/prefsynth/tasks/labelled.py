@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prefsynth.errors import InputError
-from prefsynth.schemas.records import Message
+from prefsynth.schemas.records import Comparison, Message
 from prefsynth.warehouse.ids import content_id
 
 FORMATS = ("llmbar", "hh-rlhf", "rewardbench")
@@ -188,6 +188,17 @@ def load_labelled_report(path: str | Path, fmt: str, limit: int | None = None) -
 def load_labelled(path: str | Path, fmt: str, limit: int | None = None) -> list[LabelledPair]:
     """Read labelled pairs from `path` in format `fmt` (one of FORMATS); raise InputError naming the file at fault."""
     return load_labelled_report(path, fmt, limit)[0]
+
+
+def better_share(pair: LabelledPair, comparison: Comparison | None) -> float | None:
+    """The labelled-better reply's share of a pairwise comparison in which `a` was the reply shown first.
+
+    None when the comparison failed; 0.5 (a tie) when its verdict flipped and was dropped.
+    """
+    if comparison is None:
+        return None
+    share = 0.5 if comparison.winner is None else comparison.score_a
+    return share if pair.better_first else 1 - share
 
 
 def _counts(rows: list[tuple[float | None, float | None]]) -> dict[str, Any]:

@@ -44,5 +44,6 @@ def score_id(response: str, scorer: str) -> str:
     return content_id("score", response, scorer)
 
 
-def pair_id(chosen: str, rejected: str, rule: dict[str, Any]) -> str:
-    return content_id("pair", chosen, rejected, rule)
+def pair_id(chosen: str, rejected: str, rule: dict[str, Any], scores: tuple[float, float]) -> str:
+    """Scores are part of the id: a win share or a panel value can change when the other responses do."""
+    return content_id("pair", chosen, rejected, rule, [round(s, 9) for s in scores])

@@ -91,6 +91,12 @@ def frame(table: str, rows: Iterable[BaseModel | dict[str, Any]]) -> pl.DataFram
     return pl.DataFrame(dicts, schema=_SCHEMAS[table], orient="row" if not dicts else None)
 
 
+def _migrations() -> list[Any]:
+    """The numbered migrations/NNN_*.sql files, in order."""
+    folder = resources.files("prefsynth.warehouse").joinpath("migrations")
+    return sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
+
+
 class Store:
     """A DuckDB warehouse file: migrations on open, batched writes, the reads the pipeline needs."""
 
@@ -107,6 +113,10 @@ class Store:
         self._lock = threading.Lock()
         if not read_only:
             self.migrate()
+        elif (version := self.schema_version()) < len(_migrations()):
+            self.close()
+            raise PrefsynthError(f"warehouse {self.path} has schema version {version}, this prefsynth needs "
+                                 f"{len(_migrations())}: open it once read-write (e.g. `prefsynth run`) to migrate it")
 
     def close(self) -> None:
         self.con.close()
@@ -126,10 +136,7 @@ class Store:
         )
         done = {v for (v,) in self.con.execute("SELECT version FROM schema_version").fetchall()}
         applied = []
-        folder = resources.files("prefsynth.warehouse").joinpath("migrations")
-        for item in sorted(folder.iterdir(), key=lambda p: p.name):
-            if not item.name.endswith(".sql"):
-                continue
+        for item in _migrations():
             version = int(item.name.split("_", 1)[0])
             if version in done:
                 continue
@@ -145,7 +152,10 @@ class Store:
         return applied
 
     def schema_version(self) -> int:
-        return self.con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+        try:
+            return self.con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+        except duckdb.CatalogException:  # a file no prefsynth version has migrated
+            return 0
 
     # ---- writes -------------------------------------------------------------------------------
     def _insert(self, table: str, df: pl.DataFrame, run_id: str | None) -> int:
@@ -327,15 +337,13 @@ class Store:
         except duckdb.CatalogException:
             raise PrefsynthError(f"warehouse {self.path} has no table or view named {table!r}") from None
 
-    def responses_for(self, prompt_ids: Sequence[str], model_identities: Sequence[str]) -> pl.DataFrame:
-        """The responses of these prompts by these models (what a scorer works on)."""
-        return self._query(
-            "SELECT r.response_id, r.prompt_id, p.messages, r.text, r.model FROM responses r "
-            "JOIN prompts p USING (prompt_id) "
-            "WHERE r.prompt_id IN (SELECT unnest($1)) AND r.model_identity IN (SELECT unnest($2)) "
-            "ORDER BY r.response_id",
-            [list(prompt_ids), list(model_identities)],
-        )
+    def responses_by_ids(self, response_ids: Sequence[str]) -> pl.DataFrame:
+        """These responses (those that exist) with their prompt's messages: what a scorer works on."""
+        sql = ("SELECT r.response_id, r.prompt_id, p.messages, r.text, r.model FROM responses r "
+               "JOIN _ids ON r.response_id = _ids.id JOIN prompts p USING (prompt_id) ORDER BY r.response_id")
+        schema = {"response_id": pl.String, "prompt_id": pl.String, "messages": pl.String, "text": pl.String,
+                  "model": pl.String}  # fmt: skip
+        return self._rows(sql, response_ids, schema)
 
     def scores_by_ids(self, score_ids: Sequence[str]) -> pl.DataFrame:
         """prompt_id, response_id, value of these scores (those that exist)."""

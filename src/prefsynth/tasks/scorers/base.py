@@ -39,10 +39,6 @@ class PairItem:
     b: tuple[str, str]
     diagnose: bool = False  # judge the swapped order too, for position consistency only
 
-    @property
-    def item_id(self) -> str:
-        return self.comparison_id
-
 
 @dataclass
 class ScoreOutcome:

@@ -203,7 +203,8 @@ class PairwiseJudge(PairwiseScorer):
             for outcome in parsed.outcomes:
                 out.keep(outcome)
             if parsed.value is None:
-                errors.append((f"order {order} sample {sample}: {parsed.error}", parsed.raw))
+                if order in self.orders:  # a diagnostic-only order that fails just leaves `consistent` unknown
+                    errors.append((f"order {order} sample {sample}: {parsed.error}", parsed.raw))
                 continue
             verdict, rationale = parsed.value
             out.judgments.append(
@@ -219,6 +220,8 @@ class PairwiseJudge(PairwiseScorer):
             raw = "\n=== next judgment ===\n".join(r for _, r in errors if r)
             return self.failed(out, item, "; ".join(e for e, _ in errors), raw or None)
         winner, score_a, consistent, flipped, used = combine(out.judgments, self.orders, self.spec.on_flip)
+        if len(out.judgments) < len(self._plan(item)):  # a diagnostic judgment failed: the swap is unknown
+            consistent, flipped = None, False
         out.comparison = Comparison(
             comparison_id=item.comparison_id, scorer_id=self.scorer_id, prompt_id=item.prompt_id,
             response_a_id=item.a[0], response_b_id=item.b[0], winner=winner, score_a=score_a,
