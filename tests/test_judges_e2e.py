@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 
 import duckdb
-import yaml
 from typer.testing import CliRunner
 
 from prefsynth.cli import app
 from prefsynth.flows.synthesize import synthesize
 from tests.conftest import small_config, write_jsonl
-from tests.test_eval import PAIRS
+from tests.test_eval import PAIRS, _config
 
 runner = CliRunner()
 SMOL = {"gguf": "smollm2-135m-instruct", "n_ctx": 4096}
@@ -81,22 +80,11 @@ def test_pipeline_with_a_calibrated_pairwise_judge_a_rubric_judge_and_a_panel(tm
     assert rerun.model_calls == 0 and rerun.pairs == summary.pairs
 
 
-def _eval_config(tmp_path, **judge) -> str:
-    path = tmp_path / f"eval-{len(judge)}.yaml"
-    path.write_text(yaml.safe_dump({
-        "prompts": {"builtin": "quickstart"},
-        "generation": {"models": [{"gguf": "smollm2-135m-instruct"}]},
-        "scorers": [{**PAIRWISE, **judge}],
-        "warehouse": str(tmp_path / "w.duckdb"),
-    }))  # fmt: skip
-    return str(path)
-
-
 def test_eval_of_a_pairwise_judge_with_and_without_calibration(tmp_path, prefect_harness):
     data = tmp_path / "mini.json"
     data.write_text(json.dumps(PAIRS))
     args = ["--data", str(data), "--format", "llmbar", "--json"]
-    result = runner.invoke(app, ["eval", "--config", _eval_config(tmp_path), *args])
+    result = runner.invoke(app, ["eval", "--config", _config(tmp_path, [PAIRWISE]), *args])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["n"] + out["failed"] == 3 and {"accuracy", "ties", "position_consistency"} <= set(out)
@@ -107,7 +95,8 @@ def test_eval_of_a_pairwise_judge_with_and_without_calibration(tmp_path, prefect
     consistent = [c for (c,) in _q(db, "SELECT consistent FROM eval_items WHERE consistent IS NOT NULL")]
     assert out["position_consistency"] == round(sum(consistent) / len(consistent), 4)
     # one order: the same calls (it judges the swap only to measure consistency), so nothing new is asked
-    single = runner.invoke(app, ["eval", "--config", _eval_config(tmp_path, balanced_position=False), *args])
+    one_order = _config(tmp_path, [{**PAIRWISE, "balanced_position": False}])
+    single = runner.invoke(app, ["eval", "--config", one_order, *args])
     assert single.exit_code == 0, single.output
     one = json.loads(single.stdout)
     assert one["model_calls"] == 0 and one["calls_per_pair"] == 1

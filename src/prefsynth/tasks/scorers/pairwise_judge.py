@@ -180,6 +180,14 @@ class PairwiseJudge(PairwiseScorer):
         orders = ORDERS if item.diagnose else self.orders
         return [(o, k) for o in orders for k in range(self.spec.samples_per_order)]
 
+    def schedule(self, items: Sequence[PairItem]) -> tuple[list[list[PairItem]], int]:
+        """A prompt's comparisons go together and as many prompts as the server has slots are in flight, so
+        a one-slot server judges both orders of a pair back to back and reuses the shared prefix it cached."""
+        groups: dict[str, list[PairItem]] = {}
+        for item in items:
+            groups.setdefault(item.prompt_id, []).append(item)
+        return list(groups.values()), max(1, self.endpoint.concurrency)
+
     async def prepare(self, clients: Clients, items: Sequence[PairItem], cache: Cache | None) -> list[Route]:
         client = clients["judge"]
         bodies = [self._body(client, self._messages(i, o), k) for i in items for o, k in self._plan(i)]
