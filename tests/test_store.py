@@ -58,21 +58,13 @@ def test_second_writer_gets_a_clear_error(tmp_path):
 
     path = tmp_path / "w.duckdb"
     Store(path).close()
-    code = f"from prefsynth.warehouse.store import Store; s = Store({str(path)!r}); import time; time.sleep(30)"
-    holder = subprocess.Popen([sys.executable, "-c", code])
+    code = (f"from prefsynth.warehouse.store import Store; s = Store({str(path)!r}); print('ready', flush=True); "
+            "import time; time.sleep(60)")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        import time
-
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                Store(path).close()
-            except PrefsynthError as err:
-                assert "cannot open warehouse" in str(err)
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("a second writer was allowed")
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"  # it holds the file now
+        with pytest.raises(PrefsynthError, match="cannot open warehouse"):
+            Store(path)
     finally:
         holder.kill()
         holder.wait()
