@@ -112,7 +112,7 @@ def test_cache_rerun_and_a_new_weak_model_only_costs_its_own_passes(servers, tmp
         assert len(first.logprobs) == 4 and {c.kind for c in first.calls} == {"logprob"}
         again = _score(build_scorer(CDRSpec(strong=SMOL, weak=GEMMA), servers.endpoint), items, store)
         assert again.calls == [] and again.logprobs == []
-        assert [s.value for s in again.scores] == [s.value for s in first.scores]
+        assert {s.response_id: s.value for s in again.scores} == {s.response_id: s.value for s in first.scores}
         # a "new" weak model: the same file named by path has another identity (its SHA-256)
         new_weak = ModelSpec(gguf=str(resolve_gguf("smollm2-135m-instruct")[0]))
         third = _score(build_scorer(CDRSpec(strong=SMOL, weak=new_weak), servers.endpoint), items, store)

@@ -201,7 +201,7 @@ def test_a_second_run_with_the_same_cache_makes_no_request(tmp_path):
         other_label = asyncio.run(score_items(http_scorer(fake.base_url, label_index=1), items(), store))
     assert len(fake.requests) == 3
     assert second.calls == [] and values(second) == values(first)
-    assert [s.call_ids for s in second.scores] == [s.call_ids for s in first.scores]
+    assert {s.response_id: s.call_ids for s in second.scores} == {s.response_id: s.call_ids for s in first.scores}
     # the cache holds the server's output, so another label_index is read from it, not re-requested
     assert other_label.calls == [] and not other_label.scores and len(other_label.failures) == 3
     assert all("label_index 1 is out of range" in f.error for f in other_label.failures)
