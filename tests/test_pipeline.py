@@ -68,8 +68,9 @@ def test_rerun_makes_zero_model_calls_and_the_same_pairs(first_run):
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
     calls_before = _q(config.warehouse, "SELECT count(*) FROM model_calls")[0][0]
-    result = runner.invoke(app, ["run", str(path)])
+    result = runner.invoke(app, ["run", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
+    assert "score[judge]" in result.stdout  # stage names are shown as text, not read as rich markup
     assert _q(config.warehouse, "SELECT count(*) FROM model_calls")[0][0] == calls_before
     runs = [r[0] for r in _q(config.warehouse, "SELECT run_id FROM runs ORDER BY started_at")]
     assert len(runs) == 2

@@ -89,7 +89,7 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
     for col in ("stage", "total", "reused", "new", "failed", "model calls", "tokens"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for s in summary.stages:
-        table.add_row(s.stage, *(str(v) for v in (s.total, s.reused, s.new, s.failed, s.model_calls, s.tokens)))
+        table.add_row(*(_cell(v) for v in (s.stage, s.total, s.reused, s.new, s.failed, s.model_calls, s.tokens)))
     Console().print(table)
     Console().print(
         f"{summary.pairs} pairs, {summary.model_calls} new model calls, {summary.failures} failures, "
@@ -159,7 +159,7 @@ def stats(
     for col in ("model", "kind", "calls", "errors", "prompt tokens", "completion tokens"):
         calls.add_column(col)
     for row in data["calls_by_model"]:
-        calls.add_row(*(str(v) for v in row.values()))
+        calls.add_row(*(_cell(v) for v in row.values()))
     out.print(calls)
     for title, rows, skip in (("scorer diagnostics (latest run of each scorer)", data["scorer_diagnostics"],
                                ("scorer_id",)), ("panels (latest run of each)", data["panels"], ())):  # fmt: skip
@@ -180,8 +180,8 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     if isinstance(value, list):
-        return ", ".join(map(str, value))
-    return str(value)
+        return escape(", ".join(map(str, value)))
+    return escape(str(value))  # names like score[judge] are text, not rich markup
 
 
 @app.command()
