@@ -6,7 +6,6 @@ the only writer of the warehouse; every chunk's records are committed as soon as
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ from prefsynth.backends.client import Endpoint, check_reachable
 from prefsynth.backends.local import LocalServers
 from prefsynth.flows.progress import StageProgress
 from prefsynth.schemas.config import PipelineConfig
-from prefsynth.schemas.records import Message, Prompt, RunSummary, StageCounts, StageResult
+from prefsynth.schemas.records import Prompt, RunSummary, StageCounts, StageResult
 from prefsynth.tasks._async import run_async
 from prefsynth.tasks.compare import comparison_scores, plan_comparisons
 from prefsynth.tasks.curate import curate
@@ -32,9 +31,9 @@ from prefsynth.tasks.export import export
 from prefsynth.tasks.generate import generate_chunk, plan_generation
 from prefsynth.tasks.ingest import ingest
 from prefsynth.tasks.panel import panel_id, run_panel
-from prefsynth.tasks.score import score_chunk
-from prefsynth.tasks.scorers import PairwiseScorer, ScoreItem, Scorer, build_scorer
-from prefsynth.warehouse.ids import canonical_json, score_id
+from prefsynth.tasks.score import plan_scores, score_chunk
+from prefsynth.tasks.scorers import PairwiseScorer, Scorer, build_scorer
+from prefsynth.warehouse.ids import canonical_json
 from prefsynth.warehouse.store import Store
 
 T = TypeVar("T")
@@ -132,12 +131,7 @@ def score_stage(
         scores = comparison_scores(pairs, comparisons, scorer.scorer_id, scorer.name)
         store.write(run_id, StageResult(scores=scores))
         return Scored(counts, len(pairs), store.scores_by_ids([s.score_id for s in scores]), comparisons)
-    messages = {pid: [Message(**m) for m in json.loads(raw)]
-                for pid, raw in zip(responses["prompt_id"], responses["messages"], strict=True)}  # fmt: skip
-    items = [
-        ScoreItem(score_id(rid, scorer.scorer_id), rid, pid, messages[pid], text)
-        for rid, pid, text in zip(responses["response_id"], responses["prompt_id"], responses["text"], strict=True)
-    ]
+    items = plan_scores(responses, scorer.scorer_id)
     have = store.existing_ids("scores", [i.score_id for i in items])
     todo = [i for i in items if i.score_id not in have]
     counts = run_stage(stage, todo, len(items), config.chunk_size, work, store, run_id)

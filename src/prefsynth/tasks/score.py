@@ -5,16 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from prefsynth.backends.client import Cache, ModelClient
-from prefsynth.schemas.records import StageResult
+from prefsynth.schemas.records import Message, StageResult
 from prefsynth.tasks._async import run_async
-from prefsynth.tasks.scorers import Scorer
+from prefsynth.tasks.scorers import ScoreItem, Scorer
+from prefsynth.warehouse.ids import score_id
+
+
+def plan_scores(responses: pl.DataFrame, scorer_id: str) -> list[ScoreItem]:
+    """responses: response_id, prompt_id, messages (JSON), text -> one item per response."""
+    messages = {pid: [Message(**m) for m in json.loads(raw)]
+                for pid, raw in zip(responses["prompt_id"], responses["messages"], strict=True)}  # fmt: skip
+    return [
+        ScoreItem(score_id(rid, scorer_id), rid, pid, messages[pid], text)
+        for rid, pid, text in zip(responses["response_id"], responses["prompt_id"], responses["text"], strict=True)
+    ]
 
 
 async def score_items(
