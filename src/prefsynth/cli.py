@@ -162,7 +162,8 @@ def stats(
         calls.add_row(*(_cell(v) for v in row.values()))
     out.print(calls)
     for title, rows, skip in (("scorer diagnostics (latest run of each scorer)", data["scorer_diagnostics"],
-                               ("scorer_id",)), ("panels (latest run of each)", data["panels"], ())):  # fmt: skip
+                               ("scorer_id", "run_id")),
+                              ("panels (latest run of each)", data["panels"], ("panel_id", "run_id"))):  # fmt: skip
         if not rows:
             continue
         table = Table(title=title)
