@@ -7,7 +7,7 @@ import json
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 # The shape llama-cpp-python's server returns for /v1/chat/completions (recorded, ids shortened).
 RECORDED_CHAT = {
@@ -29,19 +29,18 @@ def chat_reply(content: str) -> Reply:
     return 200, body
 
 
-class FakeOpenAI:
-    """`respond(body) -> (status, json)` decides each chat reply; requests are counted."""
+class LoopbackServer:
+    """An HTTP server on 127.0.0.1 in a thread: `respond(path, body) -> (status, json)` answers each POST,
+    after `keep(path, body)` has recorded it; GET answers a model list."""
 
-    def __init__(self, respond: Callable[[dict[str, Any]], Reply]) -> None:
-        self.respond = respond
-        self.requests: list[dict[str, Any]] = []
+    def __init__(self, respond: Callable[[str, dict[str, Any]], Reply]) -> None:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:
                 pass
 
-            def _send(self, status: int, body: dict[str, Any]) -> None:
+            def _send(self, status: int, body: Any) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
@@ -55,8 +54,8 @@ class FakeOpenAI:
 
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                fake.requests.append(body)
-                self._send(*fake.respond(body))
+                fake.keep(self.path, body)
+                self._send(*respond(self.path, body))
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -65,10 +64,24 @@ class FakeOpenAI:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
-    def __enter__(self) -> FakeOpenAI:
+    def keep(self, path: str, body: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class FakeOpenAI(LoopbackServer):
+    """`respond(body) -> (status, json)` decides each chat reply; request bodies are kept in `requests`."""
+
+    def __init__(self, respond: Callable[[dict[str, Any]], Reply]) -> None:
+        self.requests: list[dict[str, Any]] = []
+        super().__init__(lambda path, body: respond(body))
+
+    def keep(self, path: str, body: dict[str, Any]) -> None:
+        self.requests.append(body)

@@ -7,9 +7,7 @@ import asyncio
 import copy
 import json
 import shutil
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,51 +22,22 @@ from prefsynth.tasks.score import score_items
 from prefsynth.tasks.scorers import ScoreItem
 from prefsynth.tasks.scorers.reward_model import RewardModelScorer
 from prefsynth.warehouse.store import Store
+from tests.fake_server import LoopbackServer, Reply
 
 FIXTURES = Path(__file__).parent / "fixtures"
 POOLING = json.loads((FIXTURES / "vllm_pooling_response.json").read_text())
 CLASSIFY = json.loads((FIXTURES / "vllm_classify_response.json").read_text())
 RESPONSES = ["Paris.", "The capital of France is Paris.", "I think it is Lyon, but I am not sure."]
 
-Reply = tuple[int, Any]
-
-
-class FakeVLLM:
-    """A loopback server answering POSTs with `respond(path, body)`; requests are kept as (path, body)."""
+class FakeVLLM(LoopbackServer):
+    """`respond(path, body)` answers each POST; requests are kept as (path, body)."""
 
     def __init__(self, respond: Callable[[str, dict[str, Any]], Reply]) -> None:
         self.requests: list[tuple[str, dict[str, Any]]] = []
-        fake = self
+        super().__init__(respond)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                fake.requests.append((self.path, body))
-                status, reply = respond(self.path, body)
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"  # the /v1 convention of our configs
-
-    def __enter__(self) -> FakeVLLM:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def keep(self, path: str, body: dict[str, Any]) -> None:
+        self.requests.append((path, body))
 
 
 def expected(body: dict[str, Any]) -> float:

@@ -65,33 +65,31 @@ class Cache(Protocol):
 
 
 @dataclass
-class ChatOutcome:
+class Outcome:
+    """One request's ledger record, and whether it was answered from the cache."""
+
     call: ModelCall
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.call.status == "ok"
+
+
+@dataclass
+class ChatOutcome(Outcome):
     text: str | None = None
     finish_reason: str | None = None
-    cached: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.call.status == "ok"
 
 
 @dataclass
-class LogprobOutcome:
-    call: ModelCall
+class LogprobOutcome(Outcome):
     values: list[float | None] = field(default_factory=list)  # one per token of the text, None for the first
-    cached: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.call.status == "ok"
 
 
 @dataclass
-class RewardOutcome:
-    call: ModelCall
+class RewardOutcome(Outcome):
     value: float | None = None
-    cached: bool = False
     error: str | None = None  # the call succeeded but its answer holds no reward for this label_index
 
 

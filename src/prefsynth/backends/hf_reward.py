@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prefsynth.backends.local import file_sha256
+from prefsynth.backends.templates import conversation_text
 from prefsynth.errors import ConfigError
 
 RENDER_VERSION = 1  # bump when the text given to the model changes
@@ -53,10 +54,6 @@ def folder_identity(folder: Path) -> str:
     for path in sorted(files):
         digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
     return f"hf:sha256:{digest.hexdigest()}"
-
-
-def plain_rendering(conversation: list[dict[str, str]]) -> str:
-    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in conversation)
 
 
 class HFRewardModel:
@@ -133,7 +130,7 @@ class HFRewardModel:
         if getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template(conversation, tokenize=False)
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(tokenizer(plain_rendering(conversation))["input_ids"])
+        return list(tokenizer(conversation_text(conversation))["input_ids"])
 
     def _forward(self, model: Any, rows: list[list[int]], pad_id: int | None) -> list[list[float]]:
         import torch

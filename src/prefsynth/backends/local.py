@@ -186,20 +186,20 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
             self._resolved[spec.gguf] = resolve_gguf(spec.gguf)
 
     def endpoint(self, spec: ModelSpec) -> Endpoint:
+        """A ready endpoint for `spec`: the remote one it names, or a local server for its GGUF file."""
+        limits = {"label": spec.label, "concurrency": spec.concurrency, "timeout_s": spec.timeout_s,
+                  "max_retries": spec.max_retries}  # fmt: skip
         if spec.gguf is None:
             return Endpoint(
-                label=spec.label,
                 identity=f"{spec.base_url.rstrip('/')}#{spec.model}",  # type: ignore[union-attr]
                 base_url=str(spec.base_url),
                 model=str(spec.model),
                 api_key=spec.api_key(),
-                concurrency=spec.concurrency,
-                timeout_s=spec.timeout_s,
-                max_retries=spec.max_retries,
                 is_local=False,
                 server=spec.server,
                 logprobs=_logprob_method(spec, spec.server == "vllm"),
                 template=configured_template(spec.chat_template),
+                **limits,
             )
         self.check(spec)
         path, identity = self._resolved[spec.gguf]
@@ -208,21 +208,17 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
             server = LocalServer(path, identity, spec.n_ctx, spec.n_threads)
             self._servers[key] = server
             server.start()
-        server = self._servers[key]
         return Endpoint(
-            label=spec.label,
             identity=identity,
-            base_url=server.base_url,
+            base_url=self._servers[key].base_url,
             model=spec.label,
             api_key="not-needed",
-            concurrency=spec.concurrency,
-            timeout_s=spec.timeout_s,
-            max_retries=spec.max_retries,
             is_local=True,
             server="llama-cpp",
             # the embedded server answers vLLM-style prompt_logprobs (see llama_server.py)
             logprobs=_logprob_method(spec, True),
             template=configured_template(spec.chat_template) if spec.chat_template else gguf_template(str(path)),
+            **limits,
         )
 
     def close(self) -> None:

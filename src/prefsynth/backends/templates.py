@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from prefsynth.errors import ConfigError
+from prefsynth.schemas.records import Message
 
 PLAIN = (
     "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n{% endfor %}"
@@ -45,6 +47,13 @@ class ChatTemplate:
 
 
 PLAIN_TEMPLATE = ChatTemplate(PLAIN, plain=True)
+
+
+def conversation_text(messages: Sequence[Message] | Sequence[dict[str, str]]) -> str:
+    """Turns as "Role: content" lines: how judges are shown a conversation, and what a reward model without
+    a chat template reads."""
+    rows = (m.model_dump() if isinstance(m, Message) else m for m in messages)
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in rows)
 
 
 @functools.cache

@@ -20,8 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from prefsynth.backends.local import LocalServers
-from prefsynth.flows.progress import StageProgress
-from prefsynth.flows.synthesize import check_endpoints, chunks
+from prefsynth.flows.synthesize import check_endpoints, run_stage
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import StageResult
 from prefsynth.tasks.compare import comparison_id
@@ -138,18 +137,17 @@ def _row(
 
 
 def _score_all(store: Store, eval_id: str, scorer: Scorer, items: list[Any], chunk_size: int) -> StageResult:
-    """Score every item, writing calls, failures and judgments per chunk; returns what was scored."""
-    logger = get_run_logger()
-    progress = StageProgress(f"eval[{scorer.name}]", len(items))
+    """Score every item chunk by chunk as the pipeline does; returns everything scored. Calls, failures and
+    judgments are written; scores of labelled replies are kept in eval_items, not in the scores table."""
     total = StageResult()
-    done: Callable[[int], None] = progress.advance
-    for chunk in chunks(items, chunk_size):
+
+    def work(chunk: list[Any], done: Callable[[int], None]) -> StageResult:
         result = score_chunk(scorer, chunk, store, done)
-        # scores of labelled replies are kept in eval_items, not in the pipeline's scores table
-        store.write(eval_id, result.model_copy(update={"scores": []}))
         for key in ("calls", "scores", "failures", "judgments", "comparisons"):
             getattr(total, key).extend(getattr(result, key))
-        logger.info(progress.line())
+        return result.model_copy(update={"scores": []})
+
+    run_stage(f"eval[{scorer.name}]", items, len(items), chunk_size, work, store, eval_id)
     return total
 
 

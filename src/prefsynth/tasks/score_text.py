@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefsynth.backends.client import ModelClient
 from prefsynth.backends.local import LocalServers
 from prefsynth.errors import ConfigError, PrefsynthError
 from prefsynth.schemas.config import CDRSpec, ModelSpec, ScorerSpec, load_config
 from prefsynth.schemas.records import Message
 from prefsynth.tasks._async import run_async
+from prefsynth.tasks.score import score_items
 from prefsynth.tasks.scorers import PointwiseScorer, ScoreItem, build_scorer
 from prefsynth.tasks.scorers.cdr import CDRScorer
 from prefsynth.warehouse.ids import prompt_id
@@ -32,25 +32,19 @@ def pick_scorer(name_or_kind: str, config: Path | None) -> ScorerSpec:
 
 
 async def _score(scorer: PointwiseScorer, item: ScoreItem) -> dict[str, Any]:
-    clients = {role: ModelClient(ep) for role, ep in scorer.endpoints.items()}
-    try:
-        await scorer.prepare(clients, [item], None)
-        outcome = await scorer.score(clients, item)
-    finally:
-        for client in clients.values():
-            await client.__aexit__()
-    if outcome.failure is not None:
-        raise PrefsynthError(f"scoring failed: {outcome.failure.error}")
-    assert outcome.score is not None
+    result = await score_items(scorer, [item])
+    if result.failures:
+        raise PrefsynthError(f"scoring failed: {result.failures[0].error}")
+    (score,) = result.scores
     out: dict[str, Any] = {"scorer": scorer.name, "kind": scorer.kind, "scorer_id": scorer.scorer_id,
-                           "value": outcome.score.value}  # fmt: skip
+                           "value": score.value}  # fmt: skip
     if isinstance(scorer, CDRScorer):
         texts = scorer.texts(item)
-        out.update(json.loads(outcome.score.details or "{}"))
+        out.update(json.loads(score.details or "{}"))
         out.update(strong_context=texts["strong_context"], weak_context=texts["weak_context"],
                    continuation=texts["strong_continuation"], weak_continuation=texts["weak_continuation"])  # fmt: skip
     else:
-        out.update(rationale=outcome.score.rationale, raw=outcome.score.raw)
+        out.update(rationale=score.rationale, raw=score.raw)
     return out
 
 

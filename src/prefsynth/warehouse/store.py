@@ -7,9 +7,10 @@ were in flight.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -215,12 +216,13 @@ class Store:
 
         def write() -> int:
             new = self._insert("prompts", df, run_id)
-            self._insert_links("run_prompts", links)
+            self._insert_rows("run_prompts", links)
             return new
 
         return self._transaction(write)
 
-    def _insert_links(self, table: str, df: pl.DataFrame) -> None:
+    def _insert_rows(self, table: str, df: pl.DataFrame) -> None:
+        """Rows keyed by their table's primary key (links, per-run rows): duplicates are skipped."""
         if df.is_empty():
             return
         self.con.register("_links", df.unique().to_arrow())
@@ -260,7 +262,7 @@ class Store:
 
         def write() -> int:
             new = self._insert("pairs", df, run_id)
-            self._insert_links("run_pairs", links)
+            self._insert_rows("run_pairs", links)
             return new
 
         return self._transaction(write)
@@ -289,13 +291,25 @@ class Store:
         return {r[0]: (r[1], r[2]) for r in rows}
 
     def _lookup(self, sql: str, ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Rows of `sql`, which joins the table `_ids` (these ids). Thread-safe."""
         if not ids:
             return []
+        with self._with_ids(ids) as cur:
+            return cur.execute(sql).fetchall()
+
+    def _rows(self, sql: str, ids: Sequence[str], schema: dict[str, Any]) -> pl.DataFrame:
+        """`_lookup` as a frame with these column types."""
+        with self._with_ids(ids) as cur:
+            df = cur.execute(sql).pl()
+        return df.cast(schema) if len(df.columns) else pl.DataFrame(schema=schema)
+
+    @contextlib.contextmanager
+    def _with_ids(self, ids: Sequence[str]) -> Iterator[duckdb.DuckDBPyConnection]:
         with self._lock:
             cur = self.con.cursor()
             try:
                 cur.register("_ids", pl.DataFrame({"id": list(ids)}, schema={"id": pl.String}).to_arrow())
-                return cur.execute(sql).fetchall()
+                yield cur
             finally:
                 cur.close()
 
@@ -310,13 +324,13 @@ class Store:
                 {"run_id": run_id, **summary},
             )
             for table, df in (("panel_scores", scores), ("panel_agreement", agreement)):
-                self._insert_links(table, df.select(pl.lit(run_id).alias("run_id"), *df.columns))
+                self._insert_rows(table, df.select(pl.lit(run_id).alias("run_id"), *df.columns))
 
         self._transaction(write)
 
     def write_diagnostics(self, run_id: str, rows: list[dict[str, Any]]) -> None:
         df = pl.DataFrame(rows).select(pl.lit(run_id).alias("run_id"), pl.all()) if rows else pl.DataFrame()
-        self._transaction(lambda: self._insert_links("scorer_diagnostics", df))
+        self._transaction(lambda: self._insert_rows("scorer_diagnostics", df))
 
     def write_eval(self, eval_id: str, rows: dict[str, Any], items: pl.DataFrame) -> None:
         """One scorer's evaluation: its summary row and every labelled pair's scores, in one transaction."""
@@ -354,16 +368,6 @@ class Store:
     def comparisons_by_ids(self, comparison_ids: Sequence[str]) -> pl.DataFrame:
         sql = "SELECT c.* EXCLUDE (run_id, created_at) FROM comparisons c JOIN _ids ON c.comparison_id = _ids.id"
         return self._rows(sql, comparison_ids, _SCHEMAS["comparisons"])
-
-    def _rows(self, sql: str, ids: Sequence[str], schema: dict[str, Any]) -> pl.DataFrame:
-        with self._lock:
-            cur = self.con.cursor()
-            try:
-                cur.register("_ids", pl.DataFrame({"id": list(ids)}, schema={"id": pl.String}).to_arrow())
-                df = cur.execute(sql).pl()
-            finally:
-                cur.close()
-        return df.cast(schema) if len(df.columns) else pl.DataFrame(schema=schema)
 
     def verdicts_by_comparison(self, comparison_ids: Sequence[str]) -> pl.DataFrame:
         """comparison_id, order, verdict of every judgment of these comparisons."""

@@ -12,9 +12,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-from prefsynth.backends.client import Cache, ChatOutcome, Endpoint, LogprobOutcome, ModelClient
+from prefsynth.backends.client import Cache, Endpoint, ModelClient, Outcome
 from prefsynth.schemas.records import Comparison, Failure, Judgment, LogprobRow, Message, ModelCall, Route, Score
 from prefsynth.warehouse.ids import canonical_json, scorer_id
 
@@ -49,13 +49,22 @@ class ScoreOutcome:
     judgments: list[Judgment] = field(default_factory=list)
     comparison: Comparison | None = None
 
-    def keep(self, outcome: ChatOutcome | LogprobOutcome) -> None:
+    def keep(self, outcome: Outcome) -> None:
         """Remember a call for the ledger unless it was answered from the cache."""
         if not outcome.cached:
             self.calls.append(outcome.call)
 
 
 Clients = dict[str, ModelClient]
+T = TypeVar("T", ScoreItem, PairItem)
+
+
+def by_prompt(items: Sequence[T]) -> list[list[T]]:
+    """Items grouped by prompt, in first-seen order: a one-slot server then reuses the prompt's cached prefix."""
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        groups.setdefault(item.prompt_id, []).append(item)
+    return list(groups.values())
 
 
 class Scorer(ABC):

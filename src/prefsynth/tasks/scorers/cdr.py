@@ -31,11 +31,11 @@ import yaml
 
 from prefsynth.backends.client import Cache, Endpoint, ModelClient
 from prefsynth.backends.quirks import json_response_format
+from prefsynth.backends.templates import conversation_text
 from prefsynth.errors import ConfigError
 from prefsynth.schemas.config import CDRSpec
 from prefsynth.schemas.records import LogprobRow, Route, Score
-from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome
-from prefsynth.tasks.scorers.judging import render_conversation
+from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome, by_prompt
 from prefsynth.warehouse.ids import canonical_json, content_id
 
 ROUTER_TEMPLATE = """Which domain does this request belong to?
@@ -178,7 +178,7 @@ class CDRScorer(PointwiseScorer):
         assert self.custom is not None
         names = list(self.custom.domains)
         listing = "\n".join(f"- {n}: {d['description']}" for n, d in self.custom.domains.items())
-        user = ROUTER_TEMPLATE.format(domains=listing, conversation=render_conversation(item.messages),
+        user = ROUTER_TEMPLATE.format(domains=listing, conversation=conversation_text(item.messages),
                                       names=", ".join(names))  # fmt: skip
         schema = {"type": "object", "properties": {"domain": {"type": "string", "enum": names}}, "required": ["domain"]}
         return client.request_body(
@@ -203,11 +203,8 @@ class CDRScorer(PointwiseScorer):
     def schedule(self, items: Sequence[ScoreItem]) -> tuple[list[list[ScoreItem]], int]:
         """Replies to one prompt go together, so a one-slot server reuses their shared context from its
         KV cache; servers with more slots get proportionally more prompts in flight."""
-        groups: dict[str, list[ScoreItem]] = {}
-        for item in items:
-            groups.setdefault(item.prompt_id, []).append(item)
         slots = min(self.endpoints["strong"].concurrency, self.endpoints["weak"].concurrency)
-        return list(groups.values()), max(1, slots // 2)
+        return by_prompt(items), max(1, slots // 2)
 
     async def _logprob(
         self, client: ModelClient, role: str, context: str, continuation: str, out: ScoreOutcome

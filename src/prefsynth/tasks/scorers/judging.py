@@ -1,4 +1,4 @@
-"""What LLM judges share: the conversation as text, and asking for a reply that parses, with one repair.
+"""What LLM judges share: asking for a reply that parses, with one repair.
 
 A reply that does not parse gets one repair prompt naming the problem; if the repaired reply does not
 parse either, the caller records a failure with both raw texts (never a silent null).
@@ -13,13 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from prefsynth.backends.client import ChatOutcome, ModelClient
-from prefsynth.schemas.records import Message
 
 T = TypeVar("T")
-
-
-def render_conversation(messages: list[Message]) -> str:
-    return "\n".join(f"{m.role.capitalize()}: {m.content}" for m in messages)
 
 
 def json_object(text: str) -> dict[str, Any]:

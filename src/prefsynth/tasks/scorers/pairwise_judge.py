@@ -20,10 +20,11 @@ from typing import Any
 
 from prefsynth.backends.client import Cache, Endpoint, ModelClient
 from prefsynth.backends.quirks import json_response_format
+from prefsynth.backends.templates import conversation_text
 from prefsynth.schemas.config import PairwiseJudgeSpec
 from prefsynth.schemas.records import Comparison, Judgment, Route
-from prefsynth.tasks.scorers.base import Clients, PairItem, PairwiseScorer, ScoreOutcome
-from prefsynth.tasks.scorers.judging import ask_parsed, json_object, render_conversation
+from prefsynth.tasks.scorers.base import Clients, PairItem, PairwiseScorer, ScoreOutcome, by_prompt
+from prefsynth.tasks.scorers.judging import ask_parsed, json_object
 from prefsynth.warehouse.ids import content_id
 
 TEMPLATE_VERSION = 1
@@ -172,7 +173,7 @@ class PairwiseJudge(PairwiseScorer):
     def _messages(self, item: PairItem, order: str) -> list[dict[str, str]]:
         first, second = (item.a, item.b) if order == "ab" else (item.b, item.a)
         ask = ASK[self.spec.style].format(choices=self._choices(), tags=self._tags())
-        user = TEMPLATE.format(criteria=self.spec.criteria, conversation=render_conversation(item.messages),
+        user = TEMPLATE.format(criteria=self.spec.criteria, conversation=conversation_text(item.messages),
                                first=first[1], second=second[1], ask=ask)  # fmt: skip
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
@@ -183,10 +184,7 @@ class PairwiseJudge(PairwiseScorer):
     def schedule(self, items: Sequence[PairItem]) -> tuple[list[list[PairItem]], int]:
         """A prompt's comparisons go together and as many prompts as the server has slots are in flight, so
         a one-slot server judges both orders of a pair back to back and reuses the shared prefix it cached."""
-        groups: dict[str, list[PairItem]] = {}
-        for item in items:
-            groups.setdefault(item.prompt_id, []).append(item)
-        return list(groups.values()), max(1, self.endpoint.concurrency)
+        return by_prompt(items), max(1, self.endpoint.concurrency)
 
     async def prepare(self, clients: Clients, items: Sequence[PairItem], cache: Cache | None) -> list[Route]:
         client = clients["judge"]

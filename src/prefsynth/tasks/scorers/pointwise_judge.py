@@ -13,10 +13,11 @@ from typing import Any
 
 from prefsynth.backends.client import Cache, Endpoint, ModelClient
 from prefsynth.backends.quirks import json_response_format
+from prefsynth.backends.templates import conversation_text
 from prefsynth.schemas.config import PointwiseJudgeSpec
 from prefsynth.schemas.records import Route, Score
 from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome
-from prefsynth.tasks.scorers.judging import ask_parsed, json_object, render_conversation
+from prefsynth.tasks.scorers.judging import ask_parsed, json_object
 
 TEMPLATE_VERSION = 1
 SYSTEM = "You are a careful, impartial evaluator of AI assistant responses."
@@ -113,7 +114,7 @@ class PointwiseJudge(PointwiseScorer):
             ask = f"Rate the response on a scale from {lo} to {hi}."
         user = TEMPLATE.format(
             rubric=self.spec.rubric,
-            conversation=render_conversation(item.messages),
+            conversation=conversation_text(item.messages),
             response=item.response,
             ask=ask,
             shape=self._shape(),

@@ -73,8 +73,7 @@ class RewardModelScorer(PointwiseScorer):
                 return self.failed(out, item, f"reward model: {result.error}", None)
             return self._scored(out, item, result.value, [], canonical_json(result.details))
         outcome = await clients["reward"].reward(self._body(item), self.spec.label_index)
-        if not outcome.cached:
-            out.calls.append(outcome.call)
+        out.keep(outcome)
         if outcome.value is None:
             error = outcome.error or f"reward call failed: {outcome.call.error}"
             return self.failed(out, item, error, outcome.call.response)
