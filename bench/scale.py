@@ -2,7 +2,9 @@
 
 Each size runs in its own process so that its peak RSS is its own. Rows go through the same code as the
 pipeline: `Store.write` (Arrow, one statement per batch), `Store.scores_for` + `best_vs_worst`, and
-`Store.export_rows` + `write_dataset` (Hugging Face Parquet).
+`Store.export_rows` + `write_dataset` (Hugging Face Parquet). Then rows/s through `Store.write_frames`
+(the engine's batch writer: 1M rows in batches of 50k, half responses, half scores), "n/a" where the Store
+has no such method yet.
 """
 
 from __future__ import annotations
@@ -78,14 +80,54 @@ def one_size(n: int) -> dict[str, float]:
             "peak_rss_mib": peak_rss_mib()}  # fmt: skip
 
 
+def write_frames_rate(n: int) -> dict[str, float | str]:
+    """Rows/s of `Store.write_frames` over `n` rows (frames built before the clock starts)."""
+    import polars as pl
+
+    from prefsynth.warehouse.store import Store, frame
+
+    if not hasattr(Store, "write_frames"):
+        return {"write_frames_rows_per_s": "n/a (Store.write_frames does not exist yet)"}
+    half = BATCH // 2
+    batches = []
+    for lo in range(0, n // 2, half):
+        rows = range(lo, min(n // 2, lo + half))
+        batches.append({
+            "responses": pl.DataFrame({
+                "response_id": [f"r{i:010d}" for i in rows], "prompt_id": [f"p{i // PER_PROMPT:09d}" for i in rows],
+                "model": "m", "model_identity": "m@1", "sampling": "{}", "sample_index": [i % PER_PROMPT for i in rows],
+                "seed": [i % PER_PROMPT for i in rows], "text": [f"Synthetic response {i} " * 8 for i in rows],
+                "finish_reason": "stop", "prompt_tokens": 12, "completion_tokens": 40, "latency_ms": 1.0,
+                "call_id": [f"c{i:010d}" for i in rows]}, schema=frame("responses", []).schema),
+            "scores": pl.DataFrame({
+                "score_id": [f"s{i:010d}" for i in rows], "response_id": [f"r{i:010d}" for i in rows],
+                "scorer_id": "judge", "scorer": "judge", "value": [float((i * 7919) % 10 + 1) for i in rows],
+                "rationale": None, "raw": "{}", "call_ids": [[f"c{i:010d}"] for i in rows], "details": None,
+            }, schema=frame("scores", []).schema),
+        })  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "frames.duckdb")
+        start = time.perf_counter()
+        written = sum(sum(store.write_frames("bench", b).values()) for b in batches)
+        seconds = time.perf_counter() - start
+        store.close()
+    return {"write_frames_rows": float(written), "write_frames_s": seconds,
+            "write_frames_rows_per_s": written / seconds}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--frames", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--write-frames-rows", type=int, default=1_000_000, help="0 skips the write_frames rate")
     parser.add_argument("--record", action="store_true", help="append the results to BENCHMARKS.md")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one_size(args.one)))
+        return
+    if args.frames:
+        print(json.dumps(write_frames_rate(args.frames)))
         return
     from bench.common import append_results, emit
 
@@ -102,14 +144,25 @@ def main() -> None:
         growth = b["responses"] / a["responses"]
         emit("scale_curate_growth_per_size_growth", (b["curate_s"] / a["curate_s"]) / growth)
         emit("scale_export_growth_per_size_growth", (b["export_s"] / a["export_s"]) / growth)
+    frames: dict[str, float | str] = {}
+    if args.write_frames_rows:
+        out = subprocess.run([sys.executable, __file__, "--frames", str(args.write_frames_rows)], check=True,
+                             capture_output=True, text=True)  # fmt: skip
+        frames = json.loads(out.stdout.strip().splitlines()[-1])
+        for key, value in frames.items():
+            emit(f"scale_{key}", value)
+        emit("goal_write_frames_rows_per_s", ">= 500000")
     if args.record:
         header = "| responses | pairs | ingest rows/s | ingest s | curate s | export s | peak RSS MiB |"
         table = [header, "|---|---|---|---|---|---|---|"] + [
             f"| {r['responses']:,} | {int(r['pairs']):,} | {r['ingest_rows_per_s']:,.0f} | {r['ingest_s']:.2f} | "
             f"{r['curate_s']:.2f} | {r['export_s']:.2f} | {r['peak_rss_mib']:,.0f} |" for r in results]  # fmt: skip
+        notes = ["ingest counts responses + scores rows; curation = read scores + best_vs_worst + write pairs",
+                 *[f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in frames.items()]]
+        if frames:
+            notes.append("goal write_frames_rows_per_s: >= 500000 (batches of 50k rows, half responses, half scores)")
         append_results("Warehouse scale (no models)", f"python bench/scale.py --record --sizes {args.sizes}",
-                       ["ingest counts responses + scores rows; curation = read scores + best_vs_worst + write pairs"],
-                       table)  # fmt: skip
+                       notes, table)  # fmt: skip
 
 
 if __name__ == "__main__":
