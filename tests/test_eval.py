@@ -64,6 +64,34 @@ def test_eval_reports_accuracy_side_by_side_and_reruns_for_free(tmp_path, prefec
         assert con.execute("SELECT count(*) FROM model_calls").fetchone()[0] == calls  # no new log-prob requests
 
 
+def test_eval_of_a_file_with_a_duplicate_identical_and_empty_pair(tmp_path, prefect_harness):
+    empty = {"input": "Say hello.", "output_1": "", "output_2": "Hello!", "label": 2}
+    identical = {"input": "Say hi.", "output_1": "Hi.", "output_2": "Hi.", "label": 1}
+    data = tmp_path / "dup.json"
+    data.write_text(json.dumps([PAIRS[0], PAIRS[1], PAIRS[0], identical, empty]))
+    args = ["eval", "--config", _config(tmp_path, [{**CDR, "name": "cdr"}]), "--data", str(data), "--format", "llmbar"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    report = out["scorers"]["cdr"]
+    assert report["n"] > 0 and report["model_calls"] > 0  # the scorer really scored
+    assert report["n"] == 3 and report["failed"] == 0  # the empty reply is scored too
+    assert (out["pairs"], out["duplicates"], out["skipped"], out["skipped_by_reason"]) == (3, 1, 1, {"identical": 1})
+    with duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True) as con:
+        refs = [r for (r,) in con.execute("SELECT source_ref FROM eval_items ORDER BY source_ref").fetchall()]
+        assert refs == ["dup.json[0]", "dup.json[1]", "dup.json[4]"]
+        stored = json.loads(con.execute("SELECT report FROM evals").fetchone()[0])
+        assert (stored["duplicates"], stored["skipped"]) == (1, 1)
+        calls = con.execute("SELECT count(*) FROM model_calls").fetchone()[0]
+    table = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    header, row = [line for line in table.stdout.splitlines() if "scorer" in line or "cdr" in line][:2]
+    cells = {k.strip(): v.strip() for k, v in zip(header.split("┃")[1:-1], row.split("│")[1:-1], strict=True)}
+    assert (cells["n"], cells["duplicates"], cells["skipped"]) == ("3", "1", "1")
+    with duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM model_calls").fetchone()[0] == calls  # rerun: no new requests
+
+
 def test_eval_rejects_bad_data_before_any_model_call(tmp_path):
     data = tmp_path / "bad.json"
     data.write_text('[{"input": "x", "output_1": "a", "output_2": "b", "label": 3}]')

@@ -1,13 +1,14 @@
 import gzip
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import polars as pl
 import pytest
 
-from prefsynth.errors import InputError
+from prefsynth.errors import ConfigError, InputError, PrefsynthError
 from prefsynth.schemas.records import Message
-from prefsynth.tasks.labelled import FORMATS, accuracy_report, load_labelled, load_labelled_report
+from prefsynth.tasks.labelled import FORMATS, accuracy_report, check_keys, load_labelled, load_labelled_report
 from prefsynth.warehouse.ids import content_id
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -51,7 +52,7 @@ def test_llmbar_file_orders_better_and_worse_by_label(tmp_path):
 def test_llmbar_directory_loads_each_file_as_a_subset_in_name_order(tmp_path):
     rows = _llmbar_rows()
     (tmp_path / "b_second.json").write_text(json.dumps(rows))
-    (tmp_path / "a_first.json").write_text(json.dumps(rows[:1]))
+    (tmp_path / "a_first.json").write_text(json.dumps([{**rows[0], "input": "Say hello"}]))
     (tmp_path / "notes.txt").write_text("not data")
     pairs = load_labelled(str(tmp_path), "llmbar")
     assert [p.subset for p in pairs] == ["a_first", "b_second", "b_second"]
@@ -114,23 +115,25 @@ def test_hh_rlhf_reads_gzip_and_counts_skipped_rows(tmp_path):
     good = {"chosen": _hh("Human: q", "Assistant: yes"), "rejected": _hh("Human: q", "Assistant: no")}
     rows = [
         {"chosen": _hh("Human: q", "Assistant: yes"), "rejected": _hh("Human: other", "Assistant: no")},  # differs
-        {"chosen": _hh("Human: q", "Assistant:  "), "rejected": _hh("Human: q", "Assistant: no")},  # empty reply
+        {"chosen": _hh("Human: q", "Assistant:  "), "rejected": _hh("Human: q", "Assistant: no")},  # empty: kept
         {"chosen": _hh("Human: q", "Assistant: a", "Assistant: b"), "rejected": _hh("Human: q", "Assistant: a")},
         {"chosen": "no markers at all", "rejected": "no markers at all"},
+        {"chosen": _hh("Human: q", "Assistant: "), "rejected": _hh("Human: q", "Assistant:\n")},  # both empty
         "",
         good,
     ]
     path = _write_jsonl(tmp_path / "hh.jsonl.gz", rows)
-    pairs, skipped = load_labelled_report(path, "hh-rlhf")
-    assert skipped == 4
-    assert [(p.better, p.worse, p.source_ref) for p in pairs] == [("yes", "no", "hh.jsonl.gz:6")]
-    assert load_labelled(path, "hh-rlhf") == pairs
+    data = load_labelled_report(path, "hh-rlhf")
+    assert data.skipped_by_reason == {"unusable": 3, "identical": 1} and data.duplicates == 0
+    assert [(p.better, p.worse, p.source_ref) for p in data.pairs] == [("", "no", "hh.jsonl.gz:2"),
+                                                                       ("yes", "no", "hh.jsonl.gz:7")]  # fmt: skip
+    assert load_labelled(path, "hh-rlhf") == data.pairs
 
 
 def test_hh_rlhf_with_only_skipped_rows_is_an_error(tmp_path):
-    row = {"chosen": _hh("Human: q", "Assistant: "), "rejected": _hh("Human: q", "Assistant: no")}
-    path = _write_jsonl(tmp_path / "hh.jsonl", [row])
-    with pytest.raises(InputError, match=r"no labelled pairs found \(1 rows skipped"):
+    row = {"chosen": _hh("Human: q", "Assistant: "), "rejected": _hh("Human: q", "Assistant:  ")}
+    path = _write_jsonl(tmp_path / "hh.jsonl", [row, {"chosen": "x", "rejected": "y"}])
+    with pytest.raises(InputError, match=r"no labelled pairs found \(2 rows skipped: 1 identical, 1 unusable\)"):
         load_labelled(path, "hh-rlhf")
 
 
@@ -234,6 +237,97 @@ def test_empty_jsonl_is_an_error(tmp_path):
         load_labelled(path, "rewardbench")
 
 
+# --- screening: duplicates, identical and empty replies -----------------------------------------------------
+
+
+def test_a_pair_read_twice_is_kept_once_under_its_first_occurrence(tmp_path):
+    a, b = _llmbar_rows()
+    swapped = {**a, "output_1": a["output_2"], "output_2": a["output_1"], "label": 2}  # same pair, shown the other way
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps([a, b, a, swapped]))
+    data = load_labelled_report(path, "llmbar")
+    assert [p.source_ref for p in data.pairs] == ["dup.json[0]", "dup.json[1]"]
+    assert data.pairs[0].better_first  # the first occurrence's order is kept
+    assert data.duplicates == 2 and data.skipped == 0
+    assert data.counts() == {"pairs": 2, "duplicates": 2, "skipped": 0, "skipped_by_reason": {}}
+
+
+def test_opposite_labels_on_the_same_replies_are_two_pairs(tmp_path):
+    a = _llmbar_rows()[0]
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps([a, {**a, "label": 2}]))
+    data = load_labelled_report(path, "llmbar")
+    assert [(p.better, p.worse) for p in data.pairs] == [("hi", "bye"), ("bye", "hi")] and data.duplicates == 0
+
+
+def test_a_pair_in_two_llmbar_files_counts_in_the_first_subset(tmp_path):
+    rows = _llmbar_rows()
+    (tmp_path / "a.json").write_text(json.dumps(rows[:1]))
+    (tmp_path / "b.json").write_text(json.dumps(rows))
+    data = load_labelled_report(tmp_path, "llmbar")
+    assert [(p.subset, p.source_ref) for p in data.pairs] == [("a", "a.json[0]"), ("b", "b.json[1]")]
+    assert data.duplicates == 1
+
+
+def test_identical_replies_are_skipped_and_counted(tmp_path):
+    rows = [{"prompt": "p", "chosen": "same", "rejected": "same"},
+            {"prompt": "p", "chosen": " same\n", "rejected": "same"},  # differs only in surrounding whitespace
+            {"prompt": "p", "chosen": "", "rejected": "  "},  # both empty
+            {"prompt": "p", "chosen": "same", "rejected": "Same"}]  # fmt: skip
+    path = _write_jsonl(tmp_path / "rb.jsonl", rows)
+    data = load_labelled_report(path, "rewardbench")
+    assert [(p.better, p.worse) for p in data.pairs] == [("same", "Same")]
+    assert data.counts() == {"pairs": 1, "duplicates": 0, "skipped": 3, "skipped_by_reason": {"identical": 3}}
+    _write_jsonl(path, rows[:3])
+    with pytest.raises(InputError, match=r"rb\.jsonl: no labelled pairs found \(3 rows skipped: 3 identical\)"):
+        load_labelled(path, "rewardbench")
+
+
+def test_one_empty_reply_is_a_pair_to_evaluate(tmp_path):
+    rows = [{"prompt": "p", "chosen": "An answer.", "rejected": ""}, {"prompt": "q", "chosen": "", "rejected": "Harm."}]
+    path = _write_jsonl(tmp_path / "rb.jsonl", rows)
+    assert [(p.better, p.worse) for p in load_labelled(path, "rewardbench")] == [("An answer.", ""), ("", "Harm.")]
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps([{"input": "q", "output_1": "", "output_2": "b", "label": 2}]))
+    assert [(p.better, p.worse) for p in load_labelled(path, "llmbar")] == [("b", "")]
+
+
+def test_limit_counts_kept_pairs(tmp_path):
+    rows = _rb_rows()
+    path = _write_jsonl(tmp_path / "rb.jsonl", [rows[0], rows[0], {"prompt": "p", "chosen": "x", "rejected": "x"},
+                                                 rows[1], rows[2]])  # fmt: skip
+    data = load_labelled_report(path, "rewardbench", limit=2)
+    assert [p.source_ref for p in data.pairs] == ["rb.jsonl:1", "rb.jsonl:4"]
+    assert (data.duplicates, data.skipped) == (1, 1)
+
+
+# --- keys checked before any model call ----------------------------------------------------------------------
+
+
+def _scorer(name: str, scorer_id: str) -> SimpleNamespace:
+    return SimpleNamespace(name=name, scorer_id=scorer_id)
+
+
+def test_check_keys_refuses_a_pair_twice_or_two_scorers_with_one_id(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(_llmbar_rows()))
+    pairs = load_labelled(path, "llmbar")
+    check_keys(pairs, [_scorer("a", "1"), _scorer("b", "2")])  # distinct keys: passes
+    with pytest.raises(PrefsynthError, match="1 appear more than once"):
+        check_keys([*pairs, pairs[0]], [_scorer("a", "1")])
+    with pytest.raises(ConfigError, match="scorers a, c are the same scorer"):
+        check_keys(pairs, [_scorer("a", "1"), _scorer("b", "2"), _scorer("c", "1")])
+
+
+def test_summary_frame_shows_duplicates_and_skipped():
+    from prefsynth.flows.evaluate import summary_frame  # imports the flows: here, not for every test
+
+    report = {**accuracy_report([("s", 1.0, 0.0)]), "position_consistency": None}
+    result = {"duplicates": 2, "skipped": 3, "scorers": {"cdr": report}}
+    row = summary_frame(result).row(0, named=True)
+    assert (row["scorer"], row["n"], row["duplicates"], row["skipped"], row["acc[s]"]) == ("cdr", 1, 2, 3, 1.0)
+
+
 # --- accuracy_report --------------------------------------------------------------------------------------------
 
 
@@ -283,3 +377,7 @@ def test_shared_llmbar_and_hh_rlhf_files():
     for pair in pairs + hh_pairs:
         assert pair.prompt[-1].role == "user" and pair.prompt[-1].content
         assert pair.better and pair.worse and pair.better != pair.worse
+    # the whole HH-RLHF harmless test set: 4 pairs with one empty reply are kept, none is read twice
+    data = load_labelled_report(hh, "hh-rlhf")
+    assert sum(not p.better or not p.worse for p in data.pairs) == 4
+    assert data.duplicates == 0 and len({p.pair_key for p in data.pairs}) == len(data.pairs)

@@ -5,6 +5,12 @@ any scorer of a config (CDR pairs, judges, reward models), side by side, into th
 report. A pointwise scorer scores both replies; a pairwise judge compares them, always in both orders so
 that its position consistency is measured even when its verdict uses one order. Model calls and log-probs
 go through the same caches as the pipeline, so a rerun makes no new requests.
+
+Labelled files are screened on reading (`tasks/labelled.py`): a pair read twice is evaluated once and
+counted as a duplicate, a pair with two identical replies is skipped, a pair with one empty reply is
+evaluated; the report carries `pairs`, `duplicates`, `skipped` and `skipped_by_reason`. Every key the final
+write uses (pair keys, scorer ids) is checked to be distinct before the first model call, so no evaluation
+is lost to a constraint error after its calls.
 """
 
 from __future__ import annotations
@@ -25,13 +31,14 @@ from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import StageResult
 from prefsynth.tasks.compare import comparison_id
 from prefsynth.tasks.diagnostics import pairwise_report
-from prefsynth.tasks.labelled import LabelledPair, accuracy_report, better_share, load_labelled
+from prefsynth.tasks.labelled import LabelledPair, accuracy_report, better_share, check_keys, load_labelled_report
 from prefsynth.tasks.score import score_chunk
 from prefsynth.tasks.scorers import PairItem, PairwiseScorer, ScoreItem, Scorer, build_scorer
 from prefsynth.warehouse.ids import content_id, prompt_id, score_id
 from prefsynth.warehouse.store import Store, frame
 
-REPORT_COLUMNS = ("scorer", "n", "accuracy", "ties", "failed", "position_consistency", "model_calls")
+REPORT_COLUMNS = ("scorer", "n", "accuracy", "ties", "failed", "duplicates", "skipped", "position_consistency",
+                  "model_calls")  # fmt: skip
 
 
 def _rid(pair: LabelledPair, side: str) -> str:
@@ -61,8 +68,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score every labelled pair with each scorer of `config`; report accuracy, ties and position consistency."""
     logger = get_run_logger()
-    pairs = load_labelled(data, fmt, limit)
-    logger.info(f"eval: {len(pairs)} labelled pairs from {data}")
+    labelled = load_labelled_report(data, fmt, limit)
+    pairs, counts = labelled.pairs, labelled.counts()
+    logger.info(f"eval: {len(pairs)} labelled pairs from {data}; {labelled.duplicates} duplicates evaluated once, "
+                f"{labelled.skipped} skipped {counts['skipped_by_reason']}")  # fmt: skip
     eval_id = uuid.uuid4().hex
     reports: dict[str, Any] = {}
     with LocalServers() as servers:
@@ -71,10 +80,12 @@ def evaluate(
                 servers.check(model)
         scorers = [build_scorer(s, servers.endpoint) for s in config.scorers]
         check_endpoints([e for s in scorers for e in s.endpoints.values()])
+        check_keys(pairs, scorers)
         with Store(db or config.warehouse) as store:
             for scorer in scorers:
                 store.register_scorer(scorer.scorer_id, scorer.name, scorer.kind, scorer.config_json)
                 report, items = _evaluate_scorer(store, eval_id, scorer, pairs, config.chunk_size)
+                report.update(counts)
                 store.write_eval(
                     eval_id,
                     {"scorer_id": scorer.scorer_id, "scorer": scorer.name, "data": str(Path(data)), "format": fmt,
@@ -93,7 +104,7 @@ def evaluate(
         table=[{k: r.get(k) for k in REPORT_COLUMNS} for r in reports.values()],
         description=f"eval {eval_id} on {data} ({fmt})",
     )
-    return {"eval_id": eval_id, "data": data, "format": fmt, "pairs": len(pairs), "scorers": reports}
+    return {"eval_id": eval_id, "data": data, "format": fmt, **counts, "scorers": reports}
 
 
 def _evaluate_scorer(
@@ -152,10 +163,12 @@ def _score_all(store: Store, eval_id: str, scorer: Scorer, items: list[Any], chu
 
 
 def summary_frame(result: dict[str, Any]) -> pl.DataFrame:
-    """One row per scorer: n, accuracy, ties, failed, position consistency, then accuracy per subset."""
+    """One row per scorer: n, accuracy, ties, failed, the data's duplicates and skipped pairs, position
+    consistency, then accuracy per subset."""
     rows = []
     for name, r in result["scorers"].items():
         row = {"scorer": name, "n": r["n"], "accuracy": r["accuracy"], "ties": r["ties"], "failed": r["failed"],
+               "duplicates": result["duplicates"], "skipped": result["skipped"],
                "position_consistency": r.get("position_consistency")}  # fmt: skip
         row.update({f"acc[{k}]": v["accuracy"] for k, v in r["by_subset"].items()})
         rows.append(row)

@@ -2,6 +2,20 @@
 
 Each pair is a prompt (chat messages ending in a user turn) with the response humans labelled better and the
 one they labelled worse; `accuracy_report` then says how often a scorer agrees with those labels.
+
+Public test sets are not clean, so reading screens the pairs (the same rules for every format):
+- a pair read twice (same prompt, same better and same worse reply, whatever the order shown or the file or
+  subset it came from) is evaluated once and counted once in accuracy, under its first occurrence; the
+  later copies are counted as `duplicates`. Counting a copy again would only give that pair more weight.
+  The same two replies with opposite labels are two different pairs, both evaluated.
+- a pair whose two replies are the same text (ignoring leading and trailing whitespace) is skipped and
+  counted as `identical`: there is no preference to measure, and any scorer would tie on it.
+- a pair with one empty reply is evaluated: "nothing" against a real reply is a legitimate preference (HH-RLHF
+  harmless labels prefer an empty reply to a harmful one). It is scored like any reply (CDR counts its
+  end-of-turn token); a scorer that cannot score it records a failure. Two empty replies are identical.
+- an HH-RLHF row whose dialogue before the final reply differs between `chosen` and `rejected`, or does not
+  parse as alternating turns ending with the user's, is skipped and counted as `unusable`.
+`--limit N` counts the pairs kept; `LabelledData.counts()` is what `prefsynth eval` reports.
 """
 
 from __future__ import annotations
@@ -9,14 +23,18 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prefsynth.errors import InputError
+from prefsynth.errors import ConfigError, InputError, PrefsynthError
 from prefsynth.schemas.records import Comparison, Message
 from prefsynth.warehouse.ids import content_id
+
+if TYPE_CHECKING:
+    from prefsynth.tasks.scorers import Scorer
 
 FORMATS = ("llmbar", "hh-rlhf", "rewardbench")
 
@@ -136,8 +154,7 @@ def _hh_rlhf(path: Path) -> Iterator[LabelledPair | None]:
         prefix, sep, better = rec["chosen"].rpartition(_ASSISTANT)
         prefix_r, _, worse = rec["rejected"].rpartition(_ASSISTANT)
         prompt = _dialogue(prefix) if sep and prefix == prefix_r else None
-        better, worse = better.strip(), worse.strip()
-        yield _pair(prompt, better, worse, "hh-rlhf", ref) if prompt and better and worse else None
+        yield _pair(prompt, better.strip(), worse.strip(), "hh-rlhf", ref) if prompt else None
 
 
 def _rewardbench(path: Path) -> Iterator[LabelledPair | None]:
@@ -158,9 +175,33 @@ def _rewardbench(path: Path) -> Iterator[LabelledPair | None]:
 _READERS = {"llmbar": _llmbar, "hh-rlhf": _hh_rlhf, "rewardbench": _rewardbench}
 
 
-def load_labelled_report(path: str | Path, fmt: str, limit: int | None = None) -> tuple[list[LabelledPair], int]:
-    """Read labelled pairs and count the HH-RLHF rows skipped as unusable (differing or unparsable dialogue
-    before the final reply, or an empty reply); with `limit`, reading stops after the first `limit` pairs."""
+@dataclass(frozen=True)
+class LabelledData:
+    """The pairs to evaluate (distinct keys, in file order) and what reading left out, by reason."""
+
+    pairs: list[LabelledPair]
+    duplicates: int = 0  # later copies of a kept pair: evaluated once
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)  # "identical", "unusable"
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_by_reason.values())
+
+    def counts(self) -> dict[str, Any]:
+        """What a report says about the data: pairs kept, duplicates, skipped (total and by reason)."""
+        return {"pairs": len(self.pairs), "duplicates": self.duplicates, "skipped": self.skipped,
+                "skipped_by_reason": dict(sorted(self.skipped_by_reason.items()))}  # fmt: skip
+
+
+def _screen(pair: LabelledPair, seen: dict[str, LabelledPair]) -> str | None:
+    """Why this pair is not kept ("identical", "duplicate"), or None to keep it."""
+    if pair.better.strip() == pair.worse.strip():
+        return "identical"
+    return "duplicate" if pair.pair_key in seen else None
+
+
+def load_labelled_report(path: str | Path, fmt: str, limit: int | None = None) -> LabelledData:
+    """Read labelled pairs, screened as the module says; with `limit`, reading stops after `limit` kept pairs."""
     if fmt not in _READERS:
         raise InputError(f"unknown labelled-data format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if limit is not None and limit < 1:
@@ -170,24 +211,46 @@ def load_labelled_report(path: str | Path, fmt: str, limit: int | None = None) -
         raise InputError(f"labelled data not found: {path}")
     if path.is_dir() and fmt != "llmbar":
         raise InputError(f"{path}: is a directory; the {fmt} format reads one file")
-    pairs: list[LabelledPair] = []
-    skipped = 0
+    kept: dict[str, LabelledPair] = {}
+    left_out: Counter[str] = Counter()
     for pair in _READERS[fmt](path):
         if pair is None:
-            skipped += 1
-            continue
-        pairs.append(pair)
-        if len(pairs) == limit:
-            break
-    if not pairs:
-        detail = f" ({skipped} rows skipped as unusable)" if skipped else ""
+            left_out["unusable"] += 1
+        elif reason := _screen(pair, kept):
+            left_out[reason] += 1
+        else:
+            kept[pair.pair_key] = pair
+            if len(kept) == limit:
+                break
+    duplicates = left_out.pop("duplicate", 0)
+    data = LabelledData(list(kept.values()), duplicates, dict(left_out))
+    if not data.pairs:
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(left_out.items()))
+        detail = f" ({data.skipped} rows skipped: {reasons})" if data.skipped else ""
         raise InputError(f"{path}: no labelled pairs found{detail}")
-    return pairs, skipped
+    return data
 
 
 def load_labelled(path: str | Path, fmt: str, limit: int | None = None) -> list[LabelledPair]:
     """Read labelled pairs from `path` in format `fmt` (one of FORMATS); raise InputError naming the file at fault."""
-    return load_labelled_report(path, fmt, limit)[0]
+    return load_labelled_report(path, fmt, limit).pairs
+
+
+def check_keys(pairs: list[LabelledPair], scorers: Sequence[Scorer]) -> None:
+    """Raise unless every evals row (eval, scorer) and eval_items row (eval, scorer, pair) has its own key.
+
+    Called before any model call: a collision found at the final write would throw the whole evaluation away.
+    """
+    twice = [key for key, n in Counter(p.pair_key for p in pairs).items() if n > 1]
+    if twice:
+        raise PrefsynthError(f"labelled pairs need distinct keys; {len(twice)} appear more than once "
+                             f"(pair_key {twice[0][:12]}…)")  # fmt: skip
+    by_id: dict[str, list[str]] = {}
+    for scorer in scorers:
+        by_id.setdefault(scorer.scorer_id, []).append(scorer.name)
+    same = [names for names in by_id.values() if len(names) > 1]
+    if same:
+        raise ConfigError(f"scorers {', '.join(same[0])} are the same scorer (identical settings and models); keep one")
 
 
 def better_share(pair: LabelledPair, comparison: Comparison | None) -> float | None:
