@@ -82,6 +82,13 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
         load_config(path)
 
 
+def test_a_config_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: x\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml:2: not UTF-8 text \(byte 13: b'\\xe9'\)"):
+        load_config(path)
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

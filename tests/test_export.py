@@ -2,7 +2,9 @@ import json
 
 import datasets
 import polars as pl
+import pytest
 
+from prefsynth.errors import ExportError
 from prefsynth.tasks.export import write_dataset
 
 ROWS = pl.DataFrame(
@@ -65,3 +67,23 @@ def test_empty_export_keeps_the_schema(tmp_path):
     table = pq.read_table(done.path)  # datasets refuses to load a 0-row parquet; its features are in the schema
     features = datasets.Features.from_arrow_schema(table.schema)
     assert table.num_rows == 0 and _message_list(features["chosen"])
+
+
+def test_an_existing_dataset_is_replaced_only_with_overwrite(tmp_path):
+    done = write_dataset(ROWS, tmp_path, "trl")
+    done.path.write_bytes(b"earlier")
+    with pytest.raises(ExportError, match=f"{tmp_path} already holds a dataset .*train.parquet"):
+        write_dataset(ROWS, tmp_path, "trl")
+    assert done.path.read_bytes() == b"earlier" and not list(tmp_path.glob("*.tmp"))
+    assert write_dataset(ROWS, tmp_path, "trl", overwrite=True).n_pairs == 2
+    assert datasets.Dataset.from_parquet(str(done.path)).num_rows == 2
+
+
+def test_an_output_folder_that_is_a_file_is_named(tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("mine")
+    with pytest.raises(ExportError, match=f"cannot export to {out}: it is a file, not a folder"):
+        write_dataset(ROWS, out, "jsonl")
+    with pytest.raises(ExportError, match=f"cannot create the export folder {out / 'sub'}: Not a directory"):
+        write_dataset(ROWS, out / "sub", "jsonl")
+    assert out.read_text() == "mine"

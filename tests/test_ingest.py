@@ -46,6 +46,18 @@ def test_empty_file_is_an_error(tmp_path):
         load_prompts(PromptSource(path=str(path)))
 
 
+@pytest.mark.parametrize("name, body, line", [
+    ("p.jsonl", b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n', 2),
+    ("p.json", b'[\n{"prompt": "a"},\n{"prompt": "\xff"}]', 3),
+    ("p.csv", b"prompt\nhello\nna\xefve\n", 3),
+])  # fmt: skip
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path, name, body, line):
+    path = tmp_path / name
+    path.write_bytes(body)
+    with pytest.raises(InputError, match=rf"{name}:{line}: not UTF-8 text \(byte \d+: .*save the file as UTF-8"):
+        load_prompts(PromptSource(path=str(path)))
+
+
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(InputError, match="prompt file not found"):
         load_prompts(PromptSource(path=str(tmp_path / "none.csv")))

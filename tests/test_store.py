@@ -1,7 +1,7 @@
 import duckdb
 import pytest
 
-from prefsynth.errors import PrefsynthError
+from prefsynth.errors import PrefsynthError, WarehouseError
 from prefsynth.schemas.records import Failure, ModelCall, StageResult
 from prefsynth.warehouse.store import STATS_TABLES, Store
 
@@ -94,3 +94,167 @@ def test_scores_wide_keeps_one_value_per_scorer_when_a_response_has_several(tmp_
         store.write("run2", StageResult(scores=[score("s2", 0.75)]))  # the same response against new opponents
         (row,) = store.con.execute("SELECT scores FROM v_scores_wide").fetchall()
         assert row[0] == {"pairwise": 0.75}
+
+
+# ---- crash safety: real processes, SIGKILLed --------------------------------------------------------
+KILLED_WRITER = """
+import sys
+from prefsynth.schemas.records import Failure, ModelCall, StageResult
+from prefsynth.warehouse.store import Store
+
+store = Store(sys.argv[1])
+print("migrated", flush=True)
+for i in range(100_000):
+    calls = [ModelCall(attempt_id=f"a{i}-{j}", call_id=f"c{i}-{j}", model="m", endpoint="local", kind="chat",
+                       request="{}", response='{"text": "x"}', status="ok", error=None, prompt_tokens=3,
+                       completion_tokens=1, latency_ms=1.0) for j in range(40)]
+    fails = [Failure(stage="generate", item_id=f"r{i}", scorer_id=None, error="e", raw=None)]
+    store.write("run", StageResult(calls=calls, failures=fails))
+    print(f"committed {i}", flush=True)
+"""
+BATCH = 40
+
+
+def _write_until_killed(path, stop_after: str) -> set[int]:
+    """Run KILLED_WRITER on a new warehouse, SIGKILL its process group once it prints `stop_after`;
+    returns the batches it reported as committed (lines still in the pipe included)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    assert child.stdout is not None
+    lines = []
+    try:
+        for line in child.stdout:
+            lines.append(line.strip())
+            if lines[-1] == stop_after:
+                break
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    lines += [line.strip() for line in child.stdout]
+    assert stop_after in lines, lines[-5:]
+    assert child.returncode == -signal.SIGKILL
+    return {int(line.split()[1]) for line in lines if line.startswith("committed ")}
+
+
+def _catalog(store: Store) -> set[str]:
+    sql = "SELECT table_name FROM duckdb_tables() UNION ALL SELECT view_name FROM duckdb_views() WHERE NOT internal"
+    return {r[0] for r in store.con.execute(sql).fetchall()}
+
+
+@pytest.mark.parametrize("stop_after", ["migrated", "committed 0", "committed 4", "committed 30"])
+def test_a_sigkilled_writer_leaves_a_complete_schema_and_every_committed_batch(tmp_path, stop_after):
+    from prefsynth.warehouse.store import _migrations
+
+    with Store(tmp_path / "fresh.duckdb") as fresh:
+        expected = _catalog(fresh)
+    path = tmp_path / "w.duckdb"
+    committed = _write_until_killed(path, stop_after)
+    with Store(path) as store:  # before the migrations were checkpointed: "Failure while replaying WAL file"
+        assert store.schema_version() == len(_migrations())
+        assert _catalog(store) == expected
+        rows = store.con.execute("SELECT split_part(attempt_id, '-', 1), count(*) FROM model_calls GROUP BY 1")
+        per_batch = {int(b[1:]): n for b, n in rows.fetchall()}
+        failures = {r[0] for r in store.con.execute("SELECT item_id FROM failures").fetchall()}
+    assert all(per_batch.get(i) == BATCH for i in committed), (sorted(committed), per_batch)
+    assert all(n == BATCH for n in per_batch.values())  # a batch is all there or not at all
+    assert {f"r{i}" for i in committed} <= failures
+    assert set(per_batch) - committed <= {max(committed, default=-1) + 1}  # at most the one in flight
+
+
+DDL_THEN_KILL = """
+import os, pathlib, signal, sys
+import duckdb
+con = duckdb.connect(sys.argv[1])
+for sql in sorted(pathlib.Path(sys.argv[2]).glob("*.sql")):
+    con.execute(sql.read_text(encoding="utf-8"))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _unreplayable_wal(tmp_path) -> bytes:
+    """The WAL duckdb 1.5.5 leaves when killed with the migrations' DDL not checkpointed (it cannot replay it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import prefsynth.warehouse
+
+    migrations = Path(prefsynth.warehouse.__file__).parent / "migrations"
+    other = tmp_path / "other" / "x.duckdb"
+    other.parent.mkdir()
+    subprocess.run([sys.executable, "-c", DDL_THEN_KILL, str(other), str(migrations)], check=False)
+    with pytest.raises(duckdb.Error, match="replaying WAL"):  # the failure, straight from duckdb
+        duckdb.connect(str(other))
+    return other.with_name("x.duckdb.wal").read_bytes()
+
+
+def _follow_the_advice(message: str) -> None:
+    import re
+    import shlex
+    import shutil
+
+    (command,) = re.findall(r"mv \S+ \S+$", message)
+    _, src, dst = shlex.split(command)
+    shutil.move(src, dst)
+
+
+def test_a_wal_duckdb_cannot_replay_is_named_with_the_way_out_and_kept(tmp_path):
+    path = tmp_path / "w.duckdb"
+    with Store(path) as store:
+        store.begin_run("r1", "kept", "{}", None)  # committed and checkpointed (close checkpoints)
+    wal = tmp_path / "w.duckdb.wal"
+    wal.write_bytes(damaged := _unreplayable_wal(tmp_path))
+    with pytest.raises(WarehouseError) as caught:
+        Store(path)
+    message = str(caught.value)
+    assert f"cannot open warehouse {path}" in message and f"write-ahead log {wal}" in message
+    assert "Stack Trace" not in message and "\n" not in message
+    assert wal.read_bytes() == damaged  # nothing moved or deleted behind the user's back
+    _follow_the_advice(message)
+    (aside,) = tmp_path.glob("w.duckdb.wal.damaged-*")
+    assert aside.read_bytes() == damaged and not wal.exists()
+    with Store(path) as store:  # the same process opens it now, with what the main file held
+        assert store.has_run("r1")
+
+
+def test_a_new_warehouse_killed_before_its_checkpoint_gets_the_same_advice(tmp_path):
+    path = tmp_path / "w.duckdb"
+    duckdb.connect(str(path)).close()  # an empty DuckDB file, as the old Store left before its first checkpoint
+    (tmp_path / "w.duckdb.wal").write_bytes(_unreplayable_wal(tmp_path))
+    with pytest.raises(WarehouseError, match=r"INTERNAL Error: Failure while replaying WAL .* mv ") as caught:
+        Store(path)
+    _follow_the_advice(str(caught.value))
+    with Store(path) as store:
+        assert store.schema_version() >= 1
+
+
+def test_a_file_that_is_not_duckdb_is_named(tmp_path):
+    path = tmp_path / "notes.duckdb"
+    path.write_text("not a database\n" * 100)
+    with pytest.raises(WarehouseError, match=f"cannot open warehouse {path}: .*not a valid DuckDB database file.*"
+                                             "choose another --db"):  # fmt: skip
+        Store(path)
+    assert path.read_text().startswith("not a database")
+
+
+def test_a_warehouse_folder_that_cannot_be_created_is_named(tmp_path):
+    # Tests run as root, where chmod does not stop writes: a regular file in place of a folder does.
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    for path, problem in ((blocker / "w.duckdb", "File exists"), (blocker / "sub" / "w.duckdb", "Not a directory")):
+        with pytest.raises(WarehouseError, match=f"cannot create the folder of warehouse {path}: .*{problem}"):
+            Store(path)
+    assert blocker.read_text() == "x"
+    with pytest.raises(WarehouseError, match="cannot create warehouse /proc/prefsynth-test.duckdb: .*choose another"):
+        Store("/proc/prefsynth-test.duckdb")  # a folder where no file can be created, even by root
+
+
+def test_create_false_refuses_to_make_a_new_warehouse(tmp_path):
+    with pytest.raises(WarehouseError, match="warehouse not found"):
+        Store(tmp_path / "none.duckdb", create=False)
+    assert list(tmp_path.iterdir()) == []

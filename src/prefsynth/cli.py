@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -26,8 +27,11 @@ from rich.text import Text
 
 from prefsynth.errors import PrefsynthError
 
+_IMPORTED = time.monotonic()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# where Prefect starts its own temporary API (library use), its first start on a new machine needs more than 20 s
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 
 app = typer.Typer(
     help="prefsynth: synthesize preference pairs (chosen/rejected) with Prefect into a DuckDB warehouse.",
@@ -71,20 +75,41 @@ def _fail(err: Exception) -> typer.Exit:
 
 
 def _run_config(config_path: Path | None, db: Path | None, packaged: bool = False) -> None:
-    from prefsynth.flows.progress import showing
-    from prefsynth.flows.synthesize import synthesize
-    from prefsynth.schemas.config import load_config
+    """Start Prefect's API and the local models at once, import and validate meanwhile, then run the flow."""
+    from prefsynth.flows.prefect_api import prefect_api, using
 
+    timings: dict[str, float] = {}
     try:
-        if packaged:
-            with resources.as_file(resources.files("prefsynth").joinpath("examples", "quickstart.yaml")) as p:
-                config = load_config(p)
-        else:
-            config = load_config(config_path)  # type: ignore[arg-type]
-        with _progress() as progress, showing(_Bars(progress)):
-            summary = synthesize(config=config, db=str(db) if db else None)
+        with prefect_api() as api:
+            from prefsynth.backends.local import LocalServers, sharing
+            from prefsynth.schemas.config import load_config
+
+            if packaged:
+                with resources.as_file(resources.files("prefsynth").joinpath("examples", "quickstart.yaml")) as p:
+                    config = load_config(p)
+            else:
+                config = load_config(config_path)  # type: ignore[arg-type]
+            with LocalServers() as servers, sharing(servers):
+                for model in config.all_models():
+                    servers.launch(model)  # they load while the rest is imported and Prefect's API starts
+                started = time.monotonic()
+                from prefsynth.flows.progress import showing
+                from prefsynth.flows.synthesize import synthesize
+
+                timings["imports"] = time.monotonic() - started + _import_seconds()
+                servers.wait_ready()
+                timings["servers"] = servers.ready_after()
+                with using(api):
+                    timings["api"] = api.ready_after if api and api.ready_after else 0.0
+                    flow_started = time.monotonic()
+                    with _progress() as progress, showing(_Bars(progress)):
+                        summary = synthesize(config=config, db=str(db) if db else None)
+                    timings["flow"] = time.monotonic() - flow_started
     except PrefsynthError as err:
         raise _fail(err) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/] the run is marked interrupted; every committed row is kept")
+        raise typer.Exit(130) from None
     table = Table(title=f"run {summary.run_id} → {summary.warehouse}")
     for col in ("stage", "total", "reused", "new", "failed", "model calls", "tokens"):
         table.add_column(col, justify="left" if col == "stage" else "right")
@@ -95,9 +120,30 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
         f"{summary.pairs} pairs, {summary.model_calls} new model calls, {summary.failures} failures, "
         f"{summary.seconds:.1f} s" + "".join(f"\nexported: {p}" for p in summary.exports)
     )
+    timings["total"] = _process_seconds()
+    print("timings: " + " ".join(f"{k}={v:.2f}" for k, v in timings.items()))
+    if summary.status != "completed":
+        console.print(f"[red]run {summary.run_id} {summary.status}:[/] it produced no responses or no scores "
+                      "(see `prefsynth stats` and the failures table); no export was replaced")  # fmt: skip
+        raise typer.Exit(1)
     if summary.failures and config.failures_fatal:
         console.print(f"[red]{summary.failures} items failed and the config sets failures_fatal[/]")
         raise typer.Exit(1)
+
+
+def _process_seconds() -> float:
+    """Seconds since this process started (Linux), else since the CLI module was imported."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
+
+
+def _import_seconds() -> float:
+    """Seconds from process start to this module's import (interpreter and CLI imports)."""
+    return max(0.0, _process_seconds() - (time.monotonic() - _IMPORTED))
 
 
 @app.command()
@@ -191,10 +237,14 @@ def export(
     db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("prefsynth.duckdb"),
     fmt: Annotated[str, typer.Option("--format", help="trl (train.parquet) or jsonl (train.jsonl).")] = "trl",
     run_id: Annotated[str | None, typer.Option("--run", help="A run id (default: the newest completed).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset already in --out.")] = False,
 ) -> None:
     """Write the pairs of the latest completed run as a TRL conversational preference dataset.
 
     Example: prefsynth export --db prefsynth.duckdb --out exports/v1 --format trl
+
+    A folder that already holds this format's file (train.parquet or train.jsonl) is left alone unless
+    --overwrite is given. The warehouse must exist, and --run must name one of its runs.
     """
     from prefsynth.tasks.export import FILES, write_dataset
     from prefsynth.warehouse.store import Store
@@ -202,11 +252,13 @@ def export(
     if fmt not in FILES:
         raise _fail(PrefsynthError(f"--format must be one of {', '.join(FILES)}, got {fmt!r}"))
     try:
-        with Store(db) as store:
+        with Store(db, create=False) as store:
+            if run_id is not None and not store.has_run(run_id):
+                raise PrefsynthError(f"{db} has no run {run_id!r} (--run)")
             chosen_run, rows = store.export_rows(run_id)
             if chosen_run is None:
                 raise PrefsynthError(f"{db} has no completed run to export")
-            done = write_dataset(rows, out, fmt)
+            done = write_dataset(rows, out, fmt, overwrite)
             store.record_snapshot(done.snapshot_id, chosen_run, fmt, str(done.path), done.n_pairs)
     except PrefsynthError as err:
         raise _fail(err) from None
@@ -234,6 +286,7 @@ def eval_(
     position_consistency, first_position_rate, flipped, calls_per_pair and tokens_per_pair.
     """
     from prefsynth.flows.evaluate import evaluate, summary_frame
+    from prefsynth.flows.prefect_api import prefect_api, using
     from prefsynth.flows.progress import showing
     from prefsynth.schemas.config import load_config
     from prefsynth.tasks.labelled import FORMATS, load_labelled
@@ -243,7 +296,7 @@ def eval_(
     try:
         cfg = load_config(config)
         load_labelled(data, fmt, limit)  # bad data fails here, before servers or Prefect start
-        with _progress() as progress, showing(_Bars(progress)):
+        with prefect_api() as api, using(api), _progress() as progress, showing(_Bars(progress)):
             result = evaluate(config=cfg, data=str(data), fmt=fmt, limit=limit, db=str(db) if db else None)
     except PrefsynthError as err:
         raise _fail(err) from None

@@ -19,3 +19,22 @@ class EndpointError(PrefsynthError):
 
 class ModelFileError(PrefsynthError):
     """A local GGUF model file is missing or cannot be served."""
+
+
+class WarehouseError(PrefsynthError):
+    """A warehouse file cannot be created or opened (names the file, what happened and the way out)."""
+
+
+class ExportError(PrefsynthError):
+    """An export target cannot be written (names the folder or file)."""
+
+
+def not_utf8(path: object, data: bytes) -> str:
+    """'PATH:LINE: not UTF-8 text (byte N: ...)' for a file whose bytes `data` do not decode."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return (f"{path}:{line}: not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r}); "
+                "save the file as UTF-8")  # fmt: skip
+    return f"{path}: not UTF-8 text; save the file as UTF-8"

@@ -15,6 +15,7 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from prefsynth.errors import ExportError
 from prefsynth.warehouse.ids import content_id
 
 MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
@@ -52,14 +53,13 @@ def to_trl(rows: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def write_dataset(rows: pl.DataFrame, out_dir: str | Path, fmt: str) -> Exported:
+def write_dataset(rows: pl.DataFrame, out_dir: str | Path, fmt: str, overwrite: bool = False) -> Exported:
+    """Write `rows` to out_dir/train.parquet (trl) or train.jsonl (jsonl); an existing one only if `overwrite`."""
     import datasets
 
     if fmt not in FILES:
         raise ValueError(f"unknown export format {fmt!r}; use one of {sorted(FILES)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / FILES[fmt]
+    path = _target(Path(out_dir), FILES[fmt], overwrite)
     datasets.disable_progress_bars()
     ds = datasets.Dataset.from_polars(to_trl(rows))
     tmp = path.with_name(path.name + ".tmp")
@@ -72,7 +72,22 @@ def write_dataset(rows: pl.DataFrame, out_dir: str | Path, fmt: str) -> Exported
     return Exported(path=path, format=fmt, n_pairs=len(ds), snapshot_id=snapshot)
 
 
+def _target(out: Path, name: str, overwrite: bool) -> Path:
+    """out/name, with out created; ExportError if out is not a folder or holds `name` and not `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"cannot export to {out}: it is a file, not a folder; choose another output folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot create the export folder {out}: {err.strerror} ({err.filename})") from None
+    path = out / name
+    if path.exists() and not overwrite:
+        raise ExportError(f"{out} already holds a dataset ({path}); pass --overwrite to replace it, "
+                          "or choose another output folder")  # fmt: skip
+    return path
+
+
 @task(name="export", cache_policy=NO_CACHE)
-def export(rows: pl.DataFrame, out_dir: str, fmt: str) -> Exported:
+def export(rows: pl.DataFrame, out_dir: str, fmt: str, overwrite: bool = False) -> Exported:
     """Prefect task: write one export target."""
-    return write_dataset(rows, out_dir, fmt)
+    return write_dataset(rows, out_dir, fmt, overwrite)

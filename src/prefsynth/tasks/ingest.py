@@ -18,7 +18,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from prefsynth.errors import InputError
+from prefsynth.errors import InputError, not_utf8
 from prefsynth.schemas.config import PromptSource
 from prefsynth.schemas.records import Message, Prompt
 from prefsynth.warehouse.ids import prompt_id
@@ -75,28 +75,10 @@ def _records(source: PromptSource, table_rows: list[dict[str, Any]] | None) -> I
         path = Path(source.path)
         if not path.is_file():
             raise InputError(f"prompt file not found: {path}")
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            yield from _jsonl(path)
-        elif suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-            if not isinstance(data, list):
-                raise InputError(f"{path}: expected a JSON list of records")
-            for i, rec in enumerate(data):
-                yield f"{path}[{i}]", rec
-        elif suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                for rec in reader:
-                    yield f"{path}:{reader.line_num}", rec
-        else:
-            import polars as pl
-
-            for i, rec in enumerate(pl.read_parquet(path).iter_rows(named=True)):
-                yield f"{path}[row {i}]", rec
+        try:
+            yield from _file(path)
+        except UnicodeDecodeError:
+            raise InputError(not_utf8(path, path.read_bytes())) from None
     elif source.hf_dataset:
         import datasets
 
@@ -114,6 +96,32 @@ def _records(source: PromptSource, table_rows: list[dict[str, Any]] | None) -> I
     else:
         for i, rec in enumerate(table_rows or []):
             yield f"{source.warehouse_table}[row {i}]", rec
+
+
+def _file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Records of a .jsonl, .json, .csv or .parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _jsonl(path)
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+        if not isinstance(data, list):
+            raise InputError(f"{path}: expected a JSON list of records")
+        for i, rec in enumerate(data):
+            yield f"{path}[{i}]", rec
+    elif suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for rec in reader:
+                yield f"{path}:{reader.line_num}", rec
+    else:
+        import polars as pl
+
+        for i, rec in enumerate(pl.read_parquet(path).iter_rows(named=True)):
+            yield f"{path}[row {i}]", rec
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
@@ -19,7 +21,7 @@ import duckdb
 import polars as pl
 from pydantic import BaseModel
 
-from prefsynth.errors import PrefsynthError
+from prefsynth.errors import PrefsynthError, WarehouseError
 from prefsynth.schemas.records import Pair, Prompt, StageResult
 
 # Column types of what tasks return, so empty or all-null batches keep their schema.
@@ -82,6 +84,10 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
 _KEYS = {"prompts": "prompt_id", "model_calls": "attempt_id", "responses": "response_id",
          "scores": "score_id", "pairs": "pair_id", "logprobs": "lp_id", "prompt_routes": "route_id",
          "judgments": "judgment_id", "comparisons": "comparison_id"}  # fmt: skip
+# StageResult field -> table
+RESULT_TABLES = {"calls": "model_calls", "responses": "responses", "scores": "scores", "failures": "failures",
+                 "logprobs": "logprobs", "routes": "prompt_routes", "judgments": "judgments",
+                 "comparisons": "comparisons"}  # fmt: skip
 STATS_TABLES = ("runs", "prompts", "responses", "scores", "judgments", "comparisons", "failures", "pairs",
                 "dataset_snapshots", "logprobs", "prompt_routes", "evals", "model_calls")
 
@@ -98,25 +104,65 @@ def _migrations() -> list[Any]:
     return sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
 
 
+def _make_folder(path: Path) -> None:
+    """Create the warehouse's folder; WarehouseError naming it if that is impossible."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        where = err.filename or path.parent
+        raise WarehouseError(f"cannot create the folder of warehouse {path}: {where}: {err.strerror}; "
+                             "choose another --db (or `warehouse:` path)") from None
+
+
+def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """duckdb.connect, with a WarehouseError naming the file, what happened and the way out."""
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.Error as err:
+        raise WarehouseError(_open_failure(path, err)) from None
+
+
+def _open_failure(path: Path, err: duckdb.Error) -> str:
+    """The message for a file duckdb cannot open (its first line only: no C++ stack trace).
+
+    A write-ahead log duckdb cannot replay is not moved aside automatically: rows committed since the last
+    checkpoint exist only in that log (up to 16 MiB of them by default, e.g. a whole run's model calls),
+    and a log written by a newer duckdb replays fine with that version. Dropping it would silently lose
+    committed data, so the user decides, and the message gives the exact command that keeps the log.
+    """
+    what = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    wal = path.with_name(path.name + ".wal")
+    if "lock" in what.lower():
+        return f"cannot open warehouse {path}: {what} (another prefsynth process may be using it)"
+    if wal.exists() and ("replaying WAL" in what or not isinstance(err, duckdb.IOException)):
+        aside = wal.with_name(f"{wal.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        return (f"cannot open warehouse {path}: duckdb {duckdb.__version__} cannot replay its write-ahead log "
+                f"{wal} ({what}). Rows committed after the last checkpoint, if any, are only in that log. To "
+                "open the warehouse as it was at its last checkpoint, move the log aside (it is kept, nothing "
+                f"is deleted): mv {shlex.quote(str(wal))} {shlex.quote(str(aside))}")  # fmt: skip
+    if not path.exists():
+        return f"cannot create warehouse {path}: {what}; choose another --db (or `warehouse:` path)"
+    return (f"cannot open warehouse {path}: {what}. If it is not a prefsynth warehouse, choose another --db; "
+            "if it is, restore it from a copy")
+
+
 class Store:
     """A DuckDB warehouse file: migrations on open, batched writes, the reads the pipeline needs."""
 
-    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+    def __init__(self, path: str | Path, read_only: bool = False, create: bool = True) -> None:
+        """Open (and unless `read_only`, migrate) the warehouse; `create=False` refuses to make a new file."""
         self.path = Path(path)
-        if read_only and not self.path.exists():
-            raise PrefsynthError(f"warehouse not found: {self.path}")
+        if (read_only or not create) and not self.path.exists():
+            raise WarehouseError(f"warehouse not found: {self.path}")
         if not read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
-        except duckdb.IOException as err:
-            raise PrefsynthError(f"cannot open warehouse {self.path}: {err}") from None
+            _make_folder(self.path)
+        self.con = _connect(self.path, read_only)
         self._lock = threading.Lock()
         if not read_only:
             self.migrate()
         elif (version := self.schema_version()) < len(_migrations()):
             self.close()
-            raise PrefsynthError(f"warehouse {self.path} has schema version {version}, this prefsynth needs "
+            raise WarehouseError(f"warehouse {self.path} has schema version {version}, this prefsynth needs "
                                  f"{len(_migrations())}: open it once read-write (e.g. `prefsynth run`) to migrate it")
 
     def close(self) -> None:
@@ -130,11 +176,16 @@ class Store:
 
     # ---- schema -------------------------------------------------------------------------------
     def migrate(self) -> list[int]:
-        """Apply numbered migrations/NNN_*.sql not yet in schema_version, each in one transaction."""
+        """Apply numbered migrations/NNN_*.sql not yet in schema_version, each in one transaction.
+
+        Each step is checkpointed before any data is written: duckdb 1.5.5 cannot replay DDL from the WAL
+        after a SIGKILL (the next open fails, and without the WAL the file has no tables).
+        """
         self.con.execute(
             "CREATE TABLE IF NOT EXISTS schema_version "
             "(version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMP DEFAULT current_timestamp)"
         )
+        self.con.execute("CHECKPOINT")
         done = {v for (v,) in self.con.execute("SELECT version FROM schema_version").fetchall()}
         applied = []
         for item in _migrations():
@@ -149,6 +200,7 @@ class Store:
             except Exception:
                 self.con.execute("ROLLBACK")
                 raise
+            self.con.execute("CHECKPOINT")
             applied.append(version)
         return applied
 
@@ -160,6 +212,7 @@ class Store:
 
     # ---- writes -------------------------------------------------------------------------------
     def _insert(self, table: str, df: pl.DataFrame, run_id: str | None) -> int:
+        """Insert a batch in one statement through Arrow; rows whose key exists are skipped. Returns rows added."""
         if df.is_empty():
             return 0
         key = _KEYS.get(table)
@@ -174,9 +227,8 @@ class Store:
         conflict = " ON CONFLICT DO NOTHING" if key else ""
         self.con.register("_batch", df.to_arrow())
         try:
-            before = self._count(table)
-            self.con.execute(f"INSERT INTO {table} ({', '.join(cols)}) SELECT {select} FROM _batch{conflict}")
-            return self._count(table) - before
+            row = self.con.execute(f"INSERT INTO {table} ({', '.join(cols)}) SELECT {select} FROM _batch{conflict}")
+            return int(row.fetchone()[0])
         finally:
             self.con.unregister("_batch")
 
@@ -233,21 +285,13 @@ class Store:
             self.con.unregister("_links")
 
     def write(self, run_id: str, result: StageResult) -> dict[str, int]:
-        """Write one chunk's records (calls, responses, scores, failures) in one transaction."""
+        """Write one batch of records (calls, responses, scores, failures, ...) in one transaction."""
+        return self.write_frames(run_id, {table: frame(table, getattr(result, field))
+                                          for field, table in RESULT_TABLES.items()})  # fmt: skip
 
-        def write() -> dict[str, int]:
-            return {
-                "model_calls": self._insert("model_calls", frame("model_calls", result.calls), run_id),
-                "responses": self._insert("responses", frame("responses", result.responses), run_id),
-                "scores": self._insert("scores", frame("scores", result.scores), run_id),
-                "failures": self._insert("failures", frame("failures", result.failures), run_id),
-                "logprobs": self._insert("logprobs", frame("logprobs", result.logprobs), run_id),
-                "prompt_routes": self._insert("prompt_routes", frame("prompt_routes", result.routes), run_id),
-                "judgments": self._insert("judgments", frame("judgments", result.judgments), run_id),
-                "comparisons": self._insert("comparisons", frame("comparisons", result.comparisons), run_id),
-            }
-
-        return self._transaction(write)
+    def write_frames(self, run_id: str, frames: dict[str, pl.DataFrame]) -> dict[str, int]:
+        """The batch writer: each table's frame in one statement, all in one transaction; rows added per table."""
+        return self._transaction(lambda: {table: self._insert(table, df, run_id) for table, df in frames.items()})
 
     def register_scorer(self, scorer_id: str, name: str, kind: str, config_json: str) -> None:
         self.con.execute(
@@ -379,6 +423,9 @@ class Store:
         return self._rows("SELECT r.response_id, r.completion_tokens AS tokens FROM responses r "
                           "JOIN _ids ON r.response_id = _ids.id", response_ids,
                           {"response_id": pl.String, "tokens": pl.Int32})  # fmt: skip
+
+    def has_run(self, run_id: str) -> bool:
+        return self.con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] > 0
 
     def export_rows(self, run_id: str | None = None) -> tuple[str | None, pl.DataFrame]:
         """Pairs of `run_id`, or of the newest completed run, joined with their texts."""

@@ -1,0 +1,134 @@
+"""Bad input at the CLI: exit code 2 and a message naming the file, folder or id, never a traceback.
+
+All but the last two need no model and no Prefect run; those two run the flow (no model) up to the check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from prefsynth import cli
+from prefsynth.cli import app
+from prefsynth.warehouse.store import Store
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    monkeypatch.setattr(cli.console, "_width", 1000)  # one line per message: paths are not wrapped
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _refused(result, *names: object, flow_logs: bool = False) -> str:
+    """The message of an exit-2 refusal that names each of `names`, with no traceback.
+
+    With `flow_logs`, only the CLI's own last line is checked: Prefect's run logger prints the failed
+    task or flow run (with its traceback) above it.
+    """
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert isinstance(result.exception, SystemExit)
+    message = result.output.strip().splitlines()[-1] if flow_logs else result.output
+    assert message.startswith("error: ") and "Traceback" not in message, result.output
+    for name in names:
+        assert str(name) in message, (name, result.output)
+    return message
+
+
+def _warehouse(path: Path) -> Path:
+    with Store(path) as store:
+        store.begin_run("run1", "test", "{}", None)
+        store.end_run("run1", "completed", {})
+    return path
+
+
+def test_export_of_an_unknown_run_is_refused(tmp_path):
+    db = _warehouse(tmp_path / "w.duckdb")
+    _refused(_invoke("export", "--db", db, "--out", tmp_path / "out", "--run", "no-such-run"), "'no-such-run'", db)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_from_a_missing_warehouse_creates_nothing(tmp_path):
+    db = tmp_path / "typo.duckdb"
+    _refused(_invoke("export", "--db", db, "--out", tmp_path / "out"), f"warehouse not found: {db}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_keeps_an_existing_dataset_unless_told_to_overwrite(tmp_path):
+    db, out = _warehouse(tmp_path / "w.duckdb"), tmp_path / "out"
+    first = _invoke("export", "--db", db, "--out", out)
+    assert first.exit_code == 0, first.output
+    dataset = out / "train.parquet"
+    dataset.write_bytes(b"an earlier dataset")
+    _refused(_invoke("export", "--db", db, "--out", out), f"{out} already holds a dataset", "--overwrite")
+    assert dataset.read_bytes() == b"an earlier dataset"
+    again = _invoke("export", "--db", db, "--out", out, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert dataset.read_bytes().startswith(b"PAR1")
+    other = _invoke("export", "--db", db, "--out", out, "--format", "jsonl")  # another format replaces nothing
+    assert other.exit_code == 0 and (out / "train.jsonl").exists()
+
+
+def test_export_help_documents_overwrite():
+    result = _invoke("export", "--help")
+    assert result.exit_code == 0 and "--overwrite" in result.output
+
+
+def test_export_out_pointing_at_a_file_is_refused(tmp_path):
+    db, out = _warehouse(tmp_path / "w.duckdb"), tmp_path / "notes.txt"
+    out.write_text("mine")
+    _refused(_invoke("export", "--db", db, "--out", out), f"cannot export to {out}: it is a file")
+    assert out.read_text() == "mine"
+
+
+def test_stats_on_a_warehouse_whose_wal_cannot_be_replayed_says_how_to_recover(tmp_path):
+    from tests.test_store import _unreplayable_wal
+
+    db = _warehouse(tmp_path / "w.duckdb")
+    wal = tmp_path / "w.duckdb.wal"
+    wal.write_bytes(_unreplayable_wal(tmp_path))
+    out = _refused(_invoke("stats", "--db", db), f"cannot open warehouse {db}", f"mv {wal} {wal}.damaged-")
+    assert "Stack Trace" not in out and wal.exists()
+
+
+def test_a_config_that_is_not_utf8_is_named(tmp_path):
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("name: café\n".encode("latin-1"))
+    _refused(_invoke("run", config), f"{config}:1: not UTF-8 text")
+
+
+def _flow_config(tmp_path: Path, prompts: dict) -> Path:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "prompts": prompts,
+        "generation": {"models": [{"gguf": "smollm2-135m-instruct"}]},
+        "scorers": [{"kind": "pointwise_judge", "model": {"gguf": "smollm2-135m-instruct"}}],
+        "warehouse": str(tmp_path / "w.duckdb"),
+    }))  # fmt: skip
+    return config
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path, prefect_harness):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(b'{"prompt": "hi"}\n{"prompt": "caf\xe9"}\n')
+    config = _flow_config(tmp_path, {"path": str(prompts)})
+    _refused(_invoke("run", config), f"{prompts}:2: not UTF-8 text", flow_logs=True)
+    assert not (tmp_path / "w.duckdb").exists()
+
+
+def test_a_warehouse_whose_folder_cannot_be_created_is_named(tmp_path, prefect_harness):
+    # Tests run as root, where chmod does not stop writes: a regular file in place of a folder does.
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    db = blocker / "sub" / "w.duckdb"
+    config = _flow_config(tmp_path, {"warehouse_table": "prompts"})  # opens the warehouse before any model
+    _refused(_invoke("run", config, "--db", db), f"cannot create the folder of warehouse {db}", "Not a directory",
+             flow_logs=True)
+    assert blocker.read_text() == "x"
