@@ -3,16 +3,21 @@
 Every policy, judge and teacher request goes through `ModelClient.chat`. Each request gets a
 content-addressed `call_id` (model identity + canonical body, seed included); a call already answered
 with status "ok" in the warehouse is served from the cache and makes no request. Retries with backoff
-(and Retry-After) are the OpenAI SDK's; the concurrency limit is a semaphore per endpoint.
+(and Retry-After) are the OpenAI SDK's. A `ClientPool` gives every stage of a run the same client per
+endpoint and one limiter per server, so requests flow continuously up to each server's `max_concurrency`
+and a slow or retrying request holds one slot, never a batch. Cache look-ups of concurrent requests are
+batched into one warehouse read, off the event loop (`CacheReader`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -64,6 +69,68 @@ class Cache(Protocol):
     def cached_logprobs(self, lp_ids: list[str]) -> dict[str, tuple[float, int]]: ...
 
 
+class CacheReader:
+    """Batches the cache look-ups of concurrent requests into one warehouse read per kind, in a thread.
+
+    Every look-up made in the same turn of the event loop (and while a read is running) joins one query,
+    so thousands of requests in flight cost a few reads, and the event loop never waits on DuckDB.
+    """
+
+    def __init__(self, cache: Cache) -> None:
+        self._cache = cache
+        self._pending: dict[str, dict[str, list[asyncio.Future[Any]]]] = {"calls": {}, "logprobs": {}}
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def call(self, call_id: str) -> str | None:
+        """The response JSON of an earlier ok call with this id, if any."""
+        return await self._get("calls", call_id)
+
+    async def logprob(self, lp_id: str) -> tuple[float, int] | None:
+        return await self._get("logprobs", lp_id)
+
+    async def _get(self, kind: str, key: str) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._pending[kind].setdefault(key, []).append(future)
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let the look-ups of this turn join
+        while any(self._pending.values()):
+            pending, self._pending = self._pending, {"calls": {}, "logprobs": {}}
+            for kind, waiting in pending.items():
+                if not waiting:
+                    continue
+                read = self._cache.cached_calls if kind == "calls" else self._cache.cached_logprobs
+                try:
+                    found = await asyncio.to_thread(read, list(waiting))
+                except Exception as err:  # a failed read fails its waiters, not the loop
+                    for futures in waiting.values():
+                        for f in futures:
+                            if not f.done():
+                                f.set_exception(err)
+                    continue
+                for key, futures in waiting.items():
+                    for f in futures:
+                        if not f.done():
+                            f.set_result(found.get(key))
+
+
+class Recent(OrderedDict[str, Any]):
+    """A bounded memo of recent answers: calls made this run that may not be committed yet."""
+
+    def __init__(self, size: int = 4096) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: str, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
 @dataclass
 class Outcome:
     """One request's ledger record, and whether it was answered from the cache."""
@@ -94,18 +161,23 @@ class RewardOutcome(Outcome):
 
 
 class ModelClient:
-    """Calls one endpoint; use `async with` inside one event loop.
+    """Calls one endpoint; use `async with` inside one event loop (or get it from a `ClientPool`).
 
-    Answers come from, in order: calls prefetched from the cache, an identical call already in flight,
-    the cache, and only then the endpoint.
+    Answers come from, in order: recent answers of this client, an identical call already in flight,
+    the cache, and only then the endpoint, through `limiter` (one per server, shared by its clients).
     """
 
-    def __init__(self, endpoint: Endpoint, cache: Cache | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        cache: Cache | CacheReader | None = None,
+        limiter: asyncio.Semaphore | None = None,
+    ) -> None:
         self.endpoint = endpoint
-        self._cache = cache
-        self._known: dict[str, str] = {}
+        self._reader = CacheReader(cache) if cache is not None and not isinstance(cache, CacheReader) else cache
+        self._recent = Recent()
         self._inflight: dict[str, asyncio.Future[tuple[ModelCall, bool]]] = {}
-        self._sem = asyncio.Semaphore(endpoint.concurrency)
+        self._sem = limiter or asyncio.Semaphore(endpoint.concurrency)
         self._client = openai.AsyncOpenAI(
             base_url=endpoint.base_url,
             api_key=endpoint.api_key,
@@ -124,11 +196,6 @@ class ModelClient:
 
     def call_id(self, kind: str, body: dict[str, Any]) -> str:
         return call_id(self.endpoint.identity, body if kind == "chat" else {"kind": kind, **body})
-
-    def prefetch(self, kind: str, bodies: list[dict[str, Any]]) -> None:
-        """Load the cached answers of these requests in one warehouse read."""
-        if self._cache is not None and bodies:
-            self._known.update(self._cache.cached_calls([self.call_id(kind, b) for b in bodies]))
 
     async def chat(self, body: dict[str, Any]) -> ChatOutcome:
         """One chat completion; never raises for model or HTTP errors (they are in the outcome)."""
@@ -159,21 +226,28 @@ class ModelClient:
             return RewardOutcome(call=call, cached=cached, error=f"unreadable reward: {err}")
         return RewardOutcome(call=call, value=value, cached=cached)
 
+    async def cached_logprob(self, lp_id: str) -> tuple[float, int] | None:
+        """A log-prob row computed before (the CDR cache), if the client has a cache."""
+        return await self._reader.logprob(lp_id) if self._reader is not None else None
+
     async def _once(
         self, kind: str, body: dict[str, Any], send: Callable[[dict[str, Any]], Any]
     ) -> tuple[ModelCall, bool]:
         cid = self.call_id(kind, body)
         request = canonical_json(body)
-        if cid not in self._known and cid not in self._inflight and self._cache is not None:
-            self._known.update(self._cache.cached_calls([cid]))
-        if cid in self._known:
-            return self._record(cid, kind, request, "ok", self._known[cid], None, 0.0), True
         if cid in self._inflight:  # the same request is already on its way: share its answer
             call, _ = await asyncio.shield(self._inflight[cid])
             return call, True
         future: asyncio.Future[tuple[ModelCall, bool]] = asyncio.get_running_loop().create_future()
         self._inflight[cid] = future
         try:
+            known = self._recent.get(cid)
+            if known is None and self._reader is not None:
+                known = await self._reader.call(cid)
+            if known is not None:
+                call = self._record(cid, kind, request, "ok", known, None, 0.0)
+                future.set_result((call, True))
+                return call, True
             async with self._sem:
                 start = time.perf_counter()
                 try:
@@ -186,7 +260,7 @@ class ModelClient:
             status = "ok" if error is None else "error"
             call = self._record(cid, kind, request, status, response, error, latency)
             if status == "ok":
-                self._known[cid] = response  # type: ignore[assignment]
+                self._recent.put(cid, response)
             future.set_result((call, False))
             return call, False
         finally:
@@ -244,6 +318,41 @@ class ModelClient:
             completion_tokens=usage.get("completion_tokens"),
             latency_ms=latency,
         )
+
+
+class ClientPool:
+    """The clients of one run: one per endpoint, and one limiter per server (base_url) shared by every stage
+    and scorer that calls it; a server named by endpoints with different limits gets the smallest."""
+
+    def __init__(self, endpoints: Iterable[Endpoint], cache: Cache | None = None) -> None:
+        self._endpoints = list(endpoints)
+        self._cache = cache
+        self._clients: dict[tuple[str, str, str], ModelClient] = {}
+        self._limiters: dict[str, asyncio.Semaphore] = {}
+        self._reader: CacheReader | None = None
+
+    def client(self, endpoint: Endpoint) -> ModelClient:
+        key = (endpoint.base_url, endpoint.identity, endpoint.model)
+        if key not in self._clients:
+            if self._reader is None and self._cache is not None:
+                self._reader = CacheReader(self._cache)
+            if endpoint.base_url not in self._limiters:
+                limit = min(e.concurrency for e in [endpoint, *self._endpoints] if e.base_url == endpoint.base_url)
+                self._limiters[endpoint.base_url] = asyncio.Semaphore(limit)
+            self._clients[key] = ModelClient(endpoint, self._reader, self._limiters[endpoint.base_url])
+        return self._clients[key]
+
+    def clients(self, endpoints: dict[str, Endpoint]) -> dict[str, ModelClient]:
+        """Clients by role (a scorer's endpoints)."""
+        return {role: self.client(ep) for role, ep in endpoints.items()}
+
+    async def __aenter__(self) -> ClientPool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for client in self._clients.values():
+            with contextlib.suppress(Exception):
+                await client.__aexit__()
 
 
 def describe_error(err: openai.APIError) -> str:

@@ -9,6 +9,7 @@ so a killed flow leaves no orphan server.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import hashlib
 import importlib
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from importlib import metadata, resources
 from pathlib import Path
 from typing import IO
@@ -92,7 +94,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM it when the parent dies (Linux only)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -106,13 +108,18 @@ class LocalServer:
         self.n_threads = n_threads or os.cpu_count() or 2
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready = False
+        self.started = self.ready_at = 0.0
         self._log: IO[bytes] | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self, ready_timeout_s: float = 180.0) -> None:
+    def launch(self) -> None:
+        """Start the process; `wait_ready` waits until it answers (the model loads meanwhile)."""
+        if self.proc is not None:
+            return
         cmd = [
             sys.executable, "-m", "prefsynth.backends.llama_server",
             "--model", str(self.path),
@@ -129,9 +136,16 @@ class LocalServer:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
-        deadline = time.monotonic() + ready_timeout_s
+        self.started = time.monotonic()
+
+    def wait_ready(self, ready_timeout_s: float = 180.0) -> None:
+        self.launch()
+        if self.ready:
+            return
+        deadline = self.started + ready_timeout_s
+        assert self.proc is not None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 tail = self.log_tail()
@@ -140,6 +154,7 @@ class LocalServer:
             try:
                 with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
                     if r.status == 200:
+                        self.ready, self.ready_at = True, time.monotonic()
                         return
             except OSError:
                 time.sleep(0.2)
@@ -185,6 +200,30 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
         if spec.gguf is not None and spec.gguf not in self._resolved:
             self._resolved[spec.gguf] = resolve_gguf(spec.gguf)
 
+    def launch(self, spec: ModelSpec) -> None:
+        """Start the server of a local model now, without waiting for it (no-op for endpoints)."""
+        self._server(spec)
+
+    def _server(self, spec: ModelSpec) -> LocalServer | None:
+        if spec.gguf is None:
+            return None
+        self.check(spec)
+        path, identity = self._resolved[spec.gguf]
+        key = (identity, spec.n_ctx)
+        if key not in self._servers:
+            self._servers[key] = LocalServer(path, identity, spec.n_ctx, spec.n_threads)
+            self._servers[key].launch()
+        return self._servers[key]
+
+    def wait_ready(self) -> None:
+        for server in self._servers.values():
+            server.wait_ready()
+
+    def ready_after(self) -> float:
+        """Seconds from the first launch until the last server answered (0 with no local server)."""
+        ready = [s for s in self._servers.values() if s.ready]
+        return max((s.ready_at - s.started for s in ready), default=0.0)
+
     def endpoint(self, spec: ModelSpec) -> Endpoint:
         """A ready endpoint for `spec`: the remote one it names, or a local server for its GGUF file."""
         limits = {"label": spec.label, "concurrency": spec.concurrency, "timeout_s": spec.timeout_s,
@@ -201,23 +240,19 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
                 template=configured_template(spec.chat_template),
                 **limits,
             )
-        self.check(spec)
-        path, identity = self._resolved[spec.gguf]
-        key = (identity, spec.n_ctx)
-        if key not in self._servers:
-            server = LocalServer(path, identity, spec.n_ctx, spec.n_threads)
-            self._servers[key] = server
-            server.start()
+        server = self._server(spec)
+        assert server is not None
+        server.wait_ready()
         return Endpoint(
-            identity=identity,
-            base_url=self._servers[key].base_url,
+            identity=server.identity,
+            base_url=server.base_url,
             model=spec.label,
             api_key="not-needed",
             is_local=True,
             server="llama-cpp",
             # the embedded server answers vLLM-style prompt_logprobs (see llama_server.py)
             logprobs=_logprob_method(spec, True),
-            template=configured_template(spec.chat_template) if spec.chat_template else gguf_template(str(path)),
+            template=configured_template(spec.chat_template) if spec.chat_template else gguf_template(str(server.path)),
             **limits,
         )
 
@@ -228,3 +263,22 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_shared: contextvars.ContextVar[LocalServers | None] = contextvars.ContextVar("prefsynth_local_servers", default=None)
+
+
+@contextlib.contextmanager
+def sharing(servers: LocalServers) -> Iterator[LocalServers]:
+    """Let flows in this context use `servers` (started by the caller, e.g. while Prefect's API starts)."""
+    token = _shared.set(servers)
+    try:
+        yield servers
+    finally:
+        _shared.reset(token)
+
+
+def local_servers() -> contextlib.AbstractContextManager[LocalServers]:
+    """The servers the caller shares, left running for it, or new ones stopped on exit."""
+    shared = _shared.get()
+    return contextlib.nullcontext(shared) if shared is not None else LocalServers()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from prefsynth.backends.local import LocalServers
-from prefsynth.flows.synthesize import check_endpoints, run_stage
+from prefsynth.flows.engine import score_stream
+from prefsynth.flows.synthesize import check_endpoints
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import StageResult
 from prefsynth.tasks.compare import comparison_id
 from prefsynth.tasks.diagnostics import pairwise_report
 from prefsynth.tasks.labelled import LabelledPair, accuracy_report, better_share, check_keys, load_labelled_report
-from prefsynth.tasks.score import score_chunk
 from prefsynth.tasks.scorers import PairItem, PairwiseScorer, ScoreItem, Scorer, build_scorer
 from prefsynth.warehouse.ids import content_id, prompt_id, score_id
 from prefsynth.warehouse.store import Store, frame
@@ -84,7 +83,7 @@ def evaluate(
         with Store(db or config.warehouse) as store:
             for scorer in scorers:
                 store.register_scorer(scorer.scorer_id, scorer.name, scorer.kind, scorer.config_json)
-                report, items = _evaluate_scorer(store, eval_id, scorer, pairs, config.chunk_size)
+                report, items = _evaluate_scorer(store, eval_id, scorer, pairs)
                 report.update(counts)
                 store.write_eval(
                     eval_id,
@@ -108,11 +107,11 @@ def evaluate(
 
 
 def _evaluate_scorer(
-    store: Store, eval_id: str, scorer: Scorer, pairs: list[LabelledPair], chunk_size: int
+    store: Store, eval_id: str, scorer: Scorer, pairs: list[LabelledPair]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The scorer's report and one eval_items row per labelled pair."""
     items = eval_items(pairs, scorer)
-    result = _score_all(store, eval_id, scorer, items, chunk_size)
+    result = _score_all(store, eval_id, scorer, items)
     errors = {f.item_id: f.error for f in result.failures}
     rows = []
     if isinstance(scorer, PairwiseScorer):
@@ -147,19 +146,10 @@ def _row(
             "consistent": consistent}  # fmt: skip
 
 
-def _score_all(store: Store, eval_id: str, scorer: Scorer, items: list[Any], chunk_size: int) -> StageResult:
-    """Score every item chunk by chunk as the pipeline does; returns everything scored. Calls, failures and
-    judgments are written; scores of labelled replies are kept in eval_items, not in the scores table."""
-    total = StageResult()
-
-    def work(chunk: list[Any], done: Callable[[int], None]) -> StageResult:
-        result = score_chunk(scorer, chunk, store, done)
-        for key in ("calls", "scores", "failures", "judgments", "comparisons"):
-            getattr(total, key).extend(getattr(result, key))
-        return result.model_copy(update={"scores": []})
-
-    run_stage(f"eval[{scorer.name}]", items, len(items), chunk_size, work, store, eval_id)
-    return total
+def _score_all(store: Store, eval_id: str, scorer: Scorer, items: list[Any]) -> StageResult:
+    """Score every item as the pipeline does; returns everything scored. Calls, failures and judgments are
+    written; scores of labelled replies are kept in eval_items, not in the scores table."""
+    return score_stream(f"eval[{scorer.name}]", scorer, items, store, eval_id, keep_scores=False)
 
 
 def summary_frame(result: dict[str, Any]) -> pl.DataFrame:

@@ -1,106 +1,47 @@
 """The pipeline: prompts -> generate -> score -> curate -> export, all into one DuckDB warehouse.
 
-The flow holds no logic beyond wiring, progress and the summary: tasks compute, the store writes. It is
-the only writer of the warehouse; every chunk's records are committed as soon as its task returns.
+The run streams (see engine.py): prompts are planned in blocks against the warehouse (what exists is
+reused), then each prompt flows through on its own: its samples are requested from every policy, each
+response is scored by every pointwise scorer the moment it exists, and the prompt's pairwise comparisons
+start as soon as all its responses are in. Requests to one server share its limiter, so the policy and
+the judges are busy at the same time; results are committed by the writer every 256 rows or 2 s, each
+commit a Prefect task run. Curation, panels and exports then read the warehouse. The flow process is the
+only writer of the warehouse.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from prefsynth.backends.client import Endpoint, check_reachable
-from prefsynth.backends.local import LocalServers
-from prefsynth.flows.progress import StageProgress
+from prefsynth.backends.client import ClientPool, Endpoint, check_reachable
+from prefsynth.backends.local import local_servers
+from prefsynth.flows.engine import Stage, Writer, report_progress, run_bounded, writer_for
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import Prompt, RunSummary, StageCounts, StageResult
 from prefsynth.tasks._async import run_async
-from prefsynth.tasks.compare import comparison_scores, plan_comparisons
+from prefsynth.tasks.compare import comparison_scores, plan_comparisons, prompt_pairs
 from prefsynth.tasks.curate import curate
 from prefsynth.tasks.diagnostics import diagnostics
 from prefsynth.tasks.export import export
-from prefsynth.tasks.generate import generate_chunk, plan_generation
+from prefsynth.tasks.generate import GenerationItem, generate_one, plan_generation
 from prefsynth.tasks.ingest import ingest
 from prefsynth.tasks.panel import panel_id, run_panel
-from prefsynth.tasks.score import plan_scores, score_chunk
-from prefsynth.tasks.scorers import PairwiseScorer, Scorer, build_scorer
-from prefsynth.warehouse.ids import canonical_json
+from prefsynth.tasks.score import plan_scores, score_one
+from prefsynth.tasks.scorers import PairwiseScorer, ScoreItem, Scorer, build_scorer
+from prefsynth.warehouse.ids import canonical_json, score_id
 from prefsynth.warehouse.store import Store
 
-T = TypeVar("T")
-
-
-def chunks(items: Sequence[T], size: int) -> list[list[T]]:
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
-
-
-def run_stage(
-    name: str,
-    todo: Sequence[T],
-    total: int,
-    chunk_size: int,
-    work: Callable[[list[T], Callable[[int], None]], StageResult],
-    store: Store,
-    run_id: str,
-) -> StageCounts:
-    """Run `work` chunk by chunk, committing each chunk's records before the next starts."""
-    logger = get_run_logger()
-    counts = StageCounts(stage=name, total=total, reused=total - len(todo))
-    progress = StageProgress(name, len(todo))
-    if counts.reused:
-        logger.info(f"{name}: {counts.reused} of {total} already in the warehouse")
-    for chunk in chunks(todo, chunk_size):
-        result = work(chunk, progress.advance)
-        written = store.write(run_id, result)
-        counts.new += written["responses"] + written["scores"] + written["comparisons"]
-        counts.failed += len(result.failures)
-        counts.model_calls += written["model_calls"]
-        counts.tokens += sum((c.prompt_tokens or 0) + (c.completion_tokens or 0) for c in result.calls)
-        logger.info(progress.line() + (f", {counts.failed} failed" if counts.failed else ""))
-    return counts
-
-
-def _merge(name: str, parts: list[StageCounts]) -> StageCounts:
-    total = StageCounts(stage=name)
-    for p in parts:
-        total.total += p.total
-        total.reused += p.reused
-        total.new += p.new
-        total.failed += p.failed
-        total.model_calls += p.model_calls
-        total.tokens += p.tokens
-    return total
-
-
-def generate_stage(
-    store: Store, run_id: str, config: PipelineConfig, prompts: list[Prompt], policies: list[Endpoint]
-) -> tuple[StageCounts, list[str]]:
-    """Generate what is missing; returns the counts and the ids of every response this run planned."""
-    gen = config.generation
-    parts = []
-    planned: list[str] = []
-    for ep in policies:
-        plan = plan_generation(prompts, ep, gen.sampling, gen.samples_per_prompt)
-        planned += [i.response_id for i in plan]
-        have = store.existing_ids("responses", [i.response_id for i in plan])
-        todo = [i for i in plan if i.response_id not in have]
-        parts.append(
-            run_stage(
-                f"generate[{ep.label}]", todo, len(plan), config.chunk_size,
-                lambda chunk, done, ep=ep: generate_chunk(ep, chunk, gen.sampling, store, done),
-                store, run_id,
-            )
-        )  # fmt: skip
-    return _merge("generate", parts), planned
+PROMPTS_PER_BLOCK = 256  # prompts planned against the warehouse in one read
 
 
 @dataclass
@@ -113,39 +54,14 @@ class Scored:
     comparisons: pl.DataFrame | None = None  # pairwise scorers
 
 
-def score_stage(
-    store: Store, run_id: str, config: PipelineConfig, scorer: Scorer, responses: pl.DataFrame
-) -> Scored:
-    store.register_scorer(scorer.scorer_id, scorer.name, scorer.kind, scorer.config_json)
-    stage = f"score[{scorer.name}]"
-
-    def work(chunk: list[Any], done: Callable[[int], None]) -> StageResult:
-        return score_chunk(scorer, chunk, store, done)
-
-    if isinstance(scorer, PairwiseScorer):
-        pairs = plan_comparisons(responses, scorer.scorer_id)
-        have = store.existing_ids("comparisons", [i.comparison_id for i in pairs])
-        todo = [i for i in pairs if i.comparison_id not in have]
-        counts = run_stage(stage, todo, len(pairs), config.chunk_size, work, store, run_id)
-        comparisons = store.comparisons_by_ids([i.comparison_id for i in pairs])
-        scores = comparison_scores(pairs, comparisons, scorer.scorer_id, scorer.name)
-        store.write(run_id, StageResult(scores=scores))
-        return Scored(counts, len(pairs), store.scores_by_ids([s.score_id for s in scores]), comparisons)
-    items = plan_scores(responses, scorer.scorer_id)
-    have = store.existing_ids("scores", [i.score_id for i in items])
-    todo = [i for i in items if i.score_id not in have]
-    counts = run_stage(stage, todo, len(items), config.chunk_size, work, store, run_id)
-    return Scored(counts, len(items), store.scores_by_ids([i.score_id for i in items]))
-
-
 @flow(name="prefsynth-synthesize")
 def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
     """Generate, score, curate and export preference pairs as `config` says, into the warehouse `db`."""
     logger = get_run_logger()
     started = time.monotonic()
-    warehouse = Path(db or config.warehouse)
+    warehouse = db or config.warehouse
     summary = RunSummary(run_id=uuid.uuid4().hex, name=config.name, warehouse=str(warehouse))
-    with LocalServers() as servers:
+    with local_servers() as servers:
         for model in config.all_models():  # a missing GGUF file fails before anything starts
             servers.check(model)
         table_rows = None
@@ -165,7 +81,8 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
             try:
                 _run(store, config, ingested.prompts, policies, scorers, summary)
             except BaseException as err:
-                summary.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+                stopped = isinstance(err, KeyboardInterrupt | asyncio.CancelledError)
+                summary.status = "interrupted" if stopped else "failed"
                 summary.seconds = time.monotonic() - started
                 store.end_run(summary.run_id, summary.status, summary.model_dump())
                 raise
@@ -184,13 +101,27 @@ def _run(
     new_prompts = store.write_prompts(run_id, prompts)
     summary.stages.append(StageCounts(stage="ingest", total=len(prompts), new=new_prompts,
                                       reused=len(prompts) - new_prompts))  # fmt: skip
-    generated, planned = generate_stage(store, run_id, config, prompts, policies)
-    summary.stages.append(generated)
-    responses = store.responses_by_ids(planned)  # this run's samples only, not earlier runs' other settings
-    scored: dict[str, Scored] = {}
     for scorer in scorers:
-        scored[scorer.name] = score_stage(store, run_id, config, scorer, responses)
-        summary.stages.append(scored[scorer.name].counts)
+        store.register_scorer(scorer.scorer_id, scorer.name, scorer.kind, scorer.config_json)
+
+    writer = writer_for(store, run_id)
+    streaming = Streaming(store, config, policies, scorers, writer)
+    try:
+        run_async(streaming.run(prompts))
+    finally:
+        writer.close()  # whatever finished is committed, also on Ctrl-C
+    logger.info(f"streamed: {writer.commits} commits")
+    counts = {s.counts.stage: s.counts for s in streaming.stages}
+    generated = _merge("generate", [counts[f"generate[{ep.label}]"] for ep in policies])
+    summary.stages.append(generated)
+
+    responses = store.responses_by_ids(streaming.planned)  # this run's samples only, not earlier runs' other settings
+    scored = {s.name: collect_scores(store, run_id, s, counts[f"score[{s.name}]"], responses) for s in scorers}
+    summary.stages += [s.counts for s in scored.values()]
+    if responses.is_empty() or any(s.items and s.values.is_empty() for s in scored.values()):
+        summary.status = "failed"
+        logger.error("this run produced no responses or no scores (see the failures table); no export replaced")
+        return
     values = {name: s.values for name, s in scored.items()}
     ids = {s.name: s.scorer_id for s in scorers}
     if config.panel is not None:
@@ -207,10 +138,160 @@ def _run(
 
     for target in config.export:
         _, rows = store.export_rows(run_id)
-        done = export(rows, target.path, target.format)
+        if rows.is_empty():
+            logger.warning(f"export: this run made no pairs; {target.path} is left as it was")
+            continue
+        done = export(rows, target.path, target.format, overwrite=True)  # the config owns its paths
         store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), done.n_pairs)
         summary.exports.append(str(done.path))
         logger.info(f"export: {done.n_pairs} pairs -> {done.path}")
+
+
+def _merge(name: str, parts: list[StageCounts]) -> StageCounts:
+    total = StageCounts(stage=name)
+    for p in parts:
+        for key in ("total", "reused", "new", "failed", "model_calls", "tokens"):
+            setattr(total, key, getattr(total, key) + getattr(p, key))
+    return total
+
+
+@dataclass
+class PromptWork:
+    """One prompt's planned work and what the warehouse already has of it."""
+
+    prompt: Prompt
+    todo: list[tuple[Endpoint, GenerationItem]]  # samples still to generate
+    responses: dict[str, str]  # response_id -> text, of this run's samples that exist
+    done: set[str] = field(default_factory=set)  # score and comparison ids already in the warehouse
+
+
+class Streaming:
+    """The streaming part of a run: every prompt through generation and scoring, bounded in flight."""
+
+    def __init__(
+        self, store: Store, config: PipelineConfig, policies: list[Endpoint], scorers: list[Scorer], writer: Writer
+    ) -> None:
+        self.store, self.config, self.policies, self.scorers, self.writer = store, config, policies, scorers, writer
+        self.pointwise = [s for s in scorers if not isinstance(s, PairwiseScorer)]
+        self.pairwise = [s for s in scorers if isinstance(s, PairwiseScorer)]
+        self.planned: list[str] = []  # this run's response ids
+        self.stages: list[Stage] = []
+        self._stage: dict[str, Stage] = {}
+        endpoints = [*policies, *(e for s in scorers for e in s.endpoints.values())]
+        self.pool = ClientPool(endpoints, store)
+        slots = sum({e.base_url: e.concurrency for e in endpoints}.values())
+        self.window = 2 * slots + 2  # prompts in flight: enough to keep every slot busy between stages
+
+    def _add_stage(self, name: str, total: int) -> Stage:
+        self._stage[name] = Stage(name, total, self.writer)
+        self.stages.append(self._stage[name])
+        return self._stage[name]
+
+    async def run(self, prompts: Sequence[Prompt]) -> None:
+        n = len(prompts) * self.config.generation.samples_per_prompt
+        for ep in self.policies:
+            self._add_stage(f"generate[{ep.label}]", n)
+        k = self.config.generation.samples_per_prompt * len(self.policies)
+        for s in self.scorers:
+            self._add_stage(f"score[{s.name}]", len(prompts) * (k * (k - 1) // 2 if s in self.pairwise else k))
+        reporter = asyncio.create_task(report_progress(self.stages, get_run_logger().info))
+        try:
+            async with self.pool:
+                await run_bounded(self._jobs(prompts), self.window)
+        finally:
+            reporter.cancel()
+        for stage in self.stages:
+            stage.counts.total = stage.counts.reused + stage.counts.new + stage.counts.failed
+            get_run_logger().info(stage.progress.line())
+
+    async def _jobs(self, prompts: Sequence[Prompt]) -> AsyncIterator[Coroutine[Any, Any, None]]:
+        """One job per prompt; the next block is planned while this one's jobs start."""
+        blocks = iter([prompts[i : i + PROMPTS_PER_BLOCK] for i in range(0, len(prompts), PROMPTS_PER_BLOCK)])
+        upcoming = _next_plan(blocks, self._plan)
+        while upcoming is not None:
+            works, reused = await upcoming
+            upcoming = _next_plan(blocks, self._plan)
+            for name, n in reused.items():
+                self._stage[name].reuse(n)
+            for work in works:
+                while self.writer.pending > 64 * self.writer.max_rows:  # the writer is behind: wait for it
+                    await asyncio.sleep(0.05)
+                yield self._prompt(work)
+
+    def _plan(self, block: Sequence[Prompt]) -> tuple[list[PromptWork], dict[str, int]]:
+        """What each prompt of the block still needs, from a few warehouse reads (runs in a thread), and how
+        many items of each stage exist already."""
+        gen = self.config.generation
+        items = [(ep, i) for ep in self.policies
+                 for i in plan_generation(block, ep, gen.sampling, gen.samples_per_prompt)]  # fmt: skip
+        rids = [i.response_id for _, i in items]
+        self.planned += rids
+        have = self.store.responses_by_ids(rids)
+        texts = dict(zip(have["response_id"], have["text"], strict=True))
+        by_prompt: dict[str, list[str]] = {}
+        for _, i in items:
+            by_prompt.setdefault(i.prompt.prompt_id, []).append(i.response_id)
+        done = self.store.existing_ids("scores", [score_id(r, s.scorer_id) for s in self.pointwise for r in rids])
+        pair_ids = [c.comparison_id for s in self.pairwise for r in by_prompt.values()
+                    for c in prompt_pairs(s.scorer_id, "", [], [(x, "") for x in r])]  # fmt: skip
+        done |= self.store.existing_ids("comparisons", pair_ids)
+        reused = {f"generate[{ep.label}]": sum(i.response_id in texts for e, i in items if e is ep)
+                  for ep in self.policies}  # fmt: skip
+        reused |= {f"score[{s.name}]": sum(score_id(r, s.scorer_id) in done for r in rids) for s in self.pointwise}
+        works = {p.prompt_id: PromptWork(p, [], {}, done) for p in block}
+        for ep, i in items:
+            work = works[i.prompt.prompt_id]
+            if i.response_id in texts:
+                work.responses[i.response_id] = texts[i.response_id]
+            else:
+                work.todo.append((ep, i))
+        return list(works.values()), reused
+
+    async def _prompt(self, work: PromptWork) -> None:
+        """One prompt: its samples, each scored as it arrives, then its pairwise comparisons."""
+        gen = self.config.generation
+
+        async def sample(ep: Endpoint, item: GenerationItem) -> None:
+            result = await generate_one(self.pool.client(ep), item, gen.sampling)
+            self._stage[f"generate[{ep.label}]"].record(result)
+            for r in result.responses:
+                work.responses[r.response_id] = r.text
+                await score_response(r.response_id, r.text)
+
+        async def score_response(rid: str, text: str) -> None:
+            items = [(s, ScoreItem(score_id(rid, s.scorer_id), rid, work.prompt.prompt_id, work.prompt.messages, text))
+                     for s in self.pointwise]  # fmt: skip
+            await asyncio.gather(*(self._score(s, i) for s, i in items if i.score_id not in work.done))
+
+        await asyncio.gather(*(sample(ep, i) for ep, i in work.todo),
+                             *(score_response(r, t) for r, t in list(work.responses.items())))  # fmt: skip
+        pairs = [(s, i) for s in self.pairwise
+                 for i in prompt_pairs(s.scorer_id, work.prompt.prompt_id, work.prompt.messages,
+                                       list(work.responses.items()))]  # fmt: skip
+        for s in self.pairwise:
+            self._stage[f"score[{s.name}]"].reuse(sum(i.comparison_id in work.done for t, i in pairs if t is s))
+        await asyncio.gather(*(self._score(s, i) for s, i in pairs if i.comparison_id not in work.done))
+
+    async def _score(self, scorer: Scorer, item: Any) -> None:
+        result = await score_one(scorer, self.pool.clients(scorer.endpoints), item)
+        self._stage[f"score[{scorer.name}]"].record(result)
+
+
+def _next_plan(blocks: Iterator[Sequence[Prompt]], plan: Any) -> asyncio.Task[Any] | None:
+    block = next(blocks, None)
+    return None if block is None else asyncio.create_task(asyncio.to_thread(plan, block))
+
+
+def collect_scores(store: Store, run_id: str, scorer: Scorer, counts: StageCounts, responses: pl.DataFrame) -> Scored:
+    """A scorer's values for this run's responses, from the warehouse; pairwise values from the comparisons."""
+    if isinstance(scorer, PairwiseScorer):
+        pairs = plan_comparisons(responses, scorer.scorer_id)
+        comparisons = store.comparisons_by_ids([i.comparison_id for i in pairs])
+        scores = comparison_scores(pairs, comparisons, scorer.scorer_id, scorer.name)
+        store.write(run_id, StageResult(scores=scores))
+        return Scored(counts, len(pairs), store.scores_by_ids([s.score_id for s in scores]), comparisons)
+    items = plan_scores(responses, scorer.scorer_id)
+    return Scored(counts, len(items), store.scores_by_ids([i.score_id for i in items]))
 
 
 def panel_stage(

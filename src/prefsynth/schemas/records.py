@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from pydantic import BaseModel
 
 
@@ -152,6 +154,15 @@ class StageResult(BaseModel):
     routes: list[Route] = []
     judgments: list[Judgment] = []
     comparisons: list[Comparison] = []
+
+
+def merge_results(parts: Iterable[StageResult]) -> StageResult:
+    """Several results as one batch (lists concatenated, in order)."""
+    merged = StageResult()
+    for part in parts:
+        for name in StageResult.model_fields:
+            getattr(merged, name).extend(getattr(part, name))
+    return merged
 
 
 class StageCounts(BaseModel):

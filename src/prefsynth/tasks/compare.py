@@ -23,6 +23,13 @@ def comparison_id(scorer_id: str, a: str, b: str) -> str:
     return content_id("comparison", scorer_id, a, b)
 
 
+def prompt_pairs(scorer_id: str, prompt_id: str, messages: list[Message], responses: list[tuple[str, str]]) -> list[
+        PairItem]:  # fmt: skip
+    """Every two of a prompt's responses ((response_id, text)), a being the one with the smaller id."""
+    return [PairItem(comparison_id(scorer_id, a[0], b[0]), prompt_id, messages, a, b)
+            for a, b in combinations(sorted(responses), 2)]  # fmt: skip
+
+
 def plan_comparisons(responses: pl.DataFrame, scorer_id: str) -> list[PairItem]:
     """responses: response_id, prompt_id, messages (JSON), text -> every pair per prompt, sorted by id."""
     by_prompt: dict[str, list[tuple[str, str]]] = defaultdict(list)
@@ -30,12 +37,8 @@ def plan_comparisons(responses: pl.DataFrame, scorer_id: str) -> list[PairItem]:
     for rid, pid, msgs, text in responses.select("response_id", "prompt_id", "messages", "text").iter_rows():
         by_prompt[pid].append((rid, text))
         messages[pid] = msgs
-    items = []
-    for pid in sorted(by_prompt):
-        convo = [Message(**m) for m in json.loads(messages[pid])]
-        for a, b in combinations(sorted(by_prompt[pid]), 2):
-            items.append(PairItem(comparison_id(scorer_id, a[0], b[0]), pid, convo, a, b))
-    return items
+    return [item for pid in sorted(by_prompt)
+            for item in prompt_pairs(scorer_id, pid, [Message(**m) for m in json.loads(messages[pid])], by_prompt[pid])]
 
 
 def comparison_scores(items: list[PairItem], comparisons: pl.DataFrame, scorer_id: str, scorer: str) -> list[Score]:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from prefsynth.backends.client import Cache, Endpoint, ModelClient
+from prefsynth.backends.client import Cache, ClientPool, Endpoint, ModelClient
 from prefsynth.schemas.config import SamplingParams
-from prefsynth.schemas.records import Failure, Prompt, Response, StageResult
-from prefsynth.tasks._async import run_async
+from prefsynth.schemas.records import Failure, Prompt, Response, StageResult, merge_results
 from prefsynth.warehouse.ids import canonical_json, response_id
 
 
@@ -35,70 +32,41 @@ def plan_generation(
     ]
 
 
-async def generate_items(
-    endpoint: Endpoint,
-    items: Sequence[GenerationItem],
-    sampling: SamplingParams,
-    cache: Cache | None = None,
-    on_done: Callable[[int], None] | None = None,
-) -> StageResult:
-    result = StageResult()
-    sampling_json = canonical_json(sampling.model_dump())
-    async with ModelClient(endpoint, cache) as client:
-        bodies = [
-            client.request_body(
-                [m.model_dump() for m in item.prompt.messages],
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens,
-                seed=sampling.seed + item.sample_index,
+def generation_body(item: GenerationItem, sampling: SamplingParams) -> dict[str, Any]:
+    """The chat request of one sample: sample i uses seed + i."""
+    return {"messages": [m.model_dump() for m in item.prompt.messages],
+            **sampling.model_dump(include={"temperature", "top_p", "max_tokens"}, exclude_none=True),
+            "seed": sampling.seed + item.sample_index}  # fmt: skip
+
+
+async def generate_one(client: ModelClient, item: GenerationItem, sampling: SamplingParams) -> StageResult:
+    """One sample: its response (or failure) and the call it took, unless the cache answered."""
+    endpoint = client.endpoint
+    body = generation_body(item, sampling)
+    outcome = await client.chat(body)
+    result = StageResult(calls=[] if outcome.cached else [outcome.call])
+    call = outcome.call
+    if outcome.ok:
+        result.responses.append(
+            Response(
+                response_id=item.response_id, prompt_id=item.prompt.prompt_id, model=endpoint.label,
+                model_identity=endpoint.identity, sampling=canonical_json(sampling.model_dump()),
+                sample_index=item.sample_index, seed=body["seed"], text=outcome.text or "",
+                finish_reason=outcome.finish_reason, prompt_tokens=call.prompt_tokens,
+                completion_tokens=call.completion_tokens, latency_ms=call.latency_ms, call_id=call.call_id,
             )
-            for item in items
-        ]
-        client.prefetch("chat", bodies)
-
-        async def one(item: GenerationItem, body: dict) -> None:
-            outcome = await client.chat(body)
-            if not outcome.cached:
-                result.calls.append(outcome.call)
-            if outcome.ok:
-                call = outcome.call
-                result.responses.append(
-                    Response(
-                        response_id=item.response_id,
-                        prompt_id=item.prompt.prompt_id,
-                        model=endpoint.label,
-                        model_identity=endpoint.identity,
-                        sampling=sampling_json,
-                        sample_index=item.sample_index,
-                        seed=body["seed"],
-                        text=outcome.text or "",
-                        finish_reason=outcome.finish_reason,
-                        prompt_tokens=call.prompt_tokens,
-                        completion_tokens=call.completion_tokens,
-                        latency_ms=call.latency_ms,
-                        call_id=call.call_id,
-                    )
-                )
-            else:
-                result.failures.append(
-                    Failure(stage="generate", item_id=item.response_id, scorer_id=None,
-                            error=outcome.call.error or "unknown error", raw=None)
-                )  # fmt: skip
-            if on_done:
-                on_done(1)
-
-        await asyncio.gather(*(one(item, body) for item, body in zip(items, bodies, strict=True)))
+        )  # fmt: skip
+    else:
+        result.failures.append(Failure(stage="generate", item_id=item.response_id, scorer_id=None,
+                                       error=call.error or "unknown error", raw=None))  # fmt: skip
     return result
 
 
-@task(name="generate", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def generate_chunk(
-    endpoint: Endpoint,
-    items: list[GenerationItem],
-    sampling: SamplingParams,
-    cache: Cache | None = None,
-    on_done: Callable[[int], None] | None = None,
+async def generate_items(
+    endpoint: Endpoint, items: Sequence[GenerationItem], sampling: SamplingParams, cache: Cache | None = None
 ) -> StageResult:
-    """Prefect task: one chunk of generations, calls made concurrently up to the endpoint's limit."""
-    return run_async(generate_items(endpoint, items, sampling, cache, on_done))
+    """A batch of samples from one endpoint, up to its concurrency at once (the pipeline streams instead)."""
+    async with ClientPool([endpoint], cache) as pool:
+        client = pool.client(endpoint)
+        parts = await asyncio.gather(*(generate_one(client, item, sampling) for item in items))
+    return merge_results(parts)

@@ -4,7 +4,6 @@ endpoint's limit."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,10 +12,11 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from prefsynth.backends.client import Cache, ModelClient
-from prefsynth.schemas.records import Message, StageResult
+from prefsynth.backends.client import Cache, ClientPool
+from prefsynth.schemas.records import Message, StageResult, merge_results
 from prefsynth.tasks._async import run_async
 from prefsynth.tasks.scorers import ScoreItem, Scorer
+from prefsynth.tasks.scorers.base import Clients
 from prefsynth.warehouse.ids import score_id
 
 
@@ -30,44 +30,40 @@ def plan_scores(responses: pl.DataFrame, scorer_id: str) -> list[ScoreItem]:
     ]
 
 
+async def score_one(scorer: Scorer, clients: Clients, item: Any) -> StageResult:
+    """One item (a response, or a pair of them) through one scorer: prepare, then score."""
+    routes = await scorer.prepare(clients, [item])
+    result = (await scorer.score(clients, item)).result()
+    result.routes = routes
+    return result
+
+
 async def score_items(
     scorer: Scorer,
     items: Sequence[Any],
     cache: Cache | None = None,
     on_done: Callable[[int], None] | None = None,
 ) -> StageResult:
-    result = StageResult()
-    async with contextlib.AsyncExitStack() as stack:
-        by_url: dict[str, ModelClient] = {}  # roles served by one endpoint share its client and limit
-        for ep in scorer.endpoints.values():
-            if ep.base_url not in by_url:
-                by_url[ep.base_url] = await stack.enter_async_context(ModelClient(ep, cache))
-        clients = {role: by_url[ep.base_url] for role, ep in scorer.endpoints.items()}
-        result.routes.extend(await scorer.prepare(clients, items, cache))
-
-        async def one(item: Any) -> None:
-            outcome = await scorer.score(clients, item)
-            result.calls.extend(outcome.calls)
-            result.logprobs.extend(outcome.logprobs)
-            if outcome.score is not None:
-                result.scores.append(outcome.score)
-            if outcome.failure is not None:
-                result.failures.append(outcome.failure)
-            result.judgments.extend(outcome.judgments)
-            if outcome.comparison is not None:
-                result.comparisons.append(outcome.comparison)
-            if on_done:
-                on_done(1)
-
+    """A batch of items: `prepare` once over all of them (routing, in-process batches), then each item,
+    grouped and windowed as the scorer's `schedule` says (the pipeline streams instead)."""
+    async with ClientPool(scorer.endpoints.values(), cache) as pool:
+        clients = pool.clients(scorer.endpoints)
+        routes = await scorer.prepare(clients, items)
         groups, window = scorer.schedule(items)
         in_flight = asyncio.Semaphore(window)
 
-        async def group(members: list[Any]) -> None:
-            async with in_flight:
-                await asyncio.gather(*(one(item) for item in members))
+        async def one(item: Any) -> StageResult:
+            result = (await scorer.score(clients, item)).result()
+            if on_done:
+                on_done(1)
+            return result
 
-        await asyncio.gather(*(group(g) for g in groups))
-    return result
+        async def group(members: list[Any]) -> list[StageResult]:
+            async with in_flight:
+                return list(await asyncio.gather(*(one(item) for item in members)))
+
+        parts = await asyncio.gather(*(group(g) for g in groups))
+    return merge_results([StageResult(routes=routes), *(r for g in parts for r in g)])
 
 
 @task(name="score", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)

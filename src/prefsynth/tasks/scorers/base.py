@@ -2,8 +2,8 @@
 
 A scorer has an id (hash of what determines its values: config and model identities), a kind
 ("pointwise": one value per response; "pairwise": a verdict per pair of responses), the endpoints it
-calls by role, and scores one item at a time after an optional `prepare` over the whole chunk (cache
-prefetch, routing). Curation reads scores by scorer id, so scorers live side by side and a new curation
+calls by role, and scores one item at a time after an optional `prepare` over a batch (routing,
+in-process batches). Curation reads scores by scorer id, so scorers live side by side and a new curation
 rule never re-calls a model.
 """
 
@@ -14,8 +14,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from prefsynth.backends.client import Cache, Endpoint, ModelClient, Outcome
-from prefsynth.schemas.records import Comparison, Failure, Judgment, LogprobRow, Message, ModelCall, Route, Score
+from prefsynth.backends.client import Endpoint, ModelClient, Outcome
+from prefsynth.schemas.records import (
+    Comparison,
+    Failure,
+    Judgment,
+    LogprobRow,
+    Message,
+    ModelCall,
+    Route,
+    Score,
+    StageResult,
+)
 from prefsynth.warehouse.ids import canonical_json, scorer_id
 
 
@@ -48,6 +58,12 @@ class ScoreOutcome:
     logprobs: list[LogprobRow] = field(default_factory=list)
     judgments: list[Judgment] = field(default_factory=list)
     comparison: Comparison | None = None
+
+    def result(self) -> StageResult:
+        """As rows for the warehouse."""
+        return StageResult(calls=self.calls, logprobs=self.logprobs, judgments=self.judgments,
+                           scores=[self.score] if self.score else [], failures=[self.failure] if self.failure else [],
+                           comparisons=[self.comparison] if self.comparison else [])  # fmt: skip
 
     def keep(self, outcome: Outcome) -> None:
         """Remember a call for the ledger unless it was answered from the cache."""
@@ -92,8 +108,8 @@ class Scorer(ABC):
     def config_json(self) -> str:
         return canonical_json(self._full_identity())
 
-    async def prepare(self, clients: Clients, items: Sequence[Any], cache: Cache | None) -> list[Route]:
-        """Work shared by a chunk's items (cache prefetch, routing); returns routes to store."""
+    async def prepare(self, clients: Clients, items: Sequence[Any]) -> list[Route]:
+        """Work shared by items (routing, in-process batches); returns routes to store."""
         return []
 
     def schedule(self, items: Sequence[Any]) -> tuple[list[list[Any]], int]:

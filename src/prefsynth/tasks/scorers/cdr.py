@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from prefsynth.backends.client import Cache, Endpoint, ModelClient
+from prefsynth.backends.client import Endpoint, ModelClient, Recent
 from prefsynth.backends.quirks import json_response_format
 from prefsynth.backends.templates import conversation_text
 from prefsynth.errors import ConfigError
@@ -96,7 +96,7 @@ class CDRScorer(PointwiseScorer):
         if self.custom and c.domain is not None and c.domain not in self.custom.domains:
             raise ConfigError(f"CDR customization.domain {c.domain!r} is not one of {sorted(self.custom.domains)}")
         self._domains: dict[str, str] = {}
-        self._known: dict[str, tuple[float, int]] = {}
+        self._known = Recent()  # log-probs computed this run, committed or not
 
     def identity(self) -> dict[str, Any]:
         c = self.spec.customization
@@ -155,23 +155,13 @@ class CDRScorer(PointwiseScorer):
         return content_id("logprob", self.endpoints[role].identity, _h(context), _h(continuation))
 
     # ---- routing and cache ----------------------------------------------------------------------
-    async def prepare(self, clients: Clients, items: Sequence[ScoreItem], cache: Cache | None) -> list[Route]:
-        routes: list[Route] = []
-        if self.custom is not None and "router" in clients:
-            firsts = {item.prompt_id: item for item in reversed(items)}
-            todo = [item for pid, item in firsts.items() if pid not in self._domains]
-            routes = list(await asyncio.gather(*(self._route(clients["router"], item) for item in todo)))
-            self._domains.update({r.prompt_id: r.domain for r in routes})
-        if cache is not None:
-            ids = []
-            for item in items:
-                try:
-                    t = self.texts(item)
-                except ValueError:
-                    continue
-                ids += [self._lp_id("strong", t["strong_context"], t["strong_continuation"]),
-                        self._lp_id("weak", t["weak_context"], t["weak_continuation"])]  # fmt: skip
-            self._known.update(cache.cached_logprobs(ids))
+    async def prepare(self, clients: Clients, items: Sequence[ScoreItem]) -> list[Route]:
+        if self.custom is None or "router" not in clients:
+            return []
+        firsts = {item.prompt_id: item for item in reversed(items)}
+        todo = [item for pid, item in firsts.items() if pid not in self._domains]
+        routes = list(await asyncio.gather(*(self._route(clients["router"], item) for item in todo)))
+        self._domains.update({r.prompt_id: r.domain for r in routes})
         return routes
 
     def _router_body(self, client: ModelClient, item: ScoreItem) -> dict[str, Any]:
@@ -210,8 +200,9 @@ class CDRScorer(PointwiseScorer):
         self, client: ModelClient, role: str, context: str, continuation: str, out: ScoreOutcome
     ) -> tuple[float, int] | str:
         lp_id = self._lp_id(role, context, continuation)
-        if lp_id in self._known:
-            return self._known[lp_id]
+        known = self._known.get(lp_id) or await client.cached_logprob(lp_id)
+        if known is not None:
+            return known
         # The full text first: the context's request (only its token count is used) then comes right after
         # a pass that contains it, which the embedded server answers without evaluating anything.
         full = await client.text_logprob(context + continuation)
@@ -225,7 +216,7 @@ class CDRScorer(PointwiseScorer):
         if not reply or any(v is None for v in reply):
             return f"{role} model returned no log-probs for the reply's tokens"
         value = (float(sum(reply)), len(reply))  # type: ignore[arg-type]
-        self._known[lp_id] = value
+        self._known.put(lp_id, value)
         out.logprobs.append(LogprobRow(lp_id=lp_id, model=self.endpoints[role].identity, context_hash=_h(context),
                                        continuation_hash=_h(continuation), logprob=value[0], tokens=value[1],
                                        call_ids=[full.call.call_id, ctx.call.call_id]))  # fmt: skip

@@ -18,11 +18,11 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from prefsynth.backends.client import Cache, Endpoint, ModelClient
+from prefsynth.backends.client import Endpoint, ModelClient
 from prefsynth.backends.quirks import json_response_format
 from prefsynth.backends.templates import conversation_text
 from prefsynth.schemas.config import PairwiseJudgeSpec
-from prefsynth.schemas.records import Comparison, Judgment, Route
+from prefsynth.schemas.records import Comparison, Judgment
 from prefsynth.tasks.scorers.base import Clients, PairItem, PairwiseScorer, ScoreOutcome, by_prompt
 from prefsynth.tasks.scorers.judging import ask_parsed, json_object
 from prefsynth.warehouse.ids import content_id
@@ -185,12 +185,6 @@ class PairwiseJudge(PairwiseScorer):
         """A prompt's comparisons go together and as many prompts as the server has slots are in flight, so
         a one-slot server judges both orders of a pair back to back and reuses the shared prefix it cached."""
         return by_prompt(items), max(1, self.endpoint.concurrency)
-
-    async def prepare(self, clients: Clients, items: Sequence[PairItem], cache: Cache | None) -> list[Route]:
-        client = clients["judge"]
-        bodies = [self._body(client, self._messages(i, o), k) for i in items for o, k in self._plan(i)]
-        client.prefetch("chat", bodies)
-        return []
 
     async def score(self, clients: Clients, item: PairItem) -> ScoreOutcome:
         client = clients["judge"]

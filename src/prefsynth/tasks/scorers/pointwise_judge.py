@@ -11,11 +11,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from prefsynth.backends.client import Cache, Endpoint, ModelClient
+from prefsynth.backends.client import Endpoint, ModelClient
 from prefsynth.backends.quirks import json_response_format
 from prefsynth.backends.templates import conversation_text
 from prefsynth.schemas.config import PointwiseJudgeSpec
-from prefsynth.schemas.records import Route, Score
+from prefsynth.schemas.records import Score
 from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome
 from prefsynth.tasks.scorers.judging import ask_parsed, json_object
 
@@ -129,11 +129,6 @@ class PointwiseJudge(PointwiseScorer):
             return min(ratings.values())
         total = sum(a.weight for a in self.aspects)
         return sum(ratings[a.name] * a.weight for a in self.aspects) / total
-
-    async def prepare(self, clients: Clients, items: Sequence[ScoreItem], cache: Cache | None) -> list[Route]:
-        client = clients["judge"]
-        client.prefetch("chat", [self._body(client, self._messages(item)) for item in items])
-        return []
 
     async def score(self, clients: Clients, item: ScoreItem) -> ScoreOutcome:
         client = clients["judge"]

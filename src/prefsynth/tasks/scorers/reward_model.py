@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from prefsynth.backends import quirks
-from prefsynth.backends.client import Cache, Endpoint
+from prefsynth.backends.client import Endpoint
 from prefsynth.backends.hf_reward import RENDER_VERSION, HFRewardModel, RewardResult
 from prefsynth.schemas.config import RewardModelSpec
 from prefsynth.schemas.records import Route, Score
@@ -50,9 +50,8 @@ class RewardModelScorer(PointwiseScorer):
     def _body(self, item: ScoreItem) -> dict[str, Any]:
         return quirks.reward_request(self.spec.api, conversation(item))
 
-    async def prepare(self, clients: Clients, items: Sequence[ScoreItem], cache: Cache | None) -> list[Route]:
+    async def prepare(self, clients: Clients, items: Sequence[ScoreItem]) -> list[Route]:
         if self.local is None:
-            clients["reward"].prefetch("reward", [self._body(item) for item in items])
             return []
         todo = [item for item in items if item.score_id not in self._ready]
         if todo:
@@ -67,7 +66,7 @@ class RewardModelScorer(PointwiseScorer):
         out = ScoreOutcome()
         if self.local is not None:
             if item.score_id not in self._ready:
-                await self.prepare(clients, [item], None)
+                await self.prepare(clients, [item])
             result = self._ready.pop(item.score_id)
             if result.value is None:
                 return self.failed(out, item, f"reward model: {result.error}", None)

@@ -1,0 +1,155 @@
+"""Prefect's temporary API for one command, started by us so that it starts early and never outlives us.
+
+With no Prefect server configured, Prefect would start its own temporary API when the flow is called and
+give it 20 s; on a new machine (empty PREFECT_HOME) building its database takes longer than that while a
+llama.cpp server loads, and the run fails. Here the same server (Prefect's app under uvicorn, as Prefect
+runs it) is launched first thing, so it starts while the config is validated, modules are imported and
+local models load; we wait for it up to `PREFSYNTH_API_TIMEOUT_S` (default 300 s). It runs in its own
+session, so a Ctrl-C at the terminal reaches only prefsynth, which then stops it; it dies with its parent
+(PR_SET_PDEATHSIG), so a SIGKILL leaves no server behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from prefsynth.backends.local import die_with_parent, free_port
+from prefsynth.errors import PrefsynthError
+
+
+class PrefectAPIError(PrefsynthError):
+    """Prefect's temporary API did not start."""
+
+
+def configured_api_url() -> str | None:
+    """The Prefect API the user configured (environment or Prefect profile), if any."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url
+
+
+class TemporaryAPI:
+    """`launch()` starts it in the background, `wait()` blocks until it answers, `stop()` ends it."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.ready_after: float | None = None  # seconds from launch until it answered
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def launch(self) -> None:
+        spec = importlib.util.find_spec("prefect")
+        assert spec is not None and spec.origin is not None
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent),
+             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "error", "--lifespan", "on"],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True, preexec_fn=die_with_parent if sys.platform == "linux" else None,
+        )  # fmt: skip
+        self.started = time.monotonic()
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        timeout_s = timeout_s or float(os.environ.get("PREFSYNTH_API_TIMEOUT_S", "300"))
+        assert self.proc is not None
+        while time.monotonic() - self.started < timeout_s:
+            if self.proc.poll() is not None:
+                raise PrefectAPIError(
+                    f"Prefect's temporary API exited at start (code {self.proc.returncode}): {self._tail()}\n"
+                    "Check PREFECT_HOME is writable, or point PREFECT_API_URL at a running `prefect server start`."
+                )
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        self.ready_after = time.monotonic() - self.started
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise PrefectAPIError(
+            f"Prefect's temporary API did not answer in {timeout_s:.0f} s (its first start builds a database in "
+            "PREFECT_HOME). Run the command again, raise PREFSYNTH_API_TIMEOUT_S, or point PREFECT_API_URL at a "
+            f"running `prefect server start`. Its log: {self._tail()}"
+        )
+
+    def _tail(self, n: int = 1500) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-n:].strip() or "(empty)"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[TemporaryAPI | None]:
+    """A temporary API for the commands inside, launched now; None when the user configured one.
+
+    Call `wait()` on it before the first flow runs; `using(api)` points Prefect at it.
+    """
+    if configured_api_url():
+        yield None
+        return
+    api = TemporaryAPI()
+    api.launch()
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+@contextlib.contextmanager
+def using(api: TemporaryAPI | None) -> Iterator[None]:
+    """Prefect settings pointing at `api` (which must answer), or unchanged for a configured API."""
+    if api is None:
+        yield
+        return
+    api.wait()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api.url}):
+            yield
+    finally:
+        _drain()
+
+
+def _drain(timeout_s: float = 10.0) -> None:
+    """Send Prefect's buffered logs and events while the API still answers (else they retry for a minute)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=timeout_s)

@@ -1,0 +1,223 @@
+"""Real `prefsynth run` processes killed (SIGKILL to the process group) and interrupted (SIGINT, as a terminal
+sends Ctrl-C) at several points, then resumed: nothing committed is paid again, the final pairs equal an
+uninterrupted run's, and no process (llama.cpp server, Prefect's API) outlives the run.
+
+The model endpoint is a loopback server with deterministic answers (a hash of the request) and a fixed
+latency: this tests the engine under injected faults, not a model. One test kills a run on the real local
+model inside the first run of a new warehouse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+from prefsynth.flows.engine import ROWS_PER_COMMIT
+from tests.conftest import write_jsonl
+from tests.fake_server import FakeOpenAI, chat_reply
+
+PROMPTS = [f"Question number {i}: name a fruit." for i in range(40)]
+CALLS = 40 * 2 + 40 * 2 + 40 * 2  # samples, their ratings, one comparison per prompt in both orders
+
+
+def _answer(body: dict) -> tuple[int, dict]:
+    digest = int(hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(), 16)
+    kind = (body.get("response_format") or {}).get("json_schema", {}).get("name")
+    if kind == "judgment":
+        return chat_reply(json.dumps({"rationale": "ok", "score": digest % 10 + 1}))
+    if kind == "verdict":
+        return chat_reply(json.dumps({"rationale": "ok", "verdict": "AB"[digest % 2]}))
+    return chat_reply(f"answer {digest % 1000}")
+
+
+class CountingServer(FakeOpenAI):
+    """Deterministic answers after `latency_s`; counts requests."""
+
+    def __init__(self, latency_s: float = 0.04) -> None:
+        self.lock = threading.Lock()
+
+        def respond(body: dict) -> tuple[int, dict]:
+            time.sleep(latency_s)
+            return _answer(body)
+
+        super().__init__(respond)
+
+    def keep(self, path: str, body: dict) -> None:
+        with self.lock:
+            super().keep(path, body)
+
+
+def _config(tmp: Path, url: str, db: Path, prompts: Path) -> Path:
+    model = {"base_url": url, "model": "m", "max_concurrency": 4, "max_retries": 0}
+    raw = {
+        "name": "crash",
+        "prompts": {"path": str(prompts)},
+        "generation": {"models": [model], "samples_per_prompt": 2, "sampling": {"max_tokens": 16, "seed": 3}},
+        "scorers": [{"kind": "pointwise_judge", "name": "judge", "model": model},
+                    {"kind": "pairwise_judge", "name": "pair", "model": model, "balanced_position": True}],
+        "curation": {"scorer": "judge", "min_margin": 1},
+        "export": [{"format": "trl", "path": str(tmp / "export")}],
+        "warehouse": str(db),
+    }  # fmt: skip
+    path = tmp / f"{db.stem}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _start(config: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    cli = Path(sys.executable).with_name("prefsynth")
+    return subprocess.Popen([str(cli), "run", str(config)], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _marked(mark: str) -> list[int]:
+    """Live processes whose environment carries `mark` (the run and everything it started)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if mark.encode() in (proc / "environ").read_bytes() and b"State:\tZ" not in (proc / "status").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _none_left(mark: str, within_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not _marked(mark):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _q(db: Path, sql: str) -> list[tuple]:
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+def _env(tmp: Path, mark: str) -> dict[str, str]:
+    return {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFSYNTH_TEST_MARK": mark,
+            "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}  # fmt: skip
+
+
+def _wait_for_requests(server: CountingServer, n: int, proc: subprocess.Popen[bytes], limit_s: float = 60) -> None:
+    deadline = time.monotonic() + limit_s
+    while len(server.requests) < n and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _final_pairs(db: Path) -> set[tuple[str, str, str]]:
+    """The latest run's pairs as texts (ids name the endpoint's URL, which differs between servers)."""
+    return set(_q(db, "SELECT prompt_messages, chosen_text, rejected_text FROM v_pairs_export"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run: its pairs are what every resumed run must reach."""
+    tmp = tmp_path_factory.mktemp("reference")
+    prompts = write_jsonl(tmp / "p.jsonl", PROMPTS)
+    with CountingServer() as server:
+        config = _config(tmp, server.base_url, tmp / "ref.duckdb", prompts)
+        proc = _start(config, _env(tmp, uuid.uuid4().hex))
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out.decode()
+    pairs = _final_pairs(tmp / "ref.duckdb")
+    assert len(server.requests) == CALLS and len(pairs) > 10  # the precondition: a real job with pairs
+    return pairs
+
+
+def test_sigkill_at_any_moment_then_resume_pays_nothing_twice(tmp_path, reference):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    db = tmp_path / "w.duckdb"
+    # kill points: before the first request (start-up, migrations of a new warehouse), during generation,
+    # rating and pairwise judging (by requests seen so far), and after the last request (curation, export)
+    kill_after_requests = [0, 25, 70, 120, 190, CALLS]
+    with CountingServer() as server:
+        config = _config(tmp_path, server.base_url, db, prompts)
+        for i, n in enumerate(kill_after_requests):
+            mark = uuid.uuid4().hex
+            proc = _start(config, _env(tmp_path, mark))
+            if n == 0:
+                time.sleep(1.5 if i == 0 else 0.5)
+            else:
+                _wait_for_requests(server, n, proc)
+            assert proc.poll() is None, f"the run ended before kill point {n}: {proc.communicate()[0].decode()}"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert _none_left(mark), f"processes outlived the killed run: {_marked(mark)}"
+        mark = uuid.uuid4().hex
+        proc = _start(config, _env(tmp_path, mark))
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out.decode()
+        assert _none_left(mark)
+    paid_twice = _q(db, "SELECT call_id FROM model_calls WHERE status = 'ok' GROUP BY call_id HAVING count(*) > 1")
+    assert paid_twice == []
+    assert _q(db, "SELECT count(DISTINCT call_id) FROM model_calls WHERE status = 'ok'") == [(CALLS,)]
+    # a kill loses the calls in flight (4 slots) and the finished ones not committed yet: at most one batch,
+    # and every call adds at least two rows to it (the call and its response, score or judgment)
+    assert len(server.requests) <= CALLS + len(kill_after_requests) * (4 + ROWS_PER_COMMIT // 2)
+    assert _final_pairs(db) == reference
+
+
+def test_ctrl_c_stops_in_seconds_marks_the_run_and_keeps_committed_rows(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    db = tmp_path / "w.duckdb"
+    mark = uuid.uuid4().hex
+    with CountingServer(latency_s=0.2) as server:  # about 12 s of calls
+        proc = _start(_config(tmp_path, server.base_url, db, prompts), _env(tmp_path, mark))
+        _wait_for_requests(server, 30, proc)
+        assert proc.poll() is None and len(server.requests) >= 30  # the precondition: mid-run
+        time.sleep(2.5)  # at least one commit (every 2 s) after the first rows
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground group
+        started = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+        stopped_in = time.monotonic() - started
+    text = out.decode()
+    assert proc.returncode == 130, text
+    assert stopped_in < 20, f"took {stopped_in:.1f} s to stop"
+    assert "interrupted" in text and "Traceback" not in text
+    assert _none_left(mark), f"processes outlived the interrupted run: {_marked(mark)}"
+    assert _q(db, "SELECT status FROM run_ends") == [("interrupted",)]
+    assert _q(db, "SELECT count(*) FROM responses")[0][0] > 0
+
+
+@pytest.mark.model
+def test_kill_inside_the_first_run_of_a_new_warehouse_on_the_local_model(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", ["Name a color.", "What is 2 + 3?", "Say hello."])
+    raw = {"name": "first", "prompts": {"path": str(prompts)},
+           "generation": {"models": [{"gguf": "smollm2-135m-instruct"}], "samples_per_prompt": 2,
+                          "sampling": {"temperature": 1.0, "max_tokens": 12, "seed": 1}},
+           "scorers": [{"kind": "pointwise_judge", "model": {"gguf": "smollm2-135m-instruct"}, "max_tokens": 48}],
+           "curation": {"min_margin": 1}, "warehouse": str(tmp_path / "w.duckdb")}  # fmt: skip
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    for delay in (1.0, 6.0, 12.0):  # start-up, model load and first calls, mid-run
+        mark = uuid.uuid4().hex
+        proc = _start(config, _env(tmp_path, mark))
+        time.sleep(delay)
+        if proc.poll() is not None:
+            break
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert _none_left(mark), f"processes outlived the killed run: {_marked(mark)}"
+    proc = _start(config, _env(tmp_path, uuid.uuid4().hex))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out.decode()
+    db = tmp_path / "w.duckdb"
+    assert _q(db, "SELECT count(*) FROM responses") == [(6,)]
+    assert _q(db, "SELECT call_id FROM model_calls WHERE status = 'ok' GROUP BY call_id HAVING count(*) > 1") == []
