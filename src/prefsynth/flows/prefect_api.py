@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import signal
 import subprocess
@@ -138,11 +139,30 @@ def using(api: TemporaryAPI | None) -> Iterator[None]:
     api.wait()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    quiet_user_errors()
     try:
         with temporary_settings(updates={PREFECT_API_URL: api.url}):
             yield
     finally:
         _drain()
+
+
+class _NoUserErrorTraceback(logging.Filter):
+    """Prefect logs a failed flow or task with its traceback; for our own errors (bad input, an unreachable
+    endpoint) the message names what is wrong, and the CLI prints it once, so the traceback is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PrefsynthError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_user_errors() -> None:
+    """Drop tracebacks of PrefsynthError from every handler of Prefect's loggers."""
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _NoUserErrorTraceback) for f in handler.filters):
+                handler.addFilter(_NoUserErrorTraceback())
 
 
 def _drain(timeout_s: float = 10.0) -> None:
