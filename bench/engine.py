@@ -26,6 +26,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -502,6 +503,7 @@ def kill_loop(folder: Path, runs: int, seed: int, r: dict[str, Any]) -> None:
         r["kill_uninterrupted_pairs"] = len(ref_pairs)
         cmd = [str(Path(sys.executable).parent / "prefsynth"), "run", str(config)]
         twice = unresumable = leftovers = same = done_before_kill = extra = 0
+        why = ""
         for i in range(runs):
             db = folder / f"kill-{i}.duckdb"
             at = rng.uniform(0.5, ref.seconds)
@@ -519,9 +521,11 @@ def kill_loop(folder: Path, runs: int, seed: int, r: dict[str, Any]) -> None:
                 if run.rc == 0:
                     resumed = True
                     break
-                print(f"kill run {i}: resume failed ({run.rc}): {run.err.strip()[-500:]}", file=sys.stderr, flush=True)
+                why = next((x for x in run.err.splitlines() if "Error" in x or "Exception" in x), run.err[-300:])
+                print(f"kill run {i}: resume failed ({run.rc}): {why.strip()[:400]}", file=sys.stderr, flush=True)
             if not resumed:
                 unresumable += 1
+                r["kill_resume_error"] = why.strip()[:300]
                 continue
             twice += paid_twice(db)
             same += final_pairs(db) == ref_pairs
@@ -648,7 +652,7 @@ def main() -> int:
         if part in parts:
             emit(f"goal_{part}", goal)
     if args.record and r:
-        argv = " ".join(a for a in sys.argv[1:] if a != "--record")
+        argv = shlex.join(a for a in sys.argv[1:] if a != "--record")
         lines = [f"job: loopback server (0.2 s a call, unlimited parallelism; memory arm 0 s), P prompts x 2 samples "
                  f"+ pointwise judge = 4P calls; took {time.perf_counter() - started:.0f} s",
                  *[f"goal {p}: {g}" for p, g in GOALS.items() if p in parts],
