@@ -35,7 +35,6 @@ def small_config(tmp_path: Path, prompts: Path, **overrides) -> PipelineConfig:
         "scorers": [{"kind": "pointwise_judge", "model": {"gguf": "smollm2-135m-instruct"}, "max_tokens": 64}],
         "curation": {"min_margin": 1},
         "warehouse": str(tmp_path / "w.duckdb"),
-        "chunk_size": 4,
     }
     for key, value in overrides.items():
         raw[key] = value

@@ -2,6 +2,7 @@
 comparisons give responses, and a batch where the judge endpoint fails on some calls."""
 
 import asyncio
+import json
 
 import polars as pl
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from prefsynth.backends.client import Endpoint
 from prefsynth.schemas.config import PairwiseJudgeSpec
 from prefsynth.schemas.records import Judgment, Message
-from prefsynth.tasks.compare import comparison_scores, plan_comparisons
+from prefsynth.tasks.compare import pairwise_values, prompt_pairs
 from prefsynth.tasks.score import score_items
 from prefsynth.tasks.scorers import PairItem, build_scorer
 from prefsynth.tasks.scorers.pairwise_judge import combine, parse_verdict_json, parse_verdict_tag, preferred
@@ -153,33 +154,43 @@ def test_a_judge_failing_on_some_calls_still_finishes_and_records_each_outcome()
 
 
 def test_comparisons_become_values_only_when_a_prompt_is_complete():
-    responses = pl.DataFrame({
-        "response_id": ["r1", "r2", "r3", "s1", "s2"], "prompt_id": ["p", "p", "p", "q", "q"],
-        "messages": ['[{"role": "user", "content": "x"}]'] * 5, "text": ["1", "2", "3", "4", "5"],
-    })  # fmt: skip
-    items = plan_comparisons(responses, "S")
-    assert [(i.prompt_id, i.a[0], i.b[0]) for i in items] == [
+    responses = pl.DataFrame({"response_id": ["r1", "r2", "r3", "s1", "s2"], "prompt_id": ["p", "p", "p", "q", "q"]})
+    pairs = [i for pid, rids in (("p", ["r1", "r2", "r3"]), ("q", ["s1", "s2"]))
+             for i in prompt_pairs("S", pid, [], [(r, "") for r in rids])]  # fmt: skip
+    assert [(i.prompt_id, i.a[0], i.b[0]) for i in pairs] == [
         ("p", "r1", "r2"), ("p", "r1", "r3"), ("p", "r2", "r3"), ("q", "s1", "s2")]
     rows = [  # p: r1 beats r2, ties r3; r3 beats r2. q's comparison is missing.
-        {"comparison_id": items[0].comparison_id, "winner": "a", "score_a": 1.0},
-        {"comparison_id": items[1].comparison_id, "winner": "tie", "score_a": 0.5},
-        {"comparison_id": items[2].comparison_id, "winner": "b", "score_a": 0.25},
+        {"comparison_id": pairs[0].comparison_id, "winner": "a", "score_a": 1.0},
+        {"comparison_id": pairs[1].comparison_id, "winner": "tie", "score_a": 0.5},
+        {"comparison_id": pairs[2].comparison_id, "winner": "b", "score_a": 0.25},
     ]
-    scores = {s.response_id: s for s in comparison_scores(items, pl.DataFrame(rows), "S", "pw")}
+
+    def comparisons(rows: list[dict], items=pairs) -> pl.DataFrame:
+        by_id = {i.comparison_id: i for i in items}
+        return pl.DataFrame([{**r, "prompt_id": by_id[r["comparison_id"]].prompt_id,
+                              "response_a_id": by_id[r["comparison_id"]].a[0],
+                              "response_b_id": by_id[r["comparison_id"]].b[0]} for r in rows],
+                            schema_overrides={"winner": pl.String})  # fmt: skip
+
+    def values(frame: pl.DataFrame) -> dict[str, dict]:
+        return {r["response_id"]: r for r in frame.iter_rows(named=True)}
+
+    scores = values(pairwise_values(responses, comparisons(rows), "S", "pw"))
     assert set(scores) == {"r1", "r2", "r3"}
-    assert scores["r1"].value == pytest.approx(0.75)  # (1 + 0.5) / 2
-    assert scores["r2"].value == pytest.approx(0.125)  # (0 + 0.25) / 2
-    assert scores["r3"].value == pytest.approx(0.625)  # (0.5 + 0.75) / 2
-    assert '"wins": 1' in scores["r1"].details and '"ties": 1' in scores["r1"].details
+    assert scores["r1"]["value"] == pytest.approx(0.75)  # (1 + 0.5) / 2
+    assert scores["r2"]["value"] == pytest.approx(0.125)  # (0 + 0.25) / 2
+    assert scores["r3"]["value"] == pytest.approx(0.625)  # (0.5 + 0.75) / 2
+    assert json.loads(scores["r1"]["details"]) == {"dropped": 0, "losses": 0, "ties": 1, "wins": 1}
+    assert frame("scores", []).columns == pairwise_values(responses, comparisons(rows), "S", "pw").columns[:-1]
     dropped = [{**rows[0], "winner": None}, *rows[1:]]
-    again = {s.response_id: s for s in comparison_scores(items, pl.DataFrame(dropped), "S", "pw")}
-    assert again["r1"].value == pytest.approx(0.5)  # only its tie with r3 counts
-    assert again["r2"].value == pytest.approx(0.25)  # only its comparison with r3 counts
+    again = values(pairwise_values(responses, comparisons(dropped), "S", "pw"))
+    assert again["r1"]["value"] == pytest.approx(0.5)  # only its tie with r3 counts
+    assert again["r2"]["value"] == pytest.approx(0.25)  # only its comparison with r3 counts
     # the same response against other opponents gets another score id (no stale value is reused)
-    fewer = plan_comparisons(responses.filter(pl.col("response_id") != "r3"), "S")
-    only = comparison_scores(fewer, pl.DataFrame(rows[:1]), "S", "pw")
-    assert {s.response_id: s.value for s in only} == {"r1": 1.0, "r2": 0.0}
-    assert next(s.score_id for s in only if s.response_id == "r1") != scores["r1"].score_id
+    fewer = responses.filter(pl.col("response_id") != "r3")
+    only = values(pairwise_values(fewer, comparisons(rows[:1]), "S", "pw"))
+    assert {r: v["value"] for r, v in only.items()} == {"r1": 1.0, "r2": 0.0}
+    assert only["r1"]["score_id"] != scores["r1"]["score_id"]
 
 
 def test_judgments_and_comparisons_fit_their_tables():

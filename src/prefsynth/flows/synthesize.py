@@ -27,16 +27,16 @@ from prefsynth.backends.client import ClientPool, Endpoint, check_reachable
 from prefsynth.backends.local import local_servers
 from prefsynth.flows.engine import Stage, Writer, report_progress, run_bounded, writer_for
 from prefsynth.schemas.config import PipelineConfig
-from prefsynth.schemas.records import Prompt, RunSummary, StageCounts, StageResult
+from prefsynth.schemas.records import Prompt, RunSummary, StageCounts
 from prefsynth.tasks._async import run_async
-from prefsynth.tasks.compare import comparison_scores, plan_comparisons, prompt_pairs
+from prefsynth.tasks.compare import pairwise_values, prompt_pairs
 from prefsynth.tasks.curate import curate
 from prefsynth.tasks.diagnostics import diagnostics
 from prefsynth.tasks.export import export
 from prefsynth.tasks.generate import GenerationItem, generate_one, plan_generation
-from prefsynth.tasks.ingest import ingest
+from prefsynth.tasks.ingest import no_prompts, read_prompts
 from prefsynth.tasks.panel import panel_id, run_panel
-from prefsynth.tasks.score import plan_scores, score_one
+from prefsynth.tasks.score import score_one
 from prefsynth.tasks.scorers import PairwiseScorer, ScoreItem, Scorer, build_scorer
 from prefsynth.warehouse.ids import canonical_json, score_id
 from prefsynth.warehouse.store import Store
@@ -57,29 +57,21 @@ class Scored:
 @flow(name="prefsynth-synthesize")
 def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
     """Generate, score, curate and export preference pairs as `config` says, into the warehouse `db`."""
-    logger = get_run_logger()
     started = time.monotonic()
     warehouse = db or config.warehouse
     summary = RunSummary(run_id=uuid.uuid4().hex, name=config.name, warehouse=str(warehouse))
     with local_servers() as servers:
         for model in config.all_models():  # a missing GGUF file fails before anything starts
             servers.check(model)
-        table_rows = None
-        if config.prompts.warehouse_table:
-            with Store(warehouse) as reader:
-                table_rows = reader.prompts_from_table(config.prompts.warehouse_table).to_dicts()
-        ingested = ingest(config.prompts, config.generation.system_prompt, table_rows)
-        summary.prompts_read, summary.duplicates_dropped = ingested.read, ingested.duplicates
-        logger.info(f"ingest: {len(ingested.prompts)} prompts ({ingested.duplicates} duplicates dropped)")
-
         policies = [servers.endpoint(m) for m in config.generation.models]
         scorers = [build_scorer(s, servers.endpoint) for s in config.scorers]
         check_endpoints([*policies, *(e for s in scorers for e in s.endpoints.values())])
 
         with Store(warehouse) as store:
+            ingest(store, config, summary)
             store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), _flow_run_id())
             try:
-                _run(store, config, ingested.prompts, policies, scorers, summary)
+                _run(store, config, policies, scorers, summary)
             except BaseException as err:
                 stopped = isinstance(err, KeyboardInterrupt | asyncio.CancelledError)
                 summary.status = "interrupted" if stopped else "failed"
@@ -92,22 +84,32 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
     return summary
 
 
+def ingest(store: Store, config: PipelineConfig, summary: RunSummary) -> None:
+    """Read the prompts into the warehouse as they come (one transaction: bad input leaves nothing)."""
+    source = config.prompts
+    rows = store.prompts_from_table(source.warehouse_table).to_dicts() if source.warehouse_table else None
+    prompts = read_prompts(source, config.generation.system_prompt, rows)
+    read, new, linked = store.ingest_prompts(summary.run_id, prompts)
+    if not linked:
+        raise no_prompts(source)
+    summary.prompts = linked
+    summary.prompts_read, summary.duplicates_dropped = read, read - linked
+    summary.stages.append(StageCounts(stage="ingest", total=linked, new=new, reused=linked - new))
+    get_run_logger().info(f"ingest: {linked} prompts ({read - linked} duplicates dropped)")
+
+
 def _run(
-    store: Store, config: PipelineConfig, prompts: list[Prompt], policies: list[Endpoint],
-    scorers: list[Scorer], summary: RunSummary,
-) -> None:  # fmt: skip
+    store: Store, config: PipelineConfig, policies: list[Endpoint], scorers: list[Scorer], summary: RunSummary
+) -> None:
     logger = get_run_logger()
     run_id = summary.run_id
-    new_prompts = store.write_prompts(run_id, prompts)
-    summary.stages.append(StageCounts(stage="ingest", total=len(prompts), new=new_prompts,
-                                      reused=len(prompts) - new_prompts))  # fmt: skip
     for scorer in scorers:
         store.register_scorer(scorer.scorer_id, scorer.name, scorer.kind, scorer.config_json)
 
     writer = writer_for(store, run_id)
     streaming = Streaming(store, config, policies, scorers, writer)
     try:
-        run_async(streaming.run(prompts))
+        run_async(streaming.run(store.run_prompts(run_id, PROMPTS_PER_BLOCK), summary.prompts))
     finally:
         writer.close()  # whatever finished is committed, also on Ctrl-C
     logger.info(f"streamed: {writer.commits} commits")
@@ -115,7 +117,9 @@ def _run(
     generated = _merge("generate", [counts[f"generate[{ep.label}]"] for ep in policies])
     summary.stages.append(generated)
 
-    responses = store.responses_by_ids(streaming.planned)  # this run's samples only, not earlier runs' other settings
+    gen = config.generation
+    responses = store.run_responses(run_id, [ep.identity for ep in policies],  # this run's samples only,
+                                    canonical_json(gen.sampling.model_dump()), gen.samples_per_prompt)  # fmt: skip
     scored = {s.name: collect_scores(store, run_id, s, counts[f"score[{s.name}]"], responses) for s in scorers}
     summary.stages += [s.counts for s in scored.values()]
     if responses.is_empty() or any(s.items and s.values.is_empty() for s in scored.values()):
@@ -174,7 +178,6 @@ class Streaming:
         self.store, self.config, self.policies, self.scorers, self.writer = store, config, policies, scorers, writer
         self.pointwise = [s for s in scorers if not isinstance(s, PairwiseScorer)]
         self.pairwise = [s for s in scorers if isinstance(s, PairwiseScorer)]
-        self.planned: list[str] = []  # this run's response ids
         self.stages: list[Stage] = []
         self._stage: dict[str, Stage] = {}
         endpoints = [*policies, *(e for s in scorers for e in s.endpoints.values())]
@@ -187,30 +190,35 @@ class Streaming:
         self.stages.append(self._stage[name])
         return self._stage[name]
 
-    async def run(self, prompts: Sequence[Prompt]) -> None:
-        n = len(prompts) * self.config.generation.samples_per_prompt
+    async def run(self, blocks: Iterator[list[Prompt]], prompts: int) -> None:
+        """Stream every prompt of `blocks` (`prompts` in all, for progress totals) through the run."""
+        n = prompts * self.config.generation.samples_per_prompt
         for ep in self.policies:
             self._add_stage(f"generate[{ep.label}]", n)
         k = self.config.generation.samples_per_prompt * len(self.policies)
         for s in self.scorers:
-            self._add_stage(f"score[{s.name}]", len(prompts) * (k * (k - 1) // 2 if s in self.pairwise else k))
+            self._add_stage(f"score[{s.name}]", prompts * (k * (k - 1) // 2 if s in self.pairwise else k))
         reporter = asyncio.create_task(report_progress(self.stages, get_run_logger().info))
         try:
             async with self.pool:
-                await run_bounded(self._jobs(prompts), self.window)
+                await run_bounded(self._jobs(blocks), self.window)
         finally:
             reporter.cancel()
         for stage in self.stages:
             stage.counts.total = stage.counts.reused + stage.counts.new + stage.counts.failed
             get_run_logger().info(stage.progress.line())
 
-    async def _jobs(self, prompts: Sequence[Prompt]) -> AsyncIterator[Coroutine[Any, Any, None]]:
-        """One job per prompt; the next block is planned while this one's jobs start."""
-        blocks = iter([prompts[i : i + PROMPTS_PER_BLOCK] for i in range(0, len(prompts), PROMPTS_PER_BLOCK)])
-        upcoming = _next_plan(blocks, self._plan)
-        while upcoming is not None:
-            works, reused = await upcoming
-            upcoming = _next_plan(blocks, self._plan)
+    async def _jobs(self, blocks: Iterator[list[Prompt]]) -> AsyncIterator[Coroutine[Any, Any, None]]:
+        """One job per prompt; the next block is read and planned (in a thread) while this one's jobs start."""
+
+        def plan_next() -> tuple[list[PromptWork], dict[str, int]] | None:
+            block = next(blocks, None)
+            return None if block is None else self._plan(block)
+
+        upcoming = asyncio.create_task(asyncio.to_thread(plan_next))
+        while (planned := await upcoming) is not None:
+            works, reused = planned
+            upcoming = asyncio.create_task(asyncio.to_thread(plan_next))
             for name, n in reused.items():
                 self._stage[name].reuse(n)
             for work in works:
@@ -225,7 +233,6 @@ class Streaming:
         items = [(ep, i) for ep in self.policies
                  for i in plan_generation(block, ep, gen.sampling, gen.samples_per_prompt)]  # fmt: skip
         rids = [i.response_id for _, i in items]
-        self.planned += rids
         have = self.store.responses_by_ids(rids)
         texts = dict(zip(have["response_id"], have["text"], strict=True))
         by_prompt: dict[str, list[str]] = {}
@@ -277,21 +284,16 @@ class Streaming:
         self._stage[f"score[{scorer.name}]"].record(result)
 
 
-def _next_plan(blocks: Iterator[Sequence[Prompt]], plan: Any) -> asyncio.Task[Any] | None:
-    block = next(blocks, None)
-    return None if block is None else asyncio.create_task(asyncio.to_thread(plan, block))
-
-
 def collect_scores(store: Store, run_id: str, scorer: Scorer, counts: StageCounts, responses: pl.DataFrame) -> Scored:
     """A scorer's values for this run's responses, from the warehouse; pairwise values from the comparisons."""
     if isinstance(scorer, PairwiseScorer):
-        pairs = plan_comparisons(responses, scorer.scorer_id)
-        comparisons = store.comparisons_by_ids([i.comparison_id for i in pairs])
-        scores = comparison_scores(pairs, comparisons, scorer.scorer_id, scorer.name)
-        store.write(run_id, StageResult(scores=scores))
-        return Scored(counts, len(pairs), store.scores_by_ids([s.score_id for s in scores]), comparisons)
-    items = plan_scores(responses, scorer.scorer_id)
-    return Scored(counts, len(items), store.scores_by_ids([i.score_id for i in items]))
+        comparisons = store.comparisons_among(responses["response_id"], scorer.scorer_id)
+        scores = pairwise_values(responses, comparisons, scorer.scorer_id, scorer.name)
+        store.write_frames(run_id, {"scores": scores.drop("prompt_id")})
+        k = responses.group_by("prompt_id").len()["len"]
+        return Scored(counts, int((k * (k - 1) // 2).sum()), scores.select("prompt_id", "response_id", "value"),
+                      comparisons)  # fmt: skip
+    return Scored(counts, len(responses), store.scores_of(responses["response_id"], scorer.scorer_id))
 
 
 def panel_stage(
@@ -320,7 +322,7 @@ def diagnose(
     store: Store, run_id: str, scorers: list[Scorer], scored: dict[str, Scored], responses: pl.DataFrame
 ) -> None:
     """Store (and log) each scorer's failure rate, length bias and position bias for this run."""
-    lengths = store.response_lengths(responses["response_id"].to_list())
+    lengths = responses.select("response_id", "tokens")
     rows = []
     for scorer in scorers:
         s = scored[scorer.name]

@@ -351,7 +351,7 @@ class PipelineConfig(_Strict):
     export: list[ExportTarget] = []
     warehouse: str = Field("prefsynth.duckdb", description="DuckDB file (relative to the current directory).")
     panel: PanelSpec | None = Field(None, description="Aggregate several scorers and measure their agreement.")
-    chunk_size: int = Field(32, ge=1, le=4096, description="Items per Prefect task run.")
+    chunk_size: int | None = Field(None, ge=1, description="Ignored: runs stream (kept so older configs load).")
     failures_fatal: bool = Field(False, description="Exit non-zero when any item failed.")
 
     @model_validator(mode="after")

@@ -182,6 +182,7 @@ class RunSummary(BaseModel):
     name: str
     warehouse: str
     status: str = "completed"
+    prompts: int = 0  # distinct prompts of the run
     prompts_read: int = 0
     duplicates_dropped: int = 0
     stages: list[StageCounts] = []

@@ -15,9 +15,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from prefsynth.errors import InputError, not_utf8
 from prefsynth.schemas.config import PromptSource
 from prefsynth.schemas.records import Message, Prompt
@@ -135,15 +132,14 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise InputError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
 
 
-def load_prompts(
+def read_prompts(
     source: PromptSource, system_prompt: str | None = None, table_rows: list[dict[str, Any]] | None = None
-) -> Ingested:
-    """Read, normalize and de-duplicate prompts; raise InputError naming the file and line at fault."""
-    prompts: dict[str, Prompt] = {}
-    read = 0
+) -> Iterator[Prompt]:
+    """Read and normalize prompts one by one (duplicates included, up to `source.limit` distinct ones);
+    raise InputError naming the file and line at fault."""
     origin = source.path or source.hf_dataset or source.warehouse_table or f"builtin:{source.builtin}"
+    seen: set[str] = set()  # only with a limit, which bounds it
     for where, record in _records(source, table_rows):
-        read += 1
         if not isinstance(record, dict):
             raise InputError(f"{where}: expected an object, got {type(record).__name__}")
         try:
@@ -151,20 +147,29 @@ def load_prompts(
         except ValueError as err:
             raise InputError(f"{where}: {err}") from None
         pid = prompt_id([m.model_dump() for m in messages])
-        if pid not in prompts:
-            ref = where.removeprefix(str(origin)).lstrip(":") or where
-            prompts[pid] = Prompt(prompt_id=pid, messages=messages, source=str(origin), source_ref=ref)
-    if not prompts:
-        raise InputError(f"{origin}: no prompts found (the source is empty)")
-    chosen = list(prompts.values())
-    if source.limit is not None:
-        chosen = chosen[: source.limit]
-    return Ingested(prompts=chosen, read=read, duplicates=read - len(prompts))
+        if source.limit is not None:
+            if pid not in seen and len(seen) == source.limit:
+                return
+            seen.add(pid)
+        ref = where.removeprefix(str(origin)).lstrip(":") or where
+        yield Prompt(prompt_id=pid, messages=messages, source=str(origin), source_ref=ref)
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
-def ingest(
+def no_prompts(source: PromptSource) -> InputError:
+    origin = source.path or source.hf_dataset or source.warehouse_table or f"builtin:{source.builtin}"
+    return InputError(f"{origin}: no prompts found (the source is empty)")
+
+
+def load_prompts(
     source: PromptSource, system_prompt: str | None = None, table_rows: list[dict[str, Any]] | None = None
 ) -> Ingested:
-    """Prefect task: load the prompts of a run."""
-    return load_prompts(source, system_prompt, table_rows)
+    """All prompts in memory, exact duplicates dropped (the first kept): for small sets. Runs stream instead
+    (`read_prompts` into `Store.ingest_prompts`)."""
+    prompts: dict[str, Prompt] = {}
+    read = 0
+    for prompt in read_prompts(source, system_prompt, table_rows):
+        read += 1
+        prompts.setdefault(prompt.prompt_id, prompt)
+    if not prompts:
+        raise no_prompts(source)
+    return Ingested(prompts=list(prompts.values()), read=read, duplicates=read - len(prompts))

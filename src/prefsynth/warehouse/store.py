@@ -8,6 +8,7 @@ were in flight.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import shlex
 import threading
@@ -22,7 +23,7 @@ import polars as pl
 from pydantic import BaseModel
 
 from prefsynth.errors import PrefsynthError, WarehouseError
-from prefsynth.schemas.records import Pair, Prompt, StageResult
+from prefsynth.schemas.records import Message, Pair, Prompt, StageResult
 
 # Column types of what tasks return, so empty or all-null batches keep their schema.
 _SCHEMAS: dict[str, dict[str, Any]] = {
@@ -258,31 +259,56 @@ class Store:
             [run_id, status, json.dumps(summary, sort_keys=True)],
         )
 
-    def write_prompts(self, run_id: str, prompts: Sequence[Prompt]) -> int:
-        rows = [
-            {**p.model_dump(exclude={"messages"}), "messages": json.dumps([m.model_dump() for m in p.messages])}
-            for p in prompts
-        ]
-        df = frame("prompts", rows)
-        links = pl.DataFrame({"run_id": [run_id] * len(df), "prompt_id": df["prompt_id"]})
-
-        def write() -> int:
-            new = self._insert("prompts", df, run_id)
-            self._insert_rows("run_prompts", links)
-            return new
-
-        return self._transaction(write)
-
-    def _insert_rows(self, table: str, df: pl.DataFrame) -> None:
-        """Rows keyed by their table's primary key (links, per-run rows): duplicates are skipped."""
+    def _insert_rows(self, table: str, df: pl.DataFrame) -> int:
+        """Rows keyed by their table's primary key (links, per-run rows): duplicates are skipped. Rows added."""
         if df.is_empty():
-            return
+            return 0
         self.con.register("_links", df.unique().to_arrow())
         cols = ", ".join(f'"{c}"' for c in df.columns)
         try:
-            self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _links ON CONFLICT DO NOTHING")
+            row = self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _links ON CONFLICT DO NOTHING")
+            return int(row.fetchone()[0])
         finally:
             self.con.unregister("_links")
+
+    def ingest_prompts(self, run_id: str, prompts: Iterable[Prompt], batch: int = 10_000) -> tuple[int, int, int]:
+        """Write a run's prompts (new ones) and links as they are read, in one transaction, so a bad record
+        late in the source leaves nothing behind. Returns (read, new, distinct prompts linked to the run)."""
+
+        def write() -> tuple[int, int, int]:
+            read = new = linked = 0
+            items = iter(prompts)
+            while chunk := list(itertools.islice(items, batch)):
+                df = frame("prompts", [{**p.model_dump(exclude={"messages"}),
+                                        "messages": json.dumps([m.model_dump() for m in p.messages])}
+                                       for p in chunk])  # fmt: skip
+                read += len(df)
+                new += self._insert("prompts", df, run_id)
+                linked += self._insert_rows("run_prompts", df.select(pl.lit(run_id).alias("run_id"), "prompt_id"))
+            return read, new, linked
+
+        return self._transaction(write)
+
+    def run_prompts(self, run_id: str, batch: int) -> Iterator[list[Prompt]]:
+        """A run's prompts, `batch` at a time, streamed from one query (no order; memory holds one batch).
+        Each `next` reads from DuckDB: call it off the event loop."""
+        with self._lock:
+            cur = self.con.cursor()
+            reader = cur.execute(
+                "SELECT p.prompt_id, p.messages, p.source, p.source_ref FROM run_prompts rp "
+                "JOIN prompts p USING (prompt_id) WHERE rp.run_id = $1", [run_id]
+            ).fetch_record_batch(batch)
+        try:
+            while True:
+                with self._lock:
+                    try:
+                        rows = reader.read_next_batch().to_pylist()
+                    except StopIteration:
+                        return
+                yield [Prompt(prompt_id=r["prompt_id"], messages=[Message(**m) for m in json.loads(r["messages"])],
+                              source=r["source"], source_ref=r["source_ref"]) for r in rows]  # fmt: skip
+        finally:
+            cur.close()
 
     def write(self, run_id: str, result: StageResult) -> dict[str, int]:
         """Write one batch of records (calls, responses, scores, failures, ...) in one transaction."""
@@ -341,18 +367,20 @@ class Store:
         with self._with_ids(ids) as cur:
             return cur.execute(sql).fetchall()
 
-    def _rows(self, sql: str, ids: Sequence[str], schema: dict[str, Any]) -> pl.DataFrame:
+    def _rows(
+        self, sql: str, ids: Sequence[str] | pl.Series, schema: dict[str, Any], params: list[Any] | None = None
+    ) -> pl.DataFrame:
         """`_lookup` as a frame with these column types."""
         with self._with_ids(ids) as cur:
-            df = cur.execute(sql).pl()
+            df = cur.execute(sql, params or []).pl()
         return df.cast(schema) if len(df.columns) else pl.DataFrame(schema=schema)
 
     @contextlib.contextmanager
-    def _with_ids(self, ids: Sequence[str]) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _with_ids(self, ids: Sequence[str] | pl.Series) -> Iterator[duckdb.DuckDBPyConnection]:
         with self._lock:
             cur = self.con.cursor()
             try:
-                cur.register("_ids", pl.DataFrame({"id": list(ids)}, schema={"id": pl.String}).to_arrow())
+                cur.register("_ids", pl.DataFrame({"id": ids}, schema={"id": pl.String}).to_arrow())
                 yield cur
             finally:
                 cur.close()
@@ -403,29 +431,36 @@ class Store:
                   "model": pl.String}  # fmt: skip
         return self._rows(sql, response_ids, schema)
 
-    def scores_by_ids(self, score_ids: Sequence[str]) -> pl.DataFrame:
-        """prompt_id, response_id, value of these scores (those that exist)."""
-        return self._rows("SELECT r.prompt_id, s.response_id, s.value FROM scores s JOIN _ids ON s.score_id = _ids.id "
-                          "JOIN responses r USING (response_id)", score_ids,
-                          {"prompt_id": pl.String, "response_id": pl.String, "value": pl.Float64})  # fmt: skip
+    def run_responses(self, run_id: str, identities: list[str], sampling: str, samples: int) -> pl.DataFrame:
+        """response_id, prompt_id, tokens of a run's samples that exist: its prompts answered by these models
+        with these sampling params (canonical JSON), sample index below `samples`."""
+        sql = ("SELECT r.response_id, r.prompt_id, r.completion_tokens AS tokens FROM responses r "
+               "JOIN run_prompts rp ON rp.prompt_id = r.prompt_id AND rp.run_id = $1 "
+               "WHERE list_contains($2, r.model_identity) AND r.sampling = $3 AND r.sample_index < $4")  # fmt: skip
+        schema = {"response_id": pl.String, "prompt_id": pl.String, "tokens": pl.Int32}
+        return self._rows(sql, [], schema, [run_id, identities, sampling, samples])
 
-    def comparisons_by_ids(self, comparison_ids: Sequence[str]) -> pl.DataFrame:
-        sql = "SELECT c.* EXCLUDE (run_id, created_at) FROM comparisons c JOIN _ids ON c.comparison_id = _ids.id"
-        return self._rows(sql, comparison_ids, _SCHEMAS["comparisons"])
+    def scores_of(self, response_ids: pl.Series, scorer_id: str) -> pl.DataFrame:
+        """prompt_id, response_id, value of one (pointwise) scorer for these responses (those it scored)."""
+        sql = ("SELECT r.prompt_id, s.response_id, s.value FROM scores s JOIN _ids ON s.response_id = _ids.id "
+               "JOIN responses r USING (response_id) WHERE s.scorer_id = $1")  # fmt: skip
+        schema = {"prompt_id": pl.String, "response_id": pl.String, "value": pl.Float64}
+        return self._rows(sql, response_ids, schema, [scorer_id])
 
-    def verdicts_by_comparison(self, comparison_ids: Sequence[str]) -> pl.DataFrame:
+    def verdicts_by_comparison(self, comparison_ids: Sequence[str] | pl.Series) -> pl.DataFrame:
         """comparison_id, order, verdict of every judgment of these comparisons."""
         return self._rows('SELECT j.comparison_id, j."order", j.verdict FROM judgments j '
                           "JOIN _ids ON j.comparison_id = _ids.id", comparison_ids,
                           {"comparison_id": pl.String, "order": pl.String, "verdict": pl.String})  # fmt: skip
 
-    def response_lengths(self, response_ids: Sequence[str]) -> pl.DataFrame:
-        return self._rows("SELECT r.response_id, r.completion_tokens AS tokens FROM responses r "
-                          "JOIN _ids ON r.response_id = _ids.id", response_ids,
-                          {"response_id": pl.String, "tokens": pl.Int32})  # fmt: skip
-
     def has_run(self, run_id: str) -> bool:
         return self.con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] > 0
+
+    def comparisons_among(self, response_ids: pl.Series, scorer_id: str) -> pl.DataFrame:
+        """One pairwise scorer's comparisons whose two responses are both among these."""
+        sql = ("SELECT c.* EXCLUDE (run_id, created_at) FROM comparisons c JOIN _ids a ON c.response_a_id = a.id "
+               "JOIN _ids b ON c.response_b_id = b.id WHERE c.scorer_id = $1")  # fmt: skip
+        return self._rows(sql, response_ids, _SCHEMAS["comparisons"], [scorer_id])
 
     def export_rows(self, run_id: str | None = None) -> tuple[str | None, pl.DataFrame]:
         """Pairs of `run_id`, or of the newest completed run, joined with their texts."""
