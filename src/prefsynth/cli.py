@@ -66,7 +66,7 @@ class _Bars:
 def _progress() -> Progress:
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
-    return Progress(*columns, console=console, transient=False)
+    return Progress(*columns, console=console, transient=False, refresh_per_second=4)
 
 
 def _fail(err: Exception) -> typer.Exit:

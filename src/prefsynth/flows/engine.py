@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 from prefsynth.backends.client import ClientPool
 from prefsynth.flows.progress import StageProgress
@@ -111,7 +112,8 @@ def commit(store: Store, run_id: str, batch: StageResult) -> dict[str, int]:
 
 def writer_for(store: Store, run_id: str) -> Writer:
     """A writer whose commits are Prefect task runs of this flow run."""
-    return Writer(lambda batch: commit(store, run_id, batch))
+    # quoted: Prefect would otherwise walk every record of the batch looking for futures to resolve
+    return Writer(lambda batch: commit(quote(store), run_id, quote(batch)))
 
 
 class Stage:

@@ -139,7 +139,7 @@ def using(api: TemporaryAPI | None) -> Iterator[None]:
     api.wait()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    quiet_user_errors()
+    quiet_console()
     try:
         with temporary_settings(updates={PREFECT_API_URL: api.url}):
             yield
@@ -147,22 +147,25 @@ def using(api: TemporaryAPI | None) -> Iterator[None]:
         _drain()
 
 
-class _NoUserErrorTraceback(logging.Filter):
-    """Prefect logs a failed flow or task with its traceback; for our own errors (bad input, an unreachable
-    endpoint) the message names what is wrong, and the CLI prints it once, so the traceback is dropped."""
+class _Quiet(logging.Filter):
+    """What the terminal does not need from Prefect's log: the traceback of our own errors (bad input, an
+    unreachable endpoint: the message names what is wrong and the CLI prints it once), and the routine
+    "Finished in state Completed()" of every commit task run (one every 2 s; the API keeps them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], PrefsynthError):
             record.exc_info, record.exc_text = None, None
+        if record.name == "prefect.task_runs" and record.levelno < logging.WARNING:
+            return getattr(record, "task_run_name", "").split("-")[0] != "commit"
         return True
 
 
-def quiet_user_errors() -> None:
-    """Drop tracebacks of PrefsynthError from every handler of Prefect's loggers."""
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+def quiet_console() -> None:
+    """Filter every handler of Prefect's loggers as `_Quiet` says."""
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
-            if not any(isinstance(f, _NoUserErrorTraceback) for f in handler.filters):
-                handler.addFilter(_NoUserErrorTraceback())
+            if not any(isinstance(f, _Quiet) for f in handler.filters):
+                handler.addFilter(_Quiet())
 
 
 def _drain(timeout_s: float = 10.0) -> None:
