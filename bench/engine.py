@@ -354,10 +354,15 @@ def fallback_judge(text: str) -> dict:
 
 
 async def sdk_job(url: str, gen: list[dict], judges: dict[str, dict], concurrency: int, timeout: float,
-                  retries: int) -> dict[str, float]:  # fmt: skip
+                  retries: int, aiohttp: bool = False) -> dict[str, float]:  # fmt: skip
+    import httpx2
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url, api_key="not-needed", timeout=timeout, max_retries=retries)
+    # aiohttp: the SDK's own aiohttp transport with a slot per request in flight, as prefsynth uses it
+    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    http = openai.DefaultAioHttpClient(limits=limits) if aiohttp else None
+    client = openai.AsyncOpenAI(base_url=url, api_key="not-needed", timeout=timeout, max_retries=retries,
+                                http_client=http)  # fmt: skip
     sem = asyncio.Semaphore(concurrency)
     counts = {"calls": 0, "failed": 0, "judged": 0, "fallback_judge_bodies": 0}
 
@@ -390,9 +395,10 @@ async def sdk_job(url: str, gen: list[dict], judges: dict[str, dict], concurrenc
     return counts
 
 
-def sdk(url: str, bodies: Path, concurrency: int, timeout: float = 300, retries: int = 3) -> tuple[Run, dict]:
+def sdk(url: str, bodies: Path, concurrency: int, timeout: float = 300, retries: int = 3,
+        aiohttp: bool = False) -> tuple[Run, dict]:  # fmt: skip
     cmd = [sys.executable, __file__, "sdk", "--url", url, "--bodies", str(bodies), "--concurrency", str(concurrency),
-           "--timeout", str(timeout), "--retries", str(retries)]  # fmt: skip
+           "--timeout", str(timeout), "--retries", str(retries), *(["--aiohttp"] if aiohttp else [])]  # fmt: skip
     run = run_cmd(cmd)
     check(run, "the SDK arm")
     return run, json.loads(run.out.strip().splitlines()[-1])
@@ -431,7 +437,12 @@ def ceiling(folder: Path, calls: int, concurrencies: list[int], distilabel: bool
             r[f"{name}_sdk_same_generation_bodies"] = same
             r[f"{name}_sdk_fallback_judge_bodies"] = out["fallback_judge_bodies"]
             r[f"{name}_prefsynth_vs_sdk"] = run.seconds / out["seconds"]
-            for arm in ("prefsynth", "sdk"):
+            server.reset()
+            _, fast = sdk(server.url, bodies, c, aiohttp=True)
+            r[f"{name}_sdk_aiohttp_seconds"] = fast["seconds"]
+            r[f"{name}_sdk_aiohttp_calls"] = server.stats().get("requests", 0)
+            r[f"{name}_prefsynth_vs_sdk_aiohttp"] = run.seconds / fast["seconds"]
+            for arm in ("prefsynth", "sdk", "sdk_aiohttp"):
                 r[f"{name}_{arm}_ms_per_call"] = 1000 * r[f"{name}_{arm}_seconds"] / max(1, r[f"{name}_{arm}_calls"])
             db.unlink(missing_ok=True)
         if distilabel:
@@ -475,6 +486,10 @@ def faults(folder: Path, calls: int, r: dict[str, Any]) -> None:
         r["faults_sdk_seconds"], r["faults_sdk_requests"] = out["seconds"], s.get("requests", 0)
         r["faults_sdk_calls_out_of_retries"] = out["failed"]
         r["faults_prefsynth_vs_sdk"] = run.seconds / out["seconds"]
+        server.reset()
+        _, fast = sdk(server.url, path, c, timeout=5, retries=3, aiohttp=True)
+        r["faults_sdk_aiohttp_seconds"] = fast["seconds"]
+        r["faults_prefsynth_vs_sdk_aiohttp"] = run.seconds / fast["seconds"]
         # the rerun: only the calls that have no answer yet (and judge calls of newly generated responses)
         ok_before = {i for (i,) in query(db, "SELECT DISTINCT call_id FROM model_calls WHERE status = 'ok'")}
         runs_before = {i for (i,) in query(db, "SELECT run_id FROM runs")}
@@ -598,6 +613,7 @@ def main() -> int:
     k.add_argument("--concurrency", type=int, required=True)
     k.add_argument("--timeout", type=float, default=300)
     k.add_argument("--retries", type=int, default=3)
+    k.add_argument("--aiohttp", action="store_true", help="the SDK's aiohttp transport")
     parser.add_argument("--quick", action="store_true", help="3k calls at C=64, 3 kill runs, 10k prompts memory")
     parser.add_argument("--parts", default="ceiling,faults,kill,fixed,memory")
     parser.add_argument("--calls", help="ceiling sizes (calls), default 12000,120000 (quick: 3000)")
@@ -616,7 +632,7 @@ def main() -> int:
     if args.cmd == "sdk":
         data = json.loads(Path(args.bodies).read_text())
         out = asyncio.run(sdk_job(args.url, data["generate"], data["judge"], args.concurrency, args.timeout,
-                                  args.retries))  # fmt: skip
+                                  args.retries, args.aiohttp))  # fmt: skip
         print(json.dumps(out))
         return 0
     SRC = str(Path(args.src).resolve()) if args.src else None
