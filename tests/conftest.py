@@ -46,3 +46,17 @@ def write_jsonl(path: Path, prompts: list[str]) -> Path:
 
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
     return path
+
+
+def local_job(tmp_path: Path, name: str, prompts: list[str]) -> Path:
+    """A small job on the embedded model as a YAML file, for tests that run the CLI as a subprocess."""
+    import yaml
+
+    raw = {"name": name, "prompts": {"path": str(write_jsonl(tmp_path / "p.jsonl", prompts))},
+           "generation": {"models": [{"gguf": "smollm2-135m-instruct"}], "samples_per_prompt": 2,
+                          "sampling": {"temperature": 1.0, "max_tokens": 12, "seed": 1}},
+           "scorers": [{"kind": "pointwise_judge", "model": {"gguf": "smollm2-135m-instruct"}, "max_tokens": 48}],
+           "curation": {"min_margin": 1}, "warehouse": str(tmp_path / "w.duckdb")}  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from prefsynth.flows.engine import ROWS_PER_COMMIT
-from tests.conftest import write_jsonl
+from tests.conftest import local_job, write_jsonl
 from tests.fake_server import FakeOpenAI, chat_reply
 
 PROMPTS = [f"Question number {i}: name a fruit." for i in range(40)]
@@ -198,14 +198,7 @@ def test_ctrl_c_stops_in_seconds_marks_the_run_and_keeps_committed_rows(tmp_path
 
 @pytest.mark.model
 def test_kill_inside_the_first_run_of_a_new_warehouse_on_the_local_model(tmp_path):
-    prompts = write_jsonl(tmp_path / "p.jsonl", ["Name a color.", "What is 2 + 3?", "Say hello."])
-    raw = {"name": "first", "prompts": {"path": str(prompts)},
-           "generation": {"models": [{"gguf": "smollm2-135m-instruct"}], "samples_per_prompt": 2,
-                          "sampling": {"temperature": 1.0, "max_tokens": 12, "seed": 1}},
-           "scorers": [{"kind": "pointwise_judge", "model": {"gguf": "smollm2-135m-instruct"}, "max_tokens": 48}],
-           "curation": {"min_margin": 1}, "warehouse": str(tmp_path / "w.duckdb")}  # fmt: skip
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config = local_job(tmp_path, "first", ["Name a color.", "What is 2 + 3?", "Say hello."])
     for delay in (1.0, 6.0, 12.0):  # start-up, model load and first calls, mid-run
         mark = uuid.uuid4().hex
         proc = _start(config, _env(tmp_path, mark))

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import duckdb
 import pytest
-import yaml
 
-from tests.conftest import write_jsonl
+from tests.conftest import local_job
 
 
 def _run(config: Path, home: Path) -> subprocess.CompletedProcess[str]:
@@ -29,14 +28,7 @@ def _timings(out: str) -> dict[str, float]:
 
 @pytest.mark.model
 def test_first_run_with_an_empty_prefect_home_succeeds(tmp_path):
-    prompts = write_jsonl(tmp_path / "p.jsonl", ["Name a color.", "What is 2 + 3?"])
-    raw = {"name": "fresh", "prompts": {"path": str(prompts)},
-           "generation": {"models": [{"gguf": "smollm2-135m-instruct"}], "samples_per_prompt": 2,
-                          "sampling": {"temperature": 1.0, "max_tokens": 12, "seed": 1}},
-           "scorers": [{"kind": "pointwise_judge", "model": {"gguf": "smollm2-135m-instruct"}, "max_tokens": 48}],
-           "curation": {"min_margin": 1}, "warehouse": str(tmp_path / "w.duckdb")}  # fmt: skip
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config = local_job(tmp_path, "fresh", ["Name a color.", "What is 2 + 3?"])
     home = tmp_path / "prefect-home"
     assert not home.exists()
     first = _run(config, home)

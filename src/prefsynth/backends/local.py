@@ -100,66 +100,23 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-class LocalServer:
-    """One `llama_cpp.server` process serving one GGUF file."""
+class ChildServer:
+    """A server process we start and own: in its own session (a Ctrl-C at the terminal reaches only us, and
+    we stop it), dying with its parent (PR_SET_PDEATHSIG: a SIGKILL of ours leaves no orphan), its output
+    kept in a temporary file for error messages. Start it from the main thread: the death signal follows
+    the thread that started it."""
 
-    def __init__(self, path: Path, identity: str, n_ctx: int, n_threads: int | None) -> None:
-        self.path, self.identity, self.n_ctx = path, identity, n_ctx
-        self.n_threads = n_threads or os.cpu_count() or 2
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.ready = False
-        self.started = self.ready_at = 0.0
-        self._log: IO[bytes] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+    started = 0.0
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def launch(self) -> None:
-        """Start the process; `wait_ready` waits until it answers (the model loads meanwhile)."""
-        if self.proc is not None:
-            return
-        cmd = [
-            sys.executable, "-m", "prefsynth.backends.llama_server",
-            "--model", str(self.path),
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--n_ctx", str(self.n_ctx),
-            "--n_threads", str(self.n_threads),
-            "--n_threads_batch", str(self.n_threads),
-            "--verbose", "False",
-        ]  # fmt: skip
+    def _spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            cmd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
-        )
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True, preexec_fn=die_with_parent if sys.platform == "linux" else None,
+        )  # fmt: skip
         self.started = time.monotonic()
-
-    def wait_ready(self, ready_timeout_s: float = 180.0) -> None:
-        self.launch()
-        if self.ready:
-            return
-        deadline = self.started + ready_timeout_s
-        assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log_tail()
-                self.stop()
-                raise ModelFileError(f"llama.cpp server for {self.path.name} exited at start:\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
-                    if r.status == 200:
-                        self.ready, self.ready_at = True, time.monotonic()
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise ModelFileError(f"llama.cpp server for {self.path.name} did not answer in {ready_timeout_s:.0f} s")
 
     def log_tail(self, n: int = 2000) -> str:
         if self._log is None:
@@ -181,6 +138,56 @@ class LocalServer:
             self._log.close()
             self._log = None
 
+
+class LocalServer(ChildServer):
+    """One `llama_cpp.server` process serving one GGUF file."""
+
+    def __init__(self, path: Path, identity: str, n_ctx: int, n_threads: int | None) -> None:
+        self.path, self.identity, self.n_ctx = path, identity, n_ctx
+        self.n_threads = n_threads or os.cpu_count() or 2
+        self.port = free_port()
+        self.ready = False
+        self.ready_at = 0.0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def launch(self) -> None:
+        """Start the process; `wait_ready` waits until it answers (the model loads meanwhile)."""
+        if self.proc is not None:
+            return
+        cmd = [
+            sys.executable, "-m", "prefsynth.backends.llama_server",
+            "--model", str(self.path),
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--n_ctx", str(self.n_ctx),
+            "--n_threads", str(self.n_threads),
+            "--n_threads_batch", str(self.n_threads),
+            "--verbose", "False",
+        ]  # fmt: skip
+        self._spawn(cmd)
+
+    def wait_ready(self, ready_timeout_s: float = 180.0) -> None:
+        self.launch()
+        if self.ready:
+            return
+        deadline = self.started + ready_timeout_s
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log_tail()
+                self.stop()
+                raise ModelFileError(f"llama.cpp server for {self.path.name} exited at start:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
+                    if r.status == 200:
+                        self.ready, self.ready_at = True, time.monotonic()
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise ModelFileError(f"llama.cpp server for {self.path.name} did not answer in {ready_timeout_s:.0f} s")
 
 def _logprob_method(spec: ModelSpec, prompt_logprobs: bool) -> str:
     if spec.logprobs != "auto":

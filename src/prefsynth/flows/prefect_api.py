@@ -15,17 +15,13 @@ import contextlib
 import importlib.util
 import logging
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
-from prefsynth.backends.local import die_with_parent, free_port
+from prefsynth.backends.local import ChildServer, free_port
 from prefsynth.errors import PrefsynthError
 
 
@@ -42,15 +38,12 @@ def configured_api_url() -> str | None:
     return get_current_settings().api.url
 
 
-class TemporaryAPI:
+class TemporaryAPI(ChildServer):
     """`launch()` starts it in the background, `wait()` blocks until it answers, `stop()` ends it."""
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started = 0.0
         self.ready_after: float | None = None  # seconds from launch until it answered
-        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -60,15 +53,9 @@ class TemporaryAPI:
         spec = importlib.util.find_spec("prefect")
         assert spec is not None and spec.origin is not None
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent),
-             "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, preexec_fn=die_with_parent if sys.platform == "linux" else None,
-        )  # fmt: skip
-        self.started = time.monotonic()
+        self._spawn([sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent),
+                     "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                     "--port", str(self.port), "--log-level", "error", "--lifespan", "on"], env)  # fmt: skip
 
     def wait(self, timeout_s: float | None = None) -> None:
         timeout_s = timeout_s or float(os.environ.get("PREFSYNTH_API_TIMEOUT_S", "300"))
@@ -92,25 +79,8 @@ class TemporaryAPI:
             f"running `prefect server start`. Its log: {self._tail()}"
         )
 
-    def _tail(self, n: int = 1500) -> str:
-        if self._log is None:
-            return ""
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-n:].strip() or "(empty)"
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    def _tail(self) -> str:
+        return self.log_tail(1500).strip() or "(empty)"
 
 
 @contextlib.contextmanager
