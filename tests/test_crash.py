@@ -174,7 +174,8 @@ def test_sigkill_at_any_moment_then_resume_pays_nothing_twice(tmp_path, referenc
     assert _final_pairs(db) == reference
 
 
-def test_ctrl_c_stops_in_seconds_marks_the_run_and_keeps_committed_rows(tmp_path):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_in_seconds_marks_the_run_and_keeps_committed_rows(tmp_path, how):
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     db = tmp_path / "w.duckdb"
     mark = uuid.uuid4().hex
@@ -183,7 +184,10 @@ def test_ctrl_c_stops_in_seconds_marks_the_run_and_keeps_committed_rows(tmp_path
         _wait_for_requests(server, 30, proc)
         assert proc.poll() is None and len(server.requests) >= 30  # the precondition: mid-run
         time.sleep(2.5)  # at least one commit (every 2 s) after the first rows
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground group
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground group
+        else:
+            proc.send_signal(signal.SIGTERM)  # what `timeout`, `docker stop` or a scheduler sends
         started = time.monotonic()
         out, _ = proc.communicate(timeout=60)
         stopped_in = time.monotonic() - started
@@ -192,7 +196,7 @@ def test_ctrl_c_stops_in_seconds_marks_the_run_and_keeps_committed_rows(tmp_path
     assert stopped_in < 20, f"took {stopped_in:.1f} s to stop"
     assert "interrupted" in text and "Traceback" not in text
     assert _none_left(mark), f"processes outlived the interrupted run: {_marked(mark)}"
-    assert _q(db, "SELECT status FROM run_ends") == [("interrupted",)]
+    assert _q(db, "SELECT status FROM run_ends") == [("interrupted",)], text
     assert _q(db, "SELECT count(*) FROM responses")[0][0] > 0
 
 

@@ -134,3 +134,30 @@ def test_unreachable_endpoint_fails_fast_with_its_url_and_no_secret():
     message = str(info.value)
     assert "http://127.0.0.1:9/v1" in message and "unreachable" in message
     assert "pw" not in message and "abc" not in message and "sk-secret" not in message
+
+
+def test_malformed_answers_fail_their_call_not_the_batch():
+    shapes = {"a": {"choices": [{"message": "not an object"}]}, "b": {"choices": [{"message": {"content": ["x"]}}]},
+              "c": {"choices": "none"}, "d": ["not", "an", "object"]}  # fmt: skip
+
+    def respond(body):
+        key = body["messages"][-1]["content"]
+        return (200, shapes[key]) if key in shapes else chat_reply("fine")
+
+    with FakeOpenAI(respond) as fake:
+        ep = _endpoint(fake.base_url)
+        items = plan_generation(_prompts("a", "b", "c", "d", "ok"), ep, SamplingParams(), 1)
+        result = asyncio.run(generate_items(ep, items, SamplingParams()))
+    assert [r.text for r in result.responses] == ["fine"]
+    assert len(result.failures) == 4 and all("unreadable response" in f.error for f in result.failures)
+
+
+def test_a_refused_connection_is_not_called_a_timeout():
+    ep = _endpoint("http://127.0.0.1:9/v1")
+
+    async def ask():
+        async with ModelClient(ep) as client:
+            return await client.chat(client.request_body([{"role": "user", "content": "x"}]))
+
+    outcome = asyncio.run(ask())
+    assert not outcome.ok and outcome.call.error.startswith("connection error"), outcome.call.error

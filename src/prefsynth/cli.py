@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from importlib import resources
 from pathlib import Path
@@ -79,6 +80,7 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
     from prefsynth.flows.prefect_api import prefect_api, using
 
     timings: dict[str, float] = {}
+    signal.signal(signal.SIGTERM, _stop)  # `timeout`, `docker stop`, a scheduler's preemption: stop as on Ctrl-C
     try:
         with prefect_api() as api:
             from prefsynth.backends.local import LocalServers, sharing
@@ -107,7 +109,9 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
                     timings["flow"] = time.monotonic() - flow_started
     except PrefsynthError as err:
         raise _fail(err) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "Query interrupted" not in str(err):  # DuckDB's form of Ctrl-C
+            raise
         console.print("[yellow]interrupted:[/] the run is marked interrupted; every committed row is kept")
         raise typer.Exit(130) from None
     table = Table(title=f"run {summary.run_id} → {summary.warehouse}")
@@ -129,6 +133,10 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
     if summary.failures and config.failures_fatal:
         console.print(f"[red]{summary.failures} items failed and the config sets failures_fatal[/]")
         raise typer.Exit(1)
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _process_seconds() -> float:

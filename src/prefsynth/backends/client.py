@@ -212,7 +212,7 @@ class ModelClient:
         """One chat completion; never raises for model or HTTP errors (they are in the outcome)."""
         call, cached = await self._once("chat", body, self._send_chat)
         if call.status != "ok" or call.response is None:
-            return ChatOutcome(call=call)
+            return ChatOutcome(call=call, cached=cached)
         data = json.loads(call.response)
         return ChatOutcome(call=call, text=data["text"], finish_reason=data.get("finish_reason"), cached=cached)
 
@@ -220,7 +220,7 @@ class ModelClient:
         """The log-prob of every token of `text` given the tokens before it (None for the first)."""
         call, cached = await self._once("logprob", quirks.logprob_request(self.endpoint, text), self._send_logprob)
         if call.status != "ok" or call.response is None:
-            return LogprobOutcome(call=call)
+            return LogprobOutcome(call=call, cached=cached)
         return LogprobOutcome(call=call, values=json.loads(call.response)["logprobs"], cached=cached)
 
     async def reward(self, body: dict[str, Any], label_index: int) -> RewardOutcome:
@@ -230,7 +230,7 @@ class ModelClient:
         """
         call, cached = await self._once("reward", body, self._send_reward)
         if call.status != "ok" or call.response is None:
-            return RewardOutcome(call=call)
+            return RewardOutcome(call=call, cached=cached)
         try:
             value = quirks.parse_reward(body["api"], json.loads(call.response), label_index)
         except ValueError as err:
@@ -265,8 +265,10 @@ class ModelClient:
                     response, error = await send(body), None
                 except openai.APIError as err:
                     response, error = None, describe_error(err)
-                except ValueError as err:  # a response we cannot read
+                except (ValueError, TypeError, AttributeError) as err:  # a response we cannot read
                     response, error = None, f"unreadable response: {err}"
+                except Exception as err:  # noqa: BLE001 - e.g. malformed HTTP the transport does not map: one call fails
+                    response, error = None, f"request failed: {type(err).__name__}: {str(err)[:300]}"
                 latency = (time.perf_counter() - start) * 1000
             status = "ok" if error is None else "error"
             call = self._record(cid, kind, request, status, response, error, latency)
@@ -284,15 +286,18 @@ class ModelClient:
         # typed request and response models (measured: most of a call's CPU at hundreds of calls a second)
         data = await self._client.post("/chat/completions", cast_to=object, body={"model": self.endpoint.model, **body})
         choices = data.get("choices") if isinstance(data, dict) else None
-        if not choices or not isinstance(choices[0], dict):
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
             raise ValueError("response has no choices")
-        choice = choices[0]
-        message = choice.get("message") or {}
-        usage = data.get("usage") or {}
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise ValueError(f"message content is a {type(content).__name__}, not text")
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         return canonical_json(
             {
-                "text": message.get("content") or "",
-                "finish_reason": choice.get("finish_reason"),
+                "text": content or "",
+                "finish_reason": choice.get("finish_reason"),  # type: ignore[union-attr]
                 "prompt_tokens": usage.get("prompt_tokens"),
                 "completion_tokens": usage.get("completion_tokens"),
             }
@@ -370,9 +375,20 @@ class ClientPool:
                 await client.__aexit__()
 
 
+def _root_cause(err: BaseException) -> BaseException | None:
+    cause = err.__cause__ or err.__context__
+    while cause is not None and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__
+    return cause
+
+
 def describe_error(err: openai.APIError) -> str:
     """A one-line error without secrets: the SDK's messages name the status and the server's words."""
     if isinstance(err, openai.APITimeoutError):
+        cause = _root_cause(err)
+        # the aiohttp transport reports refused or dropped connections as connect timeouts
+        if cause is not None and not isinstance(cause, TimeoutError) and "timeout" not in type(cause).__name__.lower():
+            return f"connection error: {type(cause).__name__}: {str(cause)[:300]}"
         return "timeout: the request took longer than timeout_s"
     if isinstance(err, openai.APIConnectionError):
         return f"connection error: {err.__cause__ or err}"

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import polars as pl
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from prefsynth.backends.client import Endpoint, check_reachable
 from prefsynth.backends.local import local_servers
-from prefsynth.flows.engine import writer_for
+from prefsynth.flows.engine import Writer, writer_for
 from prefsynth.flows.stream import Streaming
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import RunSummary, StageCounts
@@ -67,8 +68,7 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
             try:
                 _run(store, config, policies, scorers, summary)
             except BaseException as err:
-                stopped = isinstance(err, KeyboardInterrupt | asyncio.CancelledError)
-                summary.status = "interrupted" if stopped else "failed"
+                summary.status = "interrupted" if interrupted(err) else "failed"
                 summary.seconds = time.monotonic() - started
                 store.end_run(summary.run_id, summary.status, summary.model_dump())
                 raise
@@ -101,11 +101,13 @@ def _run(
         store.register_scorer(scorer.scorer_id, scorer.name, scorer.kind, scorer.config_json)
 
     writer = writer_for(store, run_id)
-    streaming = Streaming(store, config, policies, scorers, writer)
+    blocks = store.run_prompts(run_id, PROMPTS_PER_BLOCK)
     try:
-        run_async(streaming.run(store.run_prompts(run_id, PROMPTS_PER_BLOCK), summary.prompts))
+        streaming = Streaming(store, config, policies, scorers, writer)
+        run_async(streaming.run(blocks, summary.prompts))
     finally:
-        writer.close()  # whatever finished is committed, also on Ctrl-C
+        blocks.close()  # its cursor would keep the file open
+        finish(writer)  # whatever finished is committed, also on Ctrl-C
     logger.info(f"streamed: {writer.commits} commits")
     counts = {s.counts.stage: s.counts for s in streaming.stages}
     generated = _merge("generate", [counts[f"generate[{ep.label}]"] for ep in policies])
@@ -143,6 +145,25 @@ def _run(
         store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), done.n_pairs)
         summary.exports.append(str(done.path))
         logger.info(f"export: {done.n_pairs} pairs -> {done.path}")
+
+
+def finish(writer: Writer, patience_s: float = 30.0) -> None:
+    """Close the writer even through further Ctrl-Cs (for up to `patience_s`): its last batch is committed."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            writer.close()
+            return
+        except KeyboardInterrupt:
+            if time.monotonic() > deadline:
+                raise
+
+
+def interrupted(err: BaseException) -> bool:
+    """Ctrl-C or SIGTERM (Prefect's flow engine turns it into TerminationSignal), also when it landed inside a
+    DuckDB query (which turns it into an error)."""
+    return isinstance(err, KeyboardInterrupt | asyncio.CancelledError | TerminationSignal) or (
+        isinstance(err, RuntimeError) and "Query interrupted" in str(err))
 
 
 def _merge(name: str, parts: list[StageCounts]) -> StageCounts:

@@ -248,16 +248,18 @@ class Store:
                 raise
 
     def begin_run(self, run_id: str, name: str, config_json: str, flow_run_id: str | None) -> None:
-        self.con.execute(
-            "INSERT INTO runs (run_id, name, config, flow_run_id) VALUES (?, ?, ?, ?)",
-            [run_id, name, config_json, flow_run_id],
-        )
+        with self._lock:  # the writer thread may be inside a transaction on this connection
+            self.con.execute(
+                "INSERT INTO runs (run_id, name, config, flow_run_id) VALUES (?, ?, ?, ?)",
+                [run_id, name, config_json, flow_run_id],
+            )
 
     def end_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
-        self.con.execute(
-            "INSERT INTO run_ends (run_id, status, summary) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-            [run_id, status, json.dumps(summary, sort_keys=True)],
-        )
+        with self._lock:  # the writer thread may be inside a transaction on this connection
+            self.con.execute(
+                "INSERT INTO run_ends (run_id, status, summary) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                [run_id, status, json.dumps(summary, sort_keys=True)],
+            )
 
     def _insert_rows(self, table: str, df: pl.DataFrame) -> int:
         """Rows keyed by their table's primary key (links, per-run rows): duplicates are skipped. Rows added."""
@@ -320,10 +322,11 @@ class Store:
         return self._transaction(lambda: {table: self._insert(table, df, run_id) for table, df in frames.items()})
 
     def register_scorer(self, scorer_id: str, name: str, kind: str, config_json: str) -> None:
-        self.con.execute(
-            "INSERT INTO scorers (scorer_id, name, kind, config) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            [scorer_id, name, kind, config_json],
-        )
+        with self._lock:  # the writer thread may be inside a transaction on this connection
+            self.con.execute(
+                "INSERT INTO scorers (scorer_id, name, kind, config) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [scorer_id, name, kind, config_json],
+            )
 
     def write_pairs(self, run_id: str, pairs: pl.DataFrame | Sequence[Pair]) -> int:
         df = pairs if isinstance(pairs, pl.DataFrame) else frame("pairs", pairs)
@@ -338,11 +341,12 @@ class Store:
         return self._transaction(write)
 
     def record_snapshot(self, snapshot_id: str, run_id: str | None, fmt: str, path: str, n_pairs: int) -> None:
-        self.con.execute(
-            "INSERT INTO dataset_snapshots (snapshot_id, run_id, format, path, n_pairs) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT DO NOTHING",
-            [snapshot_id, run_id, fmt, path, n_pairs],
-        )
+        with self._lock:  # the writer thread may be inside a transaction on this connection
+            self.con.execute(
+                "INSERT INTO dataset_snapshots (snapshot_id, run_id, format, path, n_pairs) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                [snapshot_id, run_id, fmt, path, n_pairs],
+            )
 
     # ---- reads --------------------------------------------------------------------------------
     def existing_ids(self, table: str, ids: Sequence[str]) -> set[str]:
