@@ -675,7 +675,7 @@ def main() -> int:
                  *[f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items()]]  # fmt: skip
         if failed:
             lines.append(f"could not run: {', '.join(failed)}")
-        append_results(f"Engine bench{args.label}", f"python bench/engine.py --record {argv}".strip(), lines)
+        append_results(f"Engine bench {args.label}".strip(), f"python bench/engine.py --record {argv}".strip(), lines)
     if failed:
         print(f"engine benchmarks that could not run: {', '.join(failed)}", file=sys.stderr)
         return 1
