@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import combinations
 from typing import Any
 
 from prefect import get_run_logger
@@ -20,7 +21,7 @@ from prefsynth.backends.client import ClientPool, Endpoint
 from prefsynth.flows.engine import Stage, Writer, report_progress, run_bounded
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import Prompt
-from prefsynth.tasks.compare import prompt_pairs
+from prefsynth.tasks.compare import comparison_id, prompt_pairs
 from prefsynth.tasks.generate import GenerationItem, generate_one, plan_generation
 from prefsynth.tasks.score import score_one
 from prefsynth.tasks.scorers import PairwiseScorer, ScoreItem, Scorer
@@ -108,8 +109,8 @@ class Streaming:
         for _, i in items:
             by_prompt.setdefault(i.prompt.prompt_id, []).append(i.response_id)
         done = self.store.existing_ids("scores", [score_id(r, s.scorer_id) for s in self.pointwise for r in rids])
-        pair_ids = [c.comparison_id for s in self.pairwise for r in by_prompt.values()
-                    for c in prompt_pairs(s.scorer_id, "", [], [(x, "") for x in r])]  # fmt: skip
+        pair_ids = [comparison_id(s.scorer_id, a, b) for s in self.pairwise for r in by_prompt.values()
+                    for a, b in combinations(sorted(r), 2)]  # fmt: skip
         done |= self.store.existing_ids("comparisons", pair_ids)
         reused = {f"generate[{ep.label}]": sum(i.response_id in texts for e, i in items if e is ep)
                   for ep in self.policies}  # fmt: skip

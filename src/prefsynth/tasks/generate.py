@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from prefsynth.backends.client import Cache, ClientPool, Endpoint, ModelClient
 from prefsynth.schemas.config import SamplingParams
@@ -32,17 +31,12 @@ def plan_generation(
     ]
 
 
-def generation_body(item: GenerationItem, sampling: SamplingParams) -> dict[str, Any]:
-    """The chat request of one sample: sample i uses seed + i."""
-    return {"messages": [m.model_dump() for m in item.prompt.messages],
-            **sampling.model_dump(include={"temperature", "top_p", "max_tokens"}, exclude_none=True),
-            "seed": sampling.seed + item.sample_index}  # fmt: skip
-
-
 async def generate_one(client: ModelClient, item: GenerationItem, sampling: SamplingParams) -> StageResult:
     """One sample: its response (or failure) and the call it took, unless the cache answered."""
     endpoint = client.endpoint
-    body = generation_body(item, sampling)
+    body = client.request_body([m.model_dump() for m in item.prompt.messages], temperature=sampling.temperature,
+                               top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                               seed=sampling.seed + item.sample_index)  # sample i uses seed + i
     outcome = await client.chat(body)
     result = StageResult(calls=[] if outcome.cached else [outcome.call])
     call = outcome.call
