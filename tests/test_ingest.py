@@ -3,9 +3,10 @@ import json
 import polars as pl
 import pytest
 
-from prefsynth.errors import InputError
+from prefsynth.errors import InputError, PrefsynthError
 from prefsynth.schemas.config import PromptSource
 from prefsynth.tasks.ingest import load_prompts
+from prefsynth.warehouse.store import Store
 
 
 def test_builtin_quickstart_set_is_large_diverse_and_unique():
@@ -106,3 +107,19 @@ def test_warehouse_table_rows():
     rows = [{"prompt": "from a table"}, {"prompt": "from a table"}]
     got = load_prompts(PromptSource(warehouse_table="my_prompts"), table_rows=rows)
     assert len(got.prompts) == 1 and got.prompts[0].source == "my_prompts"
+
+
+def test_a_warehouse_table_in_a_schema_is_read(tmp_path):
+    with Store(tmp_path / "w.duckdb") as store:
+        store.con.execute("CREATE SCHEMA src; CREATE TABLE src.my_prompts AS SELECT 'from a schema' AS prompt")
+        rows = store.prompts_from_table("src.my_prompts").to_dicts()
+        with pytest.raises(PrefsynthError, match="no table or view named 'src.missing'"):
+            store.prompts_from_table("src.missing")
+    got = load_prompts(PromptSource(warehouse_table="src.my_prompts"), table_rows=rows)
+    assert [p.messages[0].content for p in got.prompts] == ["from a schema"]
+
+
+@pytest.mark.parametrize("name", ["a.b.c", "a..b", ".a", "a.", "my-table", "a.b c"])
+def test_a_warehouse_table_name_must_be_name_or_schema_dot_name(name):
+    with pytest.raises(ValueError, match="`warehouse_table` must be NAME or SCHEMA.NAME"):
+        PromptSource(warehouse_table=name)

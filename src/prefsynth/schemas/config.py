@@ -98,7 +98,7 @@ class PromptSource(_Strict):
     path: str | None = Field(None, description="A .jsonl, .json, .csv or .parquet file.")
     hf_dataset: str | None = Field(None, description="A Hugging Face dataset saved with save_to_disk.")
     split: str | None = Field(None, description="Split of a DatasetDict (default: train, or the only one).")
-    warehouse_table: str | None = Field(None, description="A table or view in the warehouse.")
+    warehouse_table: str | None = Field(None, description="A table or view in the warehouse: NAME or SCHEMA.NAME.")
     builtin: Literal["quickstart"] | None = Field(None, description="A prompt set shipped with prefsynth.")
     prompt_field: str = Field("prompt", description="Column with the user turn as text.")
     messages_field: str = Field("messages", description="Column with a chat message list (used if present).")
@@ -115,8 +115,10 @@ class PromptSource(_Strict):
             )
         if self.path and Path(self.path).suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
             raise ValueError(f"`path` must end in .jsonl, .json, .csv or .parquet: {self.path}")
-        if self.warehouse_table and not self.warehouse_table.replace(".", "_").isidentifier():
-            raise ValueError(f"`warehouse_table` is not a plain table name: {self.warehouse_table!r}")
+        parts = self.warehouse_table.split(".") if self.warehouse_table else []
+        if parts and (len(parts) > 2 or not all(p.isidentifier() for p in parts)):
+            raise ValueError(f"`warehouse_table` must be NAME or SCHEMA.NAME (letters, digits, _): "
+                             f"{self.warehouse_table!r}")
         return self
 
 

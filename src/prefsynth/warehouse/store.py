@@ -422,8 +422,10 @@ class Store:
         self._transaction(write)
 
     def prompts_from_table(self, table: str) -> pl.DataFrame:
+        """Rows of a table or view named `name` or `schema.name`, each part quoted."""
+        quoted = ".".join('"' + part.replace('"', '""') + '"' for part in table.split("."))
         try:
-            return self.con.execute(f'SELECT * FROM "{table}"').pl()
+            return self.con.execute(f"SELECT * FROM {quoted}").pl()
         except duckdb.CatalogException:
             raise PrefsynthError(f"warehouse {self.path} has no table or view named {table!r}") from None
 
