@@ -60,3 +60,18 @@ def local_job(tmp_path: Path, name: str, prompts: list[str]) -> Path:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def orphan_run_ids(db: str | Path) -> dict[str, set[str]]:
+    """Per table, the run_ids that name no row of `runs` (every run_id should name a run)."""
+    import duckdb
+
+    with duckdb.connect(str(db), read_only=True) as con:
+        tables = [t for (t,) in con.execute(
+            "SELECT c.table_name FROM information_schema.columns c JOIN information_schema.tables t "
+            "USING (table_schema, table_name) WHERE c.column_name = 'run_id' AND t.table_type = 'BASE TABLE' "
+            "AND c.table_name <> 'runs'").fetchall()]  # fmt: skip
+        assert {"model_calls", "judgments", "run_ends"} <= set(tables)  # the query finds the tables
+        found = {t: {r for (r,) in con.execute(f'SELECT DISTINCT run_id FROM "{t}" WHERE run_id NOT IN '
+                                                 "(SELECT run_id FROM runs)").fetchall()} for t in tables}  # fmt: skip
+    return {t: ids for t, ids in found.items() if ids}

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from prefsynth.cli import app
 from prefsynth.flows.synthesize import synthesize
-from tests.conftest import small_config, write_jsonl
+from tests.conftest import orphan_run_ids, small_config, write_jsonl
 
 runner = CliRunner()
 PAIRS = [
@@ -62,6 +62,9 @@ def test_eval_reports_accuracy_side_by_side_and_reruns_for_free(tmp_path, prefec
     assert json.loads(again.stdout)["scorers"]["vanilla"]["accuracy"] == out["scorers"]["vanilla"]["accuracy"]
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM model_calls").fetchone()[0] == calls  # no new log-prob requests
+        assert con.execute("SELECT kind, status FROM runs JOIN run_ends USING (run_id)").fetchall() == [
+            ("eval", "completed")] * 2  # fmt: skip
+    assert orphan_run_ids(db) == {}
 
 
 def test_eval_of_a_file_with_a_duplicate_identical_and_empty_pair(tmp_path, prefect_harness):

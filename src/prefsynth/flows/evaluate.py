@@ -11,6 +11,9 @@ counted as a duplicate, a pair with two identical replies is skipped, a pair wit
 evaluated; the report carries `pairs`, `duplicates`, `skipped` and `skipped_by_reason`. Every key the final
 write uses (pair keys, scorer ids) is checked to be distinct before the first model call, so no evaluation
 is lost to a constraint error after its calls.
+
+An evaluation is a run of kind `eval` in `runs` and `run_ends`: its `eval_id` is the `run_id` of every row it
+writes (model calls, judgments, comparisons, failures), so every run_id in the warehouse names a run.
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ from prefect.artifacts import create_table_artifact
 
 from prefsynth.backends.local import LocalServers
 from prefsynth.flows.engine import score_stream
-from prefsynth.flows.synthesize import check_endpoints
+from prefsynth.flows.synthesize import check_endpoints, flow_run_id, interrupted
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import StageResult
 from prefsynth.tasks.compare import comparison_id
 from prefsynth.tasks.diagnostics import pairwise_report
 from prefsynth.tasks.labelled import LabelledPair, accuracy_report, better_share, check_keys, load_labelled_report
 from prefsynth.tasks.scorers import PairItem, PairwiseScorer, ScoreItem, Scorer, build_scorer
-from prefsynth.warehouse.ids import content_id, prompt_id, score_id
+from prefsynth.warehouse.ids import canonical_json, content_id, prompt_id, score_id
 from prefsynth.warehouse.store import Store, frame
 
 REPORT_COLUMNS = ("scorer", "n", "accuracy", "ties", "failed", "duplicates", "skipped", "position_consistency",
@@ -81,29 +84,43 @@ def evaluate(
         check_endpoints([e for s in scorers for e in s.endpoints.values()])
         check_keys(pairs, scorers)
         with Store(db or config.warehouse) as store:
-            for scorer in scorers:
-                store.register_scorer(scorer.scorer_id, scorer.name, scorer.kind, scorer.config_json)
-                report, items = _evaluate_scorer(store, eval_id, scorer, pairs)
-                report.update(counts)
-                store.write_eval(
-                    eval_id,
-                    {"scorer_id": scorer.scorer_id, "scorer": scorer.name, "data": str(Path(data)), "format": fmt,
-                     "n": report["n"], "accuracy": report["accuracy"], "ties": report["ties"],
-                     "failed": report["failed"], "report": json.dumps(report, sort_keys=True)},
-                    frame("eval_items", items),
-                )  # fmt: skip
-                reports[scorer.name] = report
-                consistency = report.get("position_consistency")
-                swap = f", position consistency {consistency:.4f}" if consistency is not None else ""
-                logger.info(f"eval[{scorer.name}]: accuracy {report['accuracy']:.4f} on {report['n']} pairs, "
-                            f"{report['ties']} ties, {report['failed']} failed, "
-                            f"{report['model_calls']} new model calls{swap}")  # fmt: skip
+            store.begin_run(eval_id, config.name, canonical_json(config.model_dump()), flow_run_id(), kind="eval")
+            try:
+                for scorer in scorers:
+                    reports[scorer.name] = _evaluate_and_write(store, eval_id, scorer, pairs, data, fmt, counts)
+            except BaseException as err:
+                status = "interrupted" if interrupted(err) else "failed"
+                store.end_run(eval_id, status, {"data": data, "format": fmt, "scorers": reports})
+                raise
+            store.end_run(eval_id, "completed", {"data": data, "format": fmt, **counts, "scorers": reports})
     create_table_artifact(
         key="prefsynth-eval",
         table=[{k: r.get(k) for k in REPORT_COLUMNS} for r in reports.values()],
         description=f"eval {eval_id} on {data} ({fmt})",
     )
     return {"eval_id": eval_id, "data": data, "format": fmt, **counts, "scorers": reports}
+
+
+def _evaluate_and_write(
+    store: Store, eval_id: str, scorer: Scorer, pairs: list[LabelledPair], data: str, fmt: str, counts: dict[str, Any]
+) -> dict[str, Any]:
+    """Evaluate one scorer, write its `evals` row and `eval_items`, and log its line; returns its report."""
+    store.register_scorer(scorer.scorer_id, scorer.name, scorer.kind, scorer.config_json)
+    report, items = _evaluate_scorer(store, eval_id, scorer, pairs)
+    report.update(counts)
+    store.write_eval(
+        eval_id,
+        {"scorer_id": scorer.scorer_id, "scorer": scorer.name, "data": str(Path(data)), "format": fmt,
+         "n": report["n"], "accuracy": report["accuracy"], "ties": report["ties"],
+         "failed": report["failed"], "report": json.dumps(report, sort_keys=True)},
+        frame("eval_items", items),
+    )  # fmt: skip
+    consistency = report.get("position_consistency")
+    swap = f", position consistency {consistency:.4f}" if consistency is not None else ""
+    get_run_logger().info(f"eval[{scorer.name}]: accuracy {report['accuracy']:.4f} on {report['n']} pairs, "
+                          f"{report['ties']} ties, {report['failed']} failed, "
+                          f"{report['model_calls']} new model calls{swap}")  # fmt: skip
+    return report
 
 
 def _evaluate_scorer(

@@ -64,7 +64,7 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
 
         with Store(warehouse) as store:
             ingest(store, config, summary)
-            store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), _flow_run_id())
+            store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), flow_run_id())
             try:
                 _run(store, config, policies, scorers, summary)
             except BaseException as err:
@@ -231,7 +231,7 @@ def check_endpoints(endpoints: list[Endpoint]) -> None:
         run_async(check_reachable(ep))
 
 
-def _flow_run_id() -> str | None:
+def flow_run_id() -> str | None:
     value = flow_run.get_id()
     return str(value) if value else None
 

@@ -247,11 +247,14 @@ class Store:
                 self.con.execute("ROLLBACK")
                 raise
 
-    def begin_run(self, run_id: str, name: str, config_json: str, flow_run_id: str | None) -> None:
+    def begin_run(
+        self, run_id: str, name: str, config_json: str, flow_run_id: str | None, kind: str = "synthesize"
+    ) -> None:
+        """A run of the pipeline (`synthesize`) or of `prefsynth eval` (`eval`)."""
         with self._lock:  # the writer thread may be inside a transaction on this connection
             self.con.execute(
-                "INSERT INTO runs (run_id, name, config, flow_run_id) VALUES (?, ?, ?, ?)",
-                [run_id, name, config_json, flow_run_id],
+                "INSERT INTO runs (run_id, name, config, flow_run_id, kind) VALUES (?, ?, ?, ?, ?)",
+                [run_id, name, config_json, flow_run_id, kind],
             )
 
     def end_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
@@ -460,7 +463,9 @@ class Store:
                           {"comparison_id": pl.String, "order": pl.String, "verdict": pl.String})  # fmt: skip
 
     def has_run(self, run_id: str) -> bool:
-        return self.con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] > 0
+        """Whether `run_id` is a pipeline run (an eval run has no pairs to export)."""
+        sql = "SELECT count(*) FROM runs WHERE run_id = ? AND kind = 'synthesize'"
+        return self.con.execute(sql, [run_id]).fetchone()[0] > 0
 
     def comparisons_among(self, response_ids: pl.Series, scorer_id: str) -> pl.DataFrame:
         """One pairwise scorer's comparisons whose two responses are both among these."""
