@@ -9,9 +9,42 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import importlib.util  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
 import pytest  # noqa: E402
 
+from prefsynth.backends.local import LocalServer  # noqa: E402
 from prefsynth.schemas.config import PipelineConfig, parse_config  # noqa: E402
+
+_current: list[pytest.Item] = []  # the test being set up, run or torn down
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`transformers` tests fail (never skip) without the extra, unless deselected with -m "not transformers"."""
+    _current[:] = [item]
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if item.get_closest_marker("transformers") and missing:
+        pytest.fail(f"needs {', '.join(missing)}: pip install -e '.[transformers]', or deselect these tests with "
+                    "-m 'not transformers'", pytrace=False)  # fmt: skip
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _only_model_tests_start_local_servers() -> Iterator[None]:
+    """A test (or a fixture it uses) that starts a llama.cpp server in process must be marked `model`, so that
+    `-m "not model"` stays fast and honest."""
+    launch = LocalServer.launch
+
+    def guarded(self: LocalServer) -> None:
+        item = _current[0] if _current else None
+        if item is not None and item.get_closest_marker("model") is None:
+            raise AssertionError(f"{item.nodeid} starts a local model server: mark it @pytest.mark.model")
+        launch(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LocalServer, "launch", guarded)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from prefsynth.tasks.scorers.cdr import CDRScorer
 from prefsynth.warehouse.ids import prompt_id
 from prefsynth.warehouse.store import Store
 
+pytestmark = pytest.mark.model
 SMOL = ModelSpec(gguf="smollm2-135m-instruct")
 GEMMA = ModelSpec(gguf="gemma3-270m-base")
 CASES = [

@@ -1,6 +1,7 @@
 """Bad input at the CLI: exit code 2 and a message naming the file, folder or id, never a traceback.
 
-All but the last two need no model and no Prefect run; those two run the flow (no model) up to the check.
+All but the last two need no model and no Prefect run; those two run the flow up to the check, and the flow
+starts the local model server first (marked `model`).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def _flow_config(tmp_path: Path, prompts: dict) -> Path:
     return config
 
 
+@pytest.mark.model
 def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path, prefect_harness):
     prompts = tmp_path / "p.jsonl"
     prompts.write_bytes(b'{"prompt": "hi"}\n{"prompt": "caf\xe9"}\n')
@@ -127,6 +129,7 @@ def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path, prefect_harness):
             assert con.execute("SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM prompts)").fetchone() == (0,)
 
 
+@pytest.mark.model
 def test_a_warehouse_whose_folder_cannot_be_created_is_named(tmp_path, prefect_harness):
     # Tests run as root, where chmod does not stop writes: a regular file in place of a folder does.
     blocker = tmp_path / "afile"

@@ -49,6 +49,7 @@ def test_missing_or_bad_gguf_files_are_clear_errors(tmp_path):
         resolve_gguf(str(fake))
 
 
+@pytest.mark.model
 def test_server_answers_and_stops_on_exit_and_on_error():
     import openai
 
@@ -78,6 +79,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
 def test_no_orphan_server_when_the_parent_is_interrupted_or_killed(sig):
     parent = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, text=True)

@@ -206,7 +206,7 @@ def test_an_unparsable_response_is_a_failure_with_a_clear_error():
     assert sorted(c.status for c in result.calls) == ["error", "ok", "ok"]  # recorded, never cached as ok
 
 
-# ---- in process ----------------------------------------------------------------------------------------
+# ---- in process: the transformers extra (fail without it, unless deselected: -m "not transformers") ------
 
 WORDS = ["User: Capital of France? System: Be brief.", "Assistant: The capital of France is Paris.",
          "I think it is Lyon, but I am not sure."]  # fmt: skip
@@ -215,8 +215,8 @@ TEMPLATE = "{% for m in messages %}<{{ m.role }}> {{ m.content }} [EOS] {% endfo
 
 def make_model(folder: Path, seed: int = 0, chat_template: str | None = None) -> Path:
     """A randomly initialised 2-layer Llama sequence classifier and a word-level tokenizer, saved to `folder`."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
@@ -265,6 +265,7 @@ def plain_model(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("rm") / "plain")
 
 
+@pytest.mark.transformers
 def test_in_process_rewards_equal_a_direct_forward_pass_and_do_not_depend_on_batching(plain_model):
     texts = [f"System: Be brief.\nUser: Capital of France?\nAssistant: {r}" for r in RESPONSES]
     want = direct_rewards(plain_model, token_ids(plain_model, texts, add_special_tokens=True))
@@ -281,6 +282,7 @@ def test_in_process_rewards_equal_a_direct_forward_pass_and_do_not_depend_on_bat
     assert all(s.raw == "" and s.call_ids == [] for s in result.scores)
 
 
+@pytest.mark.transformers
 def test_in_process_uses_the_chat_template_and_truncates_from_the_left(tmp_path):
     folder = make_model(tmp_path / "chat", chat_template=TEMPLATE)
     texts = [f"<system> Be brief. [EOS] <user> Capital of France? [EOS] <assistant> {r} [EOS] " for r in RESPONSES]
@@ -294,6 +296,7 @@ def test_in_process_uses_the_chat_template_and_truncates_from_the_left(tmp_path)
     assert short.scores[0].value == pytest.approx(direct_rewards(folder, [inputs[2][-16:]])[0], abs=1e-5)
 
 
+@pytest.mark.transformers
 def test_identity_follows_the_weights_not_the_folder(plain_model, tmp_path):
     copy_folder = tmp_path / "copy"
     shutil.copytree(plain_model, copy_folder)
@@ -315,13 +318,16 @@ def test_a_missing_folder_or_extra_is_a_clear_config_error(tmp_path, monkeypatch
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
-    with pytest.raises(ConfigError, match=r"needs torch: pip install 'prefsynth\[transformers\]'"):
+    # both missing, whether or not this environment has the extra
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n in ("torch", "transformers") else real(n))
+    with pytest.raises(ConfigError, match=r"needs torch and transformers: pip install 'prefsynth\[transformers\]'"):
         local_scorer(tmp_path / "empty")
 
 
+@pytest.mark.transformers
 def test_a_model_without_a_trained_head_fails_its_items(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     folder = make_model(tmp_path / "lm")
     config = transformers.AutoConfig.from_pretrained(folder)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)  # a language model, not a reward model

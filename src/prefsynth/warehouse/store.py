@@ -302,7 +302,7 @@ class Store:
             reader = cur.execute(
                 "SELECT p.prompt_id, p.messages, p.source, p.source_ref FROM run_prompts rp "
                 "JOIN prompts p USING (prompt_id) WHERE rp.run_id = $1", [run_id]
-            ).fetch_record_batch(batch)
+            ).to_arrow_reader(batch)
         try:
             while True:
                 with self._lock:
