@@ -1,4 +1,5 @@
 import re
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,24 @@ VALID = {
 }
 
 
-def test_shipped_quickstart_is_valid_and_the_example_is_the_same_file():
+def test_every_example_is_shipped_in_the_package_as_the_same_text_and_is_valid():
+    packaged = resources.files("prefsynth") / "examples"  # what the installed package holds (the demo reads it)
+    shipped = {p.name: p.read_bytes() for p in packaged.iterdir() if p.name.endswith(".yaml")}
+    examples = {p.name: p.read_bytes() for p in (ROOT / "examples").iterdir()}  # a symlink is read as its target
+    assert len(examples) >= 5 and sorted(examples) == sorted(shipped)
+    for name, text in examples.items():
+        assert text == shipped[name], f"examples/{name} differs from the packaged copy"
+    for name in shipped:
+        with resources.as_file(packaged / name) as path:
+            load_config(path)
     config = load_config(ROOT / "examples" / "quickstart.yaml")
-    packaged = ROOT / "src" / "prefsynth" / "examples" / "quickstart.yaml"
-    assert (ROOT / "examples" / "quickstart.yaml").read_text() == packaged.read_text()
     assert config.generation.models[0].gguf == "smollm2-135m-instruct"
     assert config.curation_scorer_name == "judge"
+    judge = load_config(ROOT / "examples" / "pairwise-judge.yaml").scorers[0]
+    assert judge.kind == "pairwise_judge" and judge.balanced_position
+    assert load_config(ROOT / "examples" / "cdr.yaml").scorers[0].kind == "cdr"
+    assert [s.name for s in load_config(ROOT / "examples" / "cdr-sweep.yaml").scorers] == [
+        "cdr-vanilla", "cdr-criteria", "cdr-criteria-exemplars"]  # fmt: skip
 
 
 def _error(raw) -> str:

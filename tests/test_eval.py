@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import duckdb
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -33,6 +34,7 @@ def _config(tmp_path, scorers) -> str:
     return str(path)
 
 
+@pytest.mark.model
 def test_eval_reports_accuracy_side_by_side_and_reruns_for_free(tmp_path, prefect_harness):
     data = tmp_path / "mini.json"
     data.write_text(json.dumps(PAIRS))
@@ -67,6 +69,7 @@ def test_eval_reports_accuracy_side_by_side_and_reruns_for_free(tmp_path, prefec
     assert orphan_run_ids(db) == {}
 
 
+@pytest.mark.model
 def test_eval_of_a_file_with_a_duplicate_identical_and_empty_pair(tmp_path, prefect_harness):
     empty = {"input": "Say hello.", "output_1": "", "output_2": "Hello!", "label": 2}
     identical = {"input": "Say hi.", "output_1": "Hi.", "output_2": "Hi.", "label": 1}
@@ -105,6 +108,7 @@ def test_eval_rejects_bad_data_before_any_model_call(tmp_path):
     assert result.exit_code == 2 and "llmbar" in result.output
 
 
+@pytest.mark.model
 def test_pipeline_with_cdr_as_its_scorer(tmp_path, prefect_harness):
     prompts = write_jsonl(tmp_path / "p.jsonl", ["Name a fruit.", "What is 5 - 2?", "Say hello in Spanish."])
     config = small_config(tmp_path, prompts, scorers=[{**CDR, "name": "cdr"}], curation={"min_margin": 0.0})
@@ -124,13 +128,3 @@ def test_pipeline_with_cdr_as_its_scorer(tmp_path, prefect_harness):
     with duckdb.connect(config.warehouse, read_only=True) as con:
         assert con.execute("SELECT count(*) FROM model_calls").fetchone()[0] == calls
 
-
-def test_shipped_cdr_examples_are_valid():
-    from pathlib import Path
-
-    from prefsynth.schemas.config import load_config
-
-    root = Path(__file__).resolve().parents[1] / "examples"
-    assert load_config(root / "cdr.yaml").scorers[0].kind == "cdr"
-    assert [s.name for s in load_config(root / "cdr-sweep.yaml").scorers] == [
-        "cdr-vanilla", "cdr-criteria", "cdr-criteria-exemplars"]  # fmt: skip

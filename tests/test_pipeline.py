@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import datasets
 import duckdb
@@ -13,7 +15,9 @@ from typer.testing import CliRunner
 from prefsynth.cli import app
 from prefsynth.errors import EndpointError, InputError, ModelFileError
 from prefsynth.flows.synthesize import synthesize
-from tests.conftest import small_config, write_jsonl
+from prefsynth.schemas.config import PipelineConfig
+from prefsynth.schemas.records import RunSummary
+from tests.conftest import orphan_run_ids, small_config, write_jsonl
 
 PROMPTS = [
     "Name one primary color.",
@@ -32,37 +36,53 @@ def _q(db, sql):
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory, prefect_harness):
+def one_run(tmp_path_factory, prefect_harness) -> tuple[PipelineConfig, RunSummary]:
+    """One run on the real model, made once and never written to again: each test gets its own copy."""
     tmp = tmp_path_factory.mktemp("pipeline")
     prompts = write_jsonl(tmp / "prompts.jsonl", PROMPTS)
-    config = small_config(tmp, prompts)
+    # three samples per prompt: with seed 1, six prompts give several pairs (the checks below need some)
+    config = small_config(tmp, prompts, generation={"models": [{"gguf": "smollm2-135m-instruct"}],
+                          "samples_per_prompt": 3, "sampling": {"temperature": 1.0, "max_tokens": 12, "seed": 1}})
     summary = synthesize(config=config)
-    return tmp, config, summary
+    assert summary.pairs > 0, "the run made no pairs: nothing below would be checked"  # the precondition
+    return config, summary
 
 
+@pytest.fixture
+def first_run(one_run, tmp_path) -> tuple[Path, PipelineConfig, RunSummary]:
+    """This test's own copy of the run's warehouse (model calls included, so a rerun costs nothing)."""
+    config, summary = one_run
+    for suffix in ("", ".wal"):  # a closed warehouse is one file, but a WAL left behind belongs with it
+        if Path(config.warehouse + suffix).exists():
+            shutil.copy(config.warehouse + suffix, tmp_path / f"w.duckdb{suffix}")
+    return tmp_path, config.model_copy(update={"warehouse": str(tmp_path / "w.duckdb")}), summary
+
+
+@pytest.mark.model
 def test_first_run_fills_every_table(first_run):
     tmp, config, summary = first_run
     db = config.warehouse
     counts = dict(_q(db, "SELECT 'prompts', count(*) FROM prompts UNION ALL SELECT 'responses', count(*) FROM "
                          "responses UNION ALL SELECT 'scored', count(*) FROM scores UNION ALL SELECT 'failed', "
                          "count(DISTINCT item_id) FROM failures WHERE stage = 'score'"))  # fmt: skip
-    assert counts["prompts"] == 6 and counts["responses"] == 12
-    assert counts["scored"] + counts["failed"] == 12 and counts["scored"] > 0
+    assert counts["prompts"] == 6 and counts["responses"] == 18
+    assert counts["scored"] + counts["failed"] == 18 and counts["scored"] > 0
     # every response carries what produced it
     row = _q(db, "SELECT model, sampling, seed, finish_reason, completion_tokens, latency_ms FROM responses LIMIT 1")[0]
     assert row[0] == "smollm2-135m-instruct" and json.loads(row[1])["max_tokens"] == 12
     assert row[3] in ("stop", "length") and row[4] > 0 and row[5] > 0
     # the ledger: one ok call per response, plus judge calls (one or two per response)
     calls = dict(_q(db, "SELECT status, count(*) FROM model_calls GROUP BY 1"))
-    assert 12 + 12 <= calls["ok"] <= 12 + 24 and summary.model_calls == sum(calls.values())
+    assert 18 + 18 <= calls["ok"] <= 18 + 36 and summary.model_calls == sum(calls.values())
     # pairs are exactly best-vs-worst with margin >= 1, recomputed here in SQL
     expected = _q(db, "SELECT count(*) FROM (SELECT r.prompt_id FROM scores s JOIN responses r USING (response_id) "
                       "GROUP BY 1 HAVING count(*) >= 2 AND max(value) - min(value) >= 1)")[0][0]  # fmt: skip
     assert summary.pairs == expected
     status = _q(db, f"SELECT status FROM run_ends WHERE run_id = '{summary.run_id}'")
-    assert status == [("completed",)]
+    assert status == [("completed",)] and orphan_run_ids(db) == {}
 
 
+@pytest.mark.model
 def test_rerun_makes_zero_model_calls_and_the_same_pairs(first_run):
     tmp, config, summary = first_run
     path = tmp / "config.yaml"
@@ -77,9 +97,10 @@ def test_rerun_makes_zero_model_calls_and_the_same_pairs(first_run):
     pair_sets = [
         {r[0] for r in _q(config.warehouse, f"SELECT pair_id FROM run_pairs WHERE run_id = '{run}'")} for run in runs
     ]
-    assert pair_sets[0] == pair_sets[1]
+    assert pair_sets[0] and pair_sets[0] == pair_sets[1]
 
 
+@pytest.mark.model
 def test_adding_prompts_computes_only_the_new_ones(first_run):
     tmp, config, _ = first_run
     prompts = write_jsonl(tmp / "more.jsonl", [*PROMPTS, "What color is the sky on a clear day?"])
@@ -87,26 +108,29 @@ def test_adding_prompts_computes_only_the_new_ones(first_run):
     summary = synthesize(config=bigger)
     gen = next(s for s in summary.stages if s.stage == "generate")
     score = next(s for s in summary.stages if s.stage.startswith("score"))
-    assert (gen.total, gen.reused, gen.new, gen.model_calls) == (14, 12, 2, 2)
-    assert score.reused == 12 and score.new + score.failed == 2
-    assert 2 <= score.model_calls <= 4
+    assert (gen.total, gen.reused, gen.new, gen.model_calls) == (21, 18, 3, 3)
+    assert score.reused == 18 and score.new + score.failed == 3
+    assert 3 <= score.model_calls <= 6
 
 
-def test_stats_and_export_commands(first_run, tmp_path):
-    _, config, _ = first_run
+@pytest.mark.model
+def test_stats_and_export_commands(first_run):
+    tmp, config, summary = first_run
     result = runner.invoke(app, ["stats", "--db", config.warehouse, "--json"])
     assert result.exit_code == 0, result.output
     stats = json.loads(result.stdout)
     assert {"prompts", "responses", "scores", "pairs", "model_calls"} <= set(stats)
-    assert stats["prompts"] == 7 and stats["responses"] == 14
+    assert stats["prompts"] == 6 and stats["responses"] == 18
     latest = _q(config.warehouse, "SELECT count(*) FROM v_pairs_export")[0][0]
-    result = runner.invoke(app, ["export", "--db", config.warehouse, "--out", str(tmp_path), "--format", "trl"])
+    assert latest == summary.pairs > 0  # the precondition: there is a dataset to check
+    out = tmp / "export"
+    result = runner.invoke(app, ["export", "--db", config.warehouse, "--out", str(out), "--format", "trl"])
     assert result.exit_code == 0, result.output
-    if latest:
-        ds = datasets.Dataset.from_parquet(str(tmp_path / "train.parquet"))
-        assert len(ds) == latest
-        assert ds[0]["chosen"][0]["role"] == "assistant" and ds[0]["prompt"][-1]["role"] == "user"
-        assert ds[0]["score_chosen"] - ds[0]["score_rejected"] == ds[0]["margin"] >= 1
+    ds = datasets.Dataset.from_parquet(str(out / "train.parquet"))
+    assert len(ds) == latest
+    for row in ds:
+        assert row["chosen"][0]["role"] == "assistant" and row["prompt"][-1]["role"] == "user"
+        assert row["score_chosen"] - row["score_rejected"] == row["margin"] >= 1
     assert _q(config.warehouse, "SELECT n_pairs FROM dataset_snapshots ORDER BY created_at DESC LIMIT 1") == [(latest,)]
 
 
@@ -140,12 +164,14 @@ def test_missing_gguf(tmp_path, prefect_harness):
     _fails_cleanly(tmp_path, config, ModelFileError, "gone.gguf")
 
 
+@pytest.mark.model  # the flow starts the local server before it reads the prompts
 def test_empty_prompt_file(tmp_path, prefect_harness):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("")
     _fails_cleanly(tmp_path, small_config(tmp_path, prompts), InputError, "no prompts found")
 
 
+@pytest.mark.model
 def test_malformed_prompt_line(tmp_path, prefect_harness):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "fine"}\n{"prompt": "broken"\n')
