@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from prefsynth.errors import ConfigError, not_utf8
 
@@ -93,13 +93,16 @@ class SamplingParams(_Strict):
 
 
 class PromptSource(_Strict):
-    """Exactly one of `path`, `hf_dataset`, `warehouse_table`, `builtin`."""
+    """Exactly one of `path`, `hf_dataset`, `warehouse_table`, `builtin`, `in_memory`."""
 
     path: str | None = Field(None, description="A .jsonl, .json, .csv or .parquet file.")
     hf_dataset: str | None = Field(None, description="A Hugging Face dataset saved with save_to_disk.")
     split: str | None = Field(None, description="Split of a DatasetDict (default: train, or the only one).")
     warehouse_table: str | None = Field(None, description="A table or view in the warehouse.")
     builtin: Literal["quickstart"] | None = Field(None, description="A prompt set shipped with prefsynth.")
+    in_memory: str | None = Field(
+        None, description="Prompts passed to `prefsynth.run(config, prompts=...)`; the value labels their source."
+    )
     prompt_field: str = Field("prompt", description="Column with the user turn as text.")
     messages_field: str = Field("messages", description="Column with a chat message list (used if present).")
     system_field: str | None = Field(None, description="Optional column with a system prompt.")
@@ -107,10 +110,10 @@ class PromptSource(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> PromptSource:
-        given = [k for k in ("path", "hf_dataset", "warehouse_table", "builtin") if getattr(self, k)]
+        given = [k for k in SOURCE_KINDS if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of `path`, `hf_dataset`, `warehouse_table`, `builtin`"
+                "give exactly one of `path`, `hf_dataset`, `warehouse_table`, `builtin`, `in_memory`"
                 + (f" (got {', '.join(given)})" if given else "")
             )
         if self.path and Path(self.path).suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
@@ -118,6 +121,18 @@ class PromptSource(_Strict):
         if self.warehouse_table and not self.warehouse_table.replace(".", "_").isidentifier():
             raise ValueError(f"`warehouse_table` is not a plain table name: {self.warehouse_table!r}")
         return self
+
+    @property
+    def origin(self) -> str:
+        """What the prompts' `source` column says."""
+        if self.builtin:
+            return f"builtin:{self.builtin}"
+        if self.in_memory:
+            return f"in_memory:{self.in_memory}"
+        return str(self.path or self.hf_dataset or self.warehouse_table)
+
+
+SOURCE_KINDS = ("path", "hf_dataset", "warehouse_table", "builtin", "in_memory")
 
 
 class GenerationSpec(_Strict):
@@ -449,6 +464,18 @@ def parse_config(raw: Any, source: str = "config", base_dir: Path | None = None)
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(source, err)) from None
+
+
+def parse_scorer(raw: Any, base_dir: Path | None = None) -> ScorerSpec:
+    """One scorer spec from a mapping shaped like an entry of a config's `scorers`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a scorer is a mapping with a `kind`, got {type(raw).__name__}")
+    if base_dir is not None:
+        raw = _resolve_inputs({"scorers": [raw]}, base_dir)["scorers"][0]
+    try:
+        return TypeAdapter(ScorerSpec).validate_python(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error("scorer", err)) from None
 
 
 def load_config(path: str | Path) -> PipelineConfig:

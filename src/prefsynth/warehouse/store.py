@@ -1,4 +1,4 @@
-"""The one class that talks to DuckDB. All SQL of the project lives here and in migrations/.
+"""The one class that writes DuckDB. All SQL of the project lives here, in reader.py and in migrations/.
 
 One process holds the file read-write: the flow. Tasks return record batches; `Store.write` inserts each
 batch in one statement through Arrow, inside one transaction per batch, so a crash loses only calls that
