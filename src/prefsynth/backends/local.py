@@ -237,7 +237,7 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
                   "max_retries": spec.max_retries}  # fmt: skip
         if spec.gguf is None:
             return Endpoint(
-                identity=f"{spec.base_url.rstrip('/')}#{spec.model}",  # type: ignore[union-attr]
+                identity=spec.identity,
                 base_url=str(spec.base_url),
                 model=str(spec.model),
                 api_key=spec.api_key(),

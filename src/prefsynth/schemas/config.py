@@ -29,6 +29,10 @@ class ModelSpec(_Strict):
     base_url: str | None = Field(None, description="OpenAI-compatible API root, e.g. http://host:8000/v1")
     model: str | None = Field(None, description="Model name sent to the endpoint.")
     api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key.")
+    revision: str | None = Field(
+        None, min_length=1, description="Version of an endpoint model's weights (a checkpoint tag or hash). With it, "
+        "the cache knows the model by name and revision instead of its URL: a new revision is a new model, and a "
+        "server that moves keeps its cache.")  # fmt: skip
     server: Literal["openai", "vllm", "llama-cpp"] = Field(
         "openai", description="Kind of endpoint server, for its quirks (local GGUF models are llama-cpp)."
     )
@@ -49,6 +53,8 @@ class ModelSpec(_Strict):
     def _one_kind(self) -> ModelSpec:
         if self.gguf and (self.base_url or self.model):
             raise ValueError("give either `gguf` (a local model) or `base_url` + `model` (an endpoint), not both")
+        if self.gguf and self.revision:
+            raise ValueError("`revision` is for endpoint models; a local model is known by its file's hash")
         if not self.gguf:
             if not self.base_url or not self.model:
                 raise ValueError("an endpoint model needs both `base_url` and `model` (or give `gguf`)")
@@ -69,6 +75,13 @@ class ModelSpec(_Strict):
         if self.gguf:
             return self.gguf if self.gguf in PACKAGED_MODELS else Path(self.gguf).stem
         return str(self.model)
+
+    @property
+    def identity(self) -> str:
+        """An endpoint model's cache identity: name and revision, or without a revision its URL and name."""
+        if self.revision:
+            return f"{self.model}@{self.revision}"
+        return f"{str(self.base_url).rstrip('/')}#{self.model}"
 
     @property
     def concurrency(self) -> int:

@@ -457,6 +457,13 @@ class Store:
                           "JOIN _ids ON j.comparison_id = _ids.id", comparison_ids,
                           {"comparison_id": pl.String, "order": pl.String, "verdict": pl.String})  # fmt: skip
 
+    def other_revisions(self, identity: str, url_identity: str, model: str) -> list[str]:
+        """Identities under which this endpoint model was called before: other revisions, or none (its URL)."""
+        sql = ("SELECT DISTINCT model FROM model_calls WHERE model <> $1 AND (model = $2 OR starts_with(model, $3)) "
+               "ORDER BY model")  # fmt: skip
+        with self._lock:
+            return [r[0] for r in self.con.execute(sql, [identity, url_identity, f"{model}@"]).fetchall()]
+
     def has_run(self, run_id: str) -> bool:
         return self.con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] > 0
 
