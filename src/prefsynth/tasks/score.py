@@ -34,7 +34,7 @@ async def score_one(scorer: Scorer, clients: Clients, item: Any) -> StageResult:
     """One item (a response, or a pair of them) through one scorer: prepare, then score."""
     routes = await scorer.prepare(clients, [item])
     result = (await scorer.score(clients, item)).result()
-    result.routes = routes
+    result.add(*routes)
     return result
 
 
@@ -63,7 +63,7 @@ async def score_items(
                 return list(await asyncio.gather(*(one(item) for item in members)))
 
         parts = await asyncio.gather(*(group(g) for g in groups))
-    return merge_results([StageResult(routes=routes), *(r for g in parts for r in g)])
+    return merge_results([StageResult(*routes), *(r for g in parts for r in g)])
 
 
 @task(name="score", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)

@@ -12,7 +12,7 @@ import polars as pl
 from prefsynth.backends.local import LocalServers
 from prefsynth.errors import ConfigError, PrefsynthError
 from prefsynth.schemas.config import CDRSpec, ModelSpec, ScorerSpec, load_config
-from prefsynth.schemas.records import Message
+from prefsynth.schemas.records import Comparison, Failure, Message, Score
 from prefsynth.tasks._async import run_async
 from prefsynth.tasks.score import score_items
 from prefsynth.tasks.scorers import PairItem, PairwiseScorer, PointwiseScorer, ScoreItem, build_scorer
@@ -36,9 +36,9 @@ def pick_scorer(name_or_kind: str, config: Path | None) -> ScorerSpec:
 
 async def _score(scorer: PointwiseScorer, item: ScoreItem) -> dict[str, Any]:
     result = await score_items(scorer, [item])
-    if result.failures:
-        raise PrefsynthError(f"scoring failed: {result.failures[0].error}")
-    (score,) = result.scores
+    if result.of(Failure):
+        raise PrefsynthError(f"scoring failed: {result.of(Failure)[0].error}")
+    (score,) = result.of(Score)
     out: dict[str, Any] = {"scorer": scorer.name, "kind": scorer.kind, "scorer_id": scorer.scorer_id,
                            "value": score.value}  # fmt: skip
     if isinstance(scorer, CDRScorer):
@@ -106,10 +106,10 @@ def score_batch(spec: ScorerSpec, rows: Sequence[Any]) -> pl.DataFrame:
             else:
                 items.append(ScoreItem(str(i), f"r{i}", pid, messages, texts[0]))
         result = run_async(score_items(scorer, items))
-    errors = {f.item_id: f.error for f in result.failures}
+    errors = {f.item_id: f.error for f in result.of(Failure)}
     out: list[dict[str, Any]] = []
     if pairwise:
-        comps = {c.comparison_id: c for c in result.comparisons}
+        comps = {c.comparison_id: c for c in result.of(Comparison)}
         for i in range(len(items)):
             c = comps.get(str(i))
             out.append({"index": i, "winner": c.winner if c else None, "score_a": c.score_a if c else None,
@@ -118,7 +118,7 @@ def score_batch(spec: ScorerSpec, rows: Sequence[Any]) -> pl.DataFrame:
         schema = {"index": pl.Int64, "winner": pl.String, "score_a": pl.Float64, "consistent": pl.Boolean,
                   "flipped": pl.Boolean, "error": pl.String}  # fmt: skip
     else:
-        scores = {s.score_id: s for s in result.scores}
+        scores = {s.score_id: s for s in result.of(Score)}
         for i in range(len(items)):
             s = scores.get(str(i))
             out.append({"index": i, "value": s.value if s else None, "rationale": s.rationale if s else None,

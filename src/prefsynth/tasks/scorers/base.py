@@ -61,9 +61,8 @@ class ScoreOutcome:
 
     def result(self) -> StageResult:
         """As rows for the warehouse."""
-        return StageResult(calls=self.calls, logprobs=self.logprobs, judgments=self.judgments,
-                           scores=[self.score] if self.score else [], failures=[self.failure] if self.failure else [],
-                           comparisons=[self.comparison] if self.comparison else [])  # fmt: skip
+        records = [self.score, self.failure, self.comparison]
+        return StageResult(*self.calls, *self.logprobs, *self.judgments, *(r for r in records if r is not None))
 
     def keep(self, outcome: Outcome) -> None:
         """Remember a call for the ledger unless it was answered from the cache."""
