@@ -83,7 +83,7 @@ class _Bars:
 
 
 def _fail(err: Exception) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)  # text, not markup: [local]
     return typer.Exit(2)
 
 
@@ -287,6 +287,7 @@ def eval_(
     give a side-by-side table. Pairwise judges always judge both orders here and also report
     position_consistency, first_position_rate, flipped, calls_per_pair and tokens_per_pair.
     """
+    from prefsynth.backends.local import require_local
     from prefsynth.flows.evaluate import evaluate, summary_frame
     from prefsynth.flows.prefect_api import prefect_api, using
     from prefsynth.schemas.config import load_config
@@ -296,6 +297,9 @@ def eval_(
         raise _fail(PrefsynthError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}"))
     try:
         cfg = load_config(config)
+        for model in cfg.all_models():
+            if model.gguf:
+                require_local(model.gguf)  # a missing `local` extra fails here, before Prefect starts
         load_labelled(data, fmt, limit)  # bad data fails here, before servers or Prefect start
         with prefect_api() as api, using(api), _Bars().shown():
             result = evaluate(config=cfg, data=str(data), fmt=fmt, limit=limit, db=str(db) if db else None)
