@@ -19,13 +19,12 @@ from typing import Any
 
 from prefsynth.backends import quirks
 from prefsynth.backends.client import Endpoint
-from prefsynth.backends.hf_reward import RENDER_VERSION, HFRewardModel, RewardResult
+from prefsynth.backends.hf_reward import HFRewardModel, RewardResult, render_id
 from prefsynth.schemas.config import RewardModelSpec
 from prefsynth.schemas.records import Route, Score
 from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome
-from prefsynth.warehouse.ids import canonical_json
-
-REQUEST_VERSION = 1  # bump when the HTTP request body changes
+from prefsynth.tasks.scorers.judging import placeholder_turns
+from prefsynth.warehouse.ids import canonical_json, template_id
 
 
 def conversation(item: ScoreItem) -> list[dict[str, str]]:
@@ -41,11 +40,11 @@ class RewardModelScorer(PointwiseScorer):
         self._ready: dict[str, RewardResult] = {}  # in process: score_id -> reward computed by prepare
 
     def identity(self) -> dict[str, Any]:
-        if self.local is None:
-            return {"backend": "http", "api": self.spec.api, "label_index": self.spec.label_index,
-                    "request": REQUEST_VERSION}  # fmt: skip
+        if self.local is None:  # the request for a placeholder item: its shape and every text it adds
+            request = template_id(self._body(ScoreItem("", "", "", placeholder_turns(), "<response>")))
+            return {"backend": "http", "api": self.spec.api, "label_index": self.spec.label_index, "request": request}
         return {"backend": "transformers", "model": self.local.identity, "label_index": self.spec.label_index,
-                "max_length": self.spec.max_length, "render": RENDER_VERSION}  # fmt: skip
+                "max_length": self.spec.max_length, "render": render_id()}  # fmt: skip
 
     def _body(self, item: ScoreItem) -> dict[str, Any]:
         return quirks.reward_request(self.spec.api, conversation(item))
