@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 from prefsynth.backends.client import ModelClient
 from prefsynth.backends.local import LocalServers, resolve_gguf
 from prefsynth.cli import app
-from prefsynth.schemas.config import CDRSpec, ModelSpec
+from prefsynth.schemas.config import ModelSpec
 from prefsynth.schemas.records import Failure, LogprobRow, Message, ModelCall, Route, Score
 from prefsynth.tasks.score import score_items
 from prefsynth.tasks.scorers import ScoreItem, build_scorer
-from prefsynth.tasks.scorers.cdr import CDRScorer
+from prefsynth.tasks.scorers.cdr import CDRScorer, CDRSpec
 from prefsynth.warehouse.ids import prompt_id
 from prefsynth.warehouse.store import Store
 

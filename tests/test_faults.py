@@ -6,11 +6,12 @@ import pytest
 
 from prefsynth.backends.client import Endpoint, ModelClient, check_reachable
 from prefsynth.errors import EndpointError
-from prefsynth.schemas.config import PointwiseJudgeSpec, SamplingParams
+from prefsynth.schemas.config import SamplingParams
 from prefsynth.schemas.records import Failure, Message, ModelCall, Prompt, Response, Score
 from prefsynth.tasks.generate import generate_items, plan_generation
 from prefsynth.tasks.score import score_items
 from prefsynth.tasks.scorers import ScoreItem, build_scorer
+from prefsynth.tasks.scorers.pointwise_judge import PointwiseJudgeSpec
 from prefsynth.warehouse.store import Store
 from tests.fake_server import FakeOpenAI, chat_reply
 

@@ -8,12 +8,17 @@ import polars as pl
 import pytest
 
 from prefsynth.backends.client import Endpoint
-from prefsynth.schemas.config import PairwiseJudgeSpec
 from prefsynth.schemas.records import Comparison, Failure, Judgment, Message
 from prefsynth.tasks.compare import pairwise_values, prompt_pairs
 from prefsynth.tasks.score import score_items
 from prefsynth.tasks.scorers import PairItem, build_scorer
-from prefsynth.tasks.scorers.pairwise_judge import combine, parse_verdict_json, parse_verdict_tag, preferred
+from prefsynth.tasks.scorers.pairwise_judge import (
+    PairwiseJudgeSpec,
+    combine,
+    parse_verdict_json,
+    parse_verdict_tag,
+    preferred,
+)
 from prefsynth.warehouse.store import frame
 from tests.fake_server import FakeOpenAI, chat_reply
 

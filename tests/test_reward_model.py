@@ -16,11 +16,10 @@ import pytest
 from prefsynth.backends import quirks
 from prefsynth.backends.client import Endpoint
 from prefsynth.errors import ConfigError
-from prefsynth.schemas.config import RewardModelSpec
 from prefsynth.schemas.records import Failure, Message, ModelCall, Score
 from prefsynth.tasks.score import score_items
 from prefsynth.tasks.scorers import ScoreItem
-from prefsynth.tasks.scorers.reward_model import RewardModelScorer
+from prefsynth.tasks.scorers.reward_model import RewardModelScorer, RewardModelSpec
 from prefsynth.warehouse.store import Store
 from tests.fake_server import LoopbackServer, Reply
 
@@ -67,7 +66,7 @@ def endpoint(url: str) -> Endpoint:
 
 def http_scorer(url: str, **spec: Any) -> RewardModelScorer:
     model = {"base_url": url, "model": "internlm2-reward", "max_retries": 0}
-    return RewardModelScorer(RewardModelSpec(model=model, **spec), endpoint(url))
+    return RewardModelScorer(RewardModelSpec(model=model, **spec), {"reward": endpoint(url)})
 
 
 def items(responses: list[str] = RESPONSES) -> list[ScoreItem]:
@@ -258,7 +257,7 @@ def direct_rewards(folder: Path, inputs: list[list[int]]) -> list[float]:
 
 
 def local_scorer(folder: Path, **spec: Any) -> RewardModelScorer:
-    return RewardModelScorer(RewardModelSpec(path=str(folder), **spec), None)
+    return RewardModelScorer(RewardModelSpec(path=str(folder), **spec), {})
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import polars as pl
 
 from prefsynth.backends.local import LocalServers
 from prefsynth.errors import ConfigError, PrefsynthError
-from prefsynth.schemas.config import CDRSpec, ModelSpec, ScorerSpec, load_config
+from prefsynth.schemas.config import ModelSpec, ScorerSpec, load_config
 from prefsynth.schemas.records import Comparison, Failure, Message, Score
 from prefsynth.tasks._async import run_async
 from prefsynth.tasks.score import score_items
 from prefsynth.tasks.scorers import PairItem, PairwiseScorer, PointwiseScorer, ScoreItem, build_scorer
-from prefsynth.tasks.scorers.cdr import CDRScorer
+from prefsynth.tasks.scorers.cdr import CDRScorer, CDRSpec
 from prefsynth.warehouse.ids import prompt_id
 
 EMBEDDED_CDR = CDRSpec(strong=ModelSpec(gguf="smollm2-135m-instruct"), weak=ModelSpec(gguf="gemma3-270m-base"))
@@ -55,7 +55,7 @@ def score_one(name_or_kind: str, prompt: str, response: str, config: Path | None
     spec = pick_scorer(name_or_kind, config)
     messages = [Message(role="user", content=prompt)]
     pid = prompt_id([m.model_dump() for m in messages])
-    if spec.kind == "pairwise_judge":
+    if spec.compares:
         raise ConfigError(f"{spec.name!r} is a pairwise judge: it compares two replies; use `prefsynth eval` or a run")
     with LocalServers() as servers:
         scorer = build_scorer(spec, servers.endpoint)

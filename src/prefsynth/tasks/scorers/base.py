@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from prefsynth.backends.client import Endpoint, ModelClient, Outcome
+from prefsynth.schemas.config import ScorerSpec
 from prefsynth.schemas.records import (
     Comparison,
     Failure,
@@ -83,12 +84,18 @@ def by_prompt(items: Sequence[T]) -> list[list[T]]:
 
 
 class Scorer(ABC):
-    """What every scorer shares: an id from its identity, endpoints by role, and failure records."""
+    """What every scorer shares: an id from its identity, endpoints by role, and failure records.
+
+    A scorer kind is a subclass with `Spec`, its config class (a `ScorerSpec` whose `kind` names it), built as
+    `Scorer(spec, endpoints)` with an endpoint for each of `spec.roles()`; see registry.py to register one.
+    """
 
     kind: ClassVar[str]
+    Spec: ClassVar[type[ScorerSpec]]
 
-    def __init__(self, name: str, endpoints: dict[str, Endpoint]) -> None:
-        self.name = name
+    def __init__(self, spec: ScorerSpec, endpoints: dict[str, Endpoint]) -> None:
+        self.spec = spec
+        self.name = spec.name
         self.endpoints = endpoints
 
     @abstractmethod

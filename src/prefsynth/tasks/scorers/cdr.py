@@ -31,19 +31,59 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import Field, model_validator
 
 from prefsynth.backends.client import ChatOutcome, Endpoint, ModelClient, Recent
 from prefsynth.backends.quirks import json_response_format
 from prefsynth.backends.templates import conversation_text
 from prefsynth.errors import ConfigError
-from prefsynth.schemas.config import CDRSpec
+from prefsynth.schemas.config import ModelSpec, ScorerSpec, Strict
 from prefsynth.schemas.records import LogprobRow, Message, Route, Score
 from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome, by_prompt
 from prefsynth.tasks.scorers.judging import placeholder_turns
 from prefsynth.warehouse.ids import canonical_json, content_id, template_id
+
+
+class CDRCustomization(Strict):
+    """The "C" in CDR: per-domain criteria, in-context exemplars, and a router that picks the domain."""
+
+    criteria: bool = Field(False, description="Put the domain's criteria system prompt before the conversation.")
+    exemplars: int = Field(0, ge=0, le=8, description="In-context good/bad exemplars prepended to the user turn.")
+    router: ModelSpec | None = Field(None, description="LLM that classifies each prompt into a domain.")
+    domain: str | None = Field(None, description="Use this domain for every prompt (instead of a router).")
+    domains_file: str | None = Field(None, description="YAML of domains and criteria (default: packaged).")
+    exemplars_file: str | None = Field(None, description="YAML of exemplars per domain (default: packaged).")
+    seed: int = Field(0, description="Seed of the per-prompt exemplar choice.")
+
+    @model_validator(mode="after")
+    def _router_or_domain(self) -> CDRCustomization:
+        if self.router is not None and self.domain is not None:
+            raise ValueError("give `router` or a fixed `domain`, not both")
+        return self
+
+
+class CDRSpec(ScorerSpec):
+    """Customizable Density Ratio: log p_strong(y|x) - log p_weak(y|x) (arXiv 2411.02481)."""
+
+    kind: Literal["cdr"] = "cdr"
+    name: str = "cdr"
+    strong: ModelSpec
+    weak: ModelSpec
+    value: Literal["mean", "sum"] = Field(
+        "mean", description="Score used for curation: per-token means (the reference) or sums of log-probs."
+    )
+    template: Literal["strong", "own"] = Field(
+        "strong", description="Render the context with the strong model's chat template, or each model's own."
+    )
+    customization: CDRCustomization = CDRCustomization()
+
+    def roles(self) -> dict[str, ModelSpec]:
+        router = self.customization.router
+        return {"strong": self.strong, "weak": self.weak, **({"router": router} if router else {})}
+
 
 ROUTER_SYSTEM = "You route requests to evaluation domains."
 ROUTER_PARAMS = {"temperature": 0.0, "max_tokens": 24, "seed": 0}
@@ -99,9 +139,11 @@ def _yaml(path: Path) -> dict[str, Any]:
 
 
 class CDRScorer(PointwiseScorer):
-    def __init__(self, spec: CDRSpec, strong: Endpoint, weak: Endpoint, router: Endpoint | None = None) -> None:
-        endpoints = {"strong": strong, "weak": weak, **({"router": router} if router else {})}
-        super().__init__(spec.name, endpoints)
+    Spec = CDRSpec
+
+    def __init__(self, spec: CDRSpec, endpoints: dict[str, Endpoint]) -> None:
+        """`endpoints`: strong, weak and (with a router) router."""
+        super().__init__(spec, endpoints)
         self.spec = spec
         c = spec.customization
         self.custom = Customization.load(c.domains_file, c.exemplars_file) if c.criteria or c.exemplars else None

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema, create_model
+from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema, create_model, model_validator
 
 from prefsynth.backends.client import Endpoint, ModelClient
 from prefsynth.backends.quirks import json_response_format
 from prefsynth.backends.templates import conversation_text
-from prefsynth.schemas.config import PairwiseJudgeSpec
+from prefsynth.schemas.config import ModelSpec, ScorerSpec
 from prefsynth.schemas.records import Comparison, Judgment
 from prefsynth.tasks.scorers.base import Clients, PairItem, PairwiseScorer, ScoreOutcome, by_prompt
 from prefsynth.tasks.scorers.judging import (
@@ -36,6 +36,51 @@ from prefsynth.tasks.scorers.judging import (
     reply_shape,
 )
 from prefsynth.warehouse.ids import content_id, template_id
+
+DEFAULT_CRITERIA = (
+    "Which response better follows the user's instruction? Prefer the response that is correct, honest and "
+    "helpful and does exactly what was asked; do not let the order of the responses, their length or their "
+    "style influence you."
+)
+
+
+class PairwiseJudgeSpec(ScorerSpec):
+    """An LLM compares two responses to one prompt: verdict A, B or tie, with a rationale.
+
+    Balanced Position Calibration judges both orders; Multiple Evidence Calibration samples k judgments per
+    order; all judgments of a comparison are averaged ("Large Language Models are not Fair Evaluators").
+    """
+
+    kind: Literal["pairwise_judge"] = "pairwise_judge"
+    compares: ClassVar[bool] = True
+    name: str = "pairwise"
+    model: ModelSpec
+    style: Literal["json", "answer_tag"] = Field(
+        "json", description="json: a JSON verdict; answer_tag: free reasoning ending in <answer>A</answer>."
+    )
+    criteria: str = DEFAULT_CRITERIA
+    allow_tie: bool = Field(True, description="Let the judge answer `tie`.")
+    balanced_position: bool = Field(True, description="Judge both orders (A/B and B/A) and combine them.")
+    on_flip: Literal["tie", "drop", "mean"] = Field(
+        "tie",
+        description="A comparison whose verdict reverses with the order: a tie, dropped (no winner), or decided "
+        "by the mean of all judgments (useful with samples_per_order > 1).",
+    )
+    samples_per_order: int = Field(1, ge=1, le=16, description="Judgments sampled per order (k), averaged.")
+    max_tokens: int = Field(256, ge=16, le=8192)
+    temperature: float = Field(0.0, ge=0, le=2)
+    seed: int = 0
+    structured_output: bool = Field(True, description="json style: constrain output to the JSON schema.")
+
+    def roles(self) -> dict[str, ModelSpec]:
+        return {"judge": self.model}
+
+    @model_validator(mode="after")
+    def _sampling(self) -> PairwiseJudgeSpec:
+        if self.samples_per_order > 1 and self.temperature == 0:
+            raise ValueError("`samples_per_order` > 1 needs `temperature` > 0 (greedy samples are all the same)")
+        return self
+
 
 SYSTEM = "You are a careful, impartial judge comparing two AI assistant responses."
 TEMPLATE = """{criteria}
@@ -148,10 +193,12 @@ def combine(
 
 
 class PairwiseJudge(PairwiseScorer):
-    def __init__(self, spec: PairwiseJudgeSpec, endpoint: Endpoint) -> None:
-        super().__init__(spec.name, {"judge": endpoint})
+    Spec = PairwiseJudgeSpec
+
+    def __init__(self, spec: PairwiseJudgeSpec, endpoints: dict[str, Endpoint]) -> None:
+        super().__init__(spec, endpoints)
         self.spec = spec
-        self.endpoint = endpoint
+        self.endpoint = endpoints["judge"]
         self.orders: tuple[str, ...] = ORDERS if spec.balanced_position else ("ab",)
         self.reply = verdict_model(spec.allow_tie)
         self.schema, self.shape = reply_schema(self.reply), reply_shape(self.reply)

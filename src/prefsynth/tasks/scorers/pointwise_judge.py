@@ -8,14 +8,14 @@ ratings are kept in the score's details. Replies that do not parse get one repai
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema, create_model
+from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema, create_model, model_validator
 
 from prefsynth.backends.client import Endpoint, ModelClient
 from prefsynth.backends.quirks import json_response_format
 from prefsynth.backends.templates import conversation_text
-from prefsynth.schemas.config import PointwiseJudgeSpec
+from prefsynth.schemas.config import ModelSpec, ScorerSpec, Strict
 from prefsynth.schemas.records import Score
 from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome
 from prefsynth.tasks.scorers.judging import (
@@ -28,6 +28,69 @@ from prefsynth.tasks.scorers.judging import (
     reply_shape,
 )
 from prefsynth.warehouse.ids import template_id
+
+DEFAULT_RUBRIC = (
+    "Rate how well the response answers the user's request: correct, relevant, helpful and clear. "
+    "1 means useless or wrong, 10 means excellent."
+)
+
+
+class Aspect(Strict):
+    """One rated aspect of a multi-aspect rubric (UltraFeedback style)."""
+
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$", description="Key in the judge's JSON, e.g. honesty.")
+    description: str = Field(..., min_length=1, description="What the judge rates under this aspect.")
+    weight: float = Field(1.0, gt=0, description="Weight in the overall score.")
+
+
+ULTRAFEEDBACK_ASPECTS = (
+    Aspect(name="instruction_following", description="Does the response do what the user asked, fully and only that?"),
+    Aspect(name="honesty", description="Is it candid about uncertainty, without confident claims it cannot back?"),
+    Aspect(name="truthfulness", description="Is it free of factual errors and made-up content?"),
+    Aspect(name="helpfulness", description="Is it correct, informative and useful for the user's purpose?"),
+)
+
+
+class PointwiseJudgeSpec(ScorerSpec):
+    """An LLM rates each response on a scale, with a short rationale, answering in JSON.
+
+    With `aspects`, it rates each aspect on the scale and the score is their weighted mean (`overall: mean`)
+    or their minimum (`overall: min`); the aspect ratings are kept in the score's details.
+    """
+
+    kind: Literal["pointwise_judge"] = "pointwise_judge"
+    name: str = "judge"
+    model: ModelSpec
+    rubric: str = DEFAULT_RUBRIC
+    scale_min: int = 1
+    scale_max: int = 10
+    max_tokens: int = Field(160, ge=16, le=8192)
+    temperature: float = Field(0.0, ge=0, le=2)
+    seed: int = 0
+    structured_output: bool = Field(True, description="Ask the server to constrain output to the JSON schema.")
+    aspects: list[Aspect] | Literal["ultrafeedback"] | None = Field(
+        None, description="Rate these aspects (or the four UltraFeedback ones) instead of one overall score."
+    )
+    overall: Literal["mean", "min"] = Field("mean", description="Score from aspect ratings: weighted mean or min.")
+
+    def roles(self) -> dict[str, ModelSpec]:
+        return {"judge": self.model}
+
+    @property
+    def aspect_list(self) -> list[Aspect]:
+        return list(ULTRAFEEDBACK_ASPECTS) if self.aspects == "ultrafeedback" else list(self.aspects or [])
+
+    @model_validator(mode="after")
+    def _scale(self) -> PointwiseJudgeSpec:
+        if self.scale_max <= self.scale_min:
+            raise ValueError("`scale_max` must be greater than `scale_min`")
+        names = [a.name for a in self.aspect_list]
+        if len(set(names)) != len(names) or {"rationale", "score"} & set(names):
+            raise ValueError(f"aspect names must be distinct and not `rationale` or `score`: {names}")
+        if self.aspects == []:
+            raise ValueError("`aspects` is empty; leave it out for a single overall score")
+        return self
+
 
 SYSTEM = "You are a careful, impartial evaluator of AI assistant responses."
 TEMPLATE = """{rubric}
@@ -81,10 +144,12 @@ def parse_judgment(text: str, lo: int, hi: int) -> tuple[float, str | None]:
 
 
 class PointwiseJudge(PointwiseScorer):
-    def __init__(self, spec: PointwiseJudgeSpec, endpoint: Endpoint) -> None:
-        super().__init__(spec.name, {"judge": endpoint})
+    Spec = PointwiseJudgeSpec
+
+    def __init__(self, spec: PointwiseJudgeSpec, endpoints: dict[str, Endpoint]) -> None:
+        super().__init__(spec, endpoints)
         self.spec = spec
-        self.endpoint = endpoint
+        self.endpoint = endpoints["judge"]
         self.aspects = spec.aspect_list
         self.keys = [a.name for a in self.aspects] or ["score"]
         self.reply = ratings_model(tuple(self.keys), spec.scale_min, spec.scale_max)
