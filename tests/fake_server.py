@@ -1,10 +1,13 @@
-"""A loopback HTTP server speaking just enough of the OpenAI API to inject faults and replay recorded
-responses. Never a stand-in for a model in pipeline tests: those use the real llama.cpp server."""
+"""A loopback HTTP server speaking just enough of the OpenAI API to inject faults, replay recorded responses
+and answer deterministically (the engine's crash and install tests). Never a stand-in for a model in tests
+of what a model does: those use the real llama.cpp server."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
@@ -85,3 +88,32 @@ class FakeOpenAI(LoopbackServer):
 
     def keep(self, path: str, body: dict[str, Any]) -> None:
         self.requests.append(body)
+
+
+def deterministic_reply(body: dict[str, Any]) -> Reply:
+    """An answer that is a hash of the request: a rating for a judge's request, a verdict for a pairwise
+    judge's, else a short text."""
+    digest = int(hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(), 16)
+    kind = (body.get("response_format") or {}).get("json_schema", {}).get("name")
+    if kind == "judgment":
+        return chat_reply(json.dumps({"rationale": "ok", "score": digest % 10 + 1}))
+    if kind == "verdict":
+        return chat_reply(json.dumps({"rationale": "ok", "verdict": "AB"[digest % 2]}))
+    return chat_reply(f"answer {digest % 1000}")
+
+
+class CountingServer(FakeOpenAI):
+    """Deterministic answers (`deterministic_reply`) after `latency_s`; keeps every request."""
+
+    def __init__(self, latency_s: float = 0.04) -> None:
+        self.lock = threading.Lock()
+
+        def respond(body: dict[str, Any]) -> Reply:
+            time.sleep(latency_s)
+            return deterministic_reply(body)
+
+        super().__init__(respond)
+
+    def keep(self, path: str, body: dict[str, Any]) -> None:
+        with self.lock:
+            super().keep(path, body)

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 from prefsynth.backends.client import ModelClient
 from prefsynth.backends.local import LocalServers, resolve_gguf
 from prefsynth.cli import app
-from prefsynth.schemas.config import CDRSpec, ModelSpec
-from prefsynth.schemas.records import Message
+from prefsynth.schemas.config import ModelSpec
+from prefsynth.schemas.records import Failure, LogprobRow, Message, ModelCall, Route, Score
 from prefsynth.tasks.score import score_items
 from prefsynth.tasks.scorers import ScoreItem, build_scorer
-from prefsynth.tasks.scorers.cdr import CDRScorer
+from prefsynth.tasks.scorers.cdr import CDRScorer, CDRSpec
 from prefsynth.warehouse.ids import prompt_id
 from prefsynth.warehouse.store import Store
 
@@ -69,8 +69,8 @@ def test_cdr_matches_an_independent_in_process_computation(servers, template):
     scorer = build_scorer(CDRSpec(strong=SMOL, weak=GEMMA, template=template), servers.endpoint)
     items = [_item(p, r, i) for i, (p, r) in enumerate(CASES)]
     result = _score(scorer, items)
-    assert not result.failures
-    by_id = {s.response_id: json.loads(s.details) for s in result.scores}
+    assert not result.of(Failure)
+    by_id = {s.response_id: json.loads(s.details) for s in result.of(Score)}
     for item in items:
         got, texts = by_id[item.response_id], scorer.texts(item)
         s_ref, s_n = reference_logprob("smollm2-135m-instruct", texts["strong_context"], texts["strong_continuation"])
@@ -110,16 +110,16 @@ def test_cache_rerun_and_a_new_weak_model_only_costs_its_own_passes(servers, tmp
     with Store(tmp_path / "w.duckdb") as store:
         first = _score(build_scorer(CDRSpec(strong=SMOL, weak=GEMMA), servers.endpoint), items, store)
         store.write("run1", first)
-        assert len(first.logprobs) == 4 and {c.kind for c in first.calls} == {"logprob"}
+        assert len(first.of(LogprobRow)) == 4 and {c.kind for c in first.of(ModelCall)} == {"logprob"}
         again = _score(build_scorer(CDRSpec(strong=SMOL, weak=GEMMA), servers.endpoint), items, store)
-        assert again.calls == [] and again.logprobs == []
-        assert {s.response_id: s.value for s in again.scores} == {s.response_id: s.value for s in first.scores}
+        assert again.of(ModelCall) == [] and again.of(LogprobRow) == []
+        assert {s.response_id: s.value for s in again.of(Score)} == {s.response_id: s.value for s in first.of(Score)}
         # a "new" weak model: the same file named by path has another identity (its SHA-256)
         new_weak = ModelSpec(gguf=str(resolve_gguf("smollm2-135m-instruct")[0]))
         third = _score(build_scorer(CDRSpec(strong=SMOL, weak=new_weak), servers.endpoint), items, store)
         weak_identity = servers.endpoint(new_weak).identity
-        assert third.calls and {c.model for c in third.calls} == {weak_identity}
-        assert len(third.logprobs) == 2
+        assert third.of(ModelCall) and {c.model for c in third.of(ModelCall)} == {weak_identity}
+        assert len(third.of(LogprobRow)) == 2
 
 
 def test_customization_criteria_exemplars_and_router(servers):
@@ -128,8 +128,8 @@ def test_customization_criteria_exemplars_and_router(servers):
     scorer: CDRScorer = build_scorer(spec, servers.endpoint)  # type: ignore[assignment]
     items = [_item("Solve: 12 * 11 = ?", "132"), _item("How do I reverse a list in Python?", "xs[::-1]", 1)]
     result = _score(scorer, items)
-    assert not result.failures and len(result.routes) == 2
-    for route in result.routes:
+    assert not result.of(Failure) and len(result.of(Route)) == 2
+    for route in result.of(Route):
         assert route.domain in scorer.custom.domains  # parsed, or the default when unparsable
     texts = scorer.texts(items[0])
     domain = scorer.domain_of(items[0].prompt_id)

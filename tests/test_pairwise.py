@@ -8,12 +8,17 @@ import polars as pl
 import pytest
 
 from prefsynth.backends.client import Endpoint
-from prefsynth.schemas.config import PairwiseJudgeSpec
-from prefsynth.schemas.records import Judgment, Message
+from prefsynth.schemas.records import Comparison, Failure, Judgment, Message
 from prefsynth.tasks.compare import pairwise_values, prompt_pairs
 from prefsynth.tasks.score import score_items
 from prefsynth.tasks.scorers import PairItem, build_scorer
-from prefsynth.tasks.scorers.pairwise_judge import combine, parse_verdict_json, parse_verdict_tag, preferred
+from prefsynth.tasks.scorers.pairwise_judge import (
+    PairwiseJudgeSpec,
+    combine,
+    parse_verdict_json,
+    parse_verdict_tag,
+    preferred,
+)
 from prefsynth.warehouse.store import frame
 from tests.fake_server import FakeOpenAI, chat_reply
 
@@ -139,18 +144,18 @@ def test_a_judge_failing_on_some_calls_still_finishes_and_records_each_outcome()
         judge = build_scorer(spec, lambda model: _endpoint(fake.base_url))
         items = [PairItem(f"c{i}", "p", convo, (f"r{i}", t), (f"z{i}", "other")) for i, t in enumerate(texts)]
         result = asyncio.run(score_items(judge, items))
-    failed = {f.item_id: f for f in result.failures}
+    failed = {f.item_id: f for f in result.of(Failure)}
     assert set(failed) == {"c3", "c4", "c7"}  # 30% of the batch fails; the rest is scored
     assert "HTTP 500" in failed["c3"].error and "order ab" in failed["c3"].error
     assert "unparsable judgment after repair" in failed["c4"].error and "no idea" in failed["c4"].raw
-    comps = {c.comparison_id: c for c in result.comparisons}
+    comps = {c.comparison_id: c for c in result.of(Comparison)}
     assert len(comps) == 7
     # always "A": a wins in order ab, b wins in order ba -> a flip -> tie under BPC
     assert all(c.winner == "tie" and c.flipped and c.consistent is False for c in comps.values())
-    repaired = [j for j in result.judgments if j.repaired]
+    repaired = [j for j in result.of(Judgment) if j.repaired]
     assert [(j.comparison_id, j.order) for j in repaired] == [("c2", "ab")]
     assert repaired[0].raw.startswith("{") and len(repaired[0].call_ids) == 2
-    assert {(j.order, j.verdict) for j in result.judgments} == {("ab", "A"), ("ba", "A")}
+    assert {(j.order, j.verdict) for j in result.of(Judgment)} == {("ab", "A"), ("ba", "A")}
 
 
 def test_comparisons_become_values_only_when_a_prompt_is_complete():
@@ -209,9 +214,9 @@ def test_answer_tag_style_sends_no_schema_and_keeps_the_reasoning_as_rationale()
     with FakeOpenAI(respond) as fake:
         judge = build_scorer(spec, lambda model: _endpoint(fake.base_url))
         result = asyncio.run(score_items(judge, [item]))
-    (comp,) = result.comparisons
+    (comp,) = result.of(Comparison)
     assert (comp.winner, comp.score_a, comp.consistent, comp.flipped) == ("b", 0.0, True, False)
-    by_order = {j.order: j for j in result.judgments}
+    by_order = {j.order: j for j in result.of(Judgment)}
     assert by_order["ab"].verdict == "B" and by_order["ba"].verdict == "A"  # "right" shown second, then first
     assert by_order["ab"].rationale == "wrong is shorter but correct." and len(fake.requests) == 2
 

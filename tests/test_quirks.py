@@ -1,6 +1,7 @@
 """Parsing of recorded log-prob responses and chat-template splitting (no model needed)."""
 
 import pytest
+from jinja2.exceptions import SecurityError
 
 from prefsynth.backends.client import Endpoint
 from prefsynth.backends.quirks import json_response_format, logprob_request, parse_logprobs
@@ -86,3 +87,39 @@ def test_cdr_values_and_domain_parsing():
     assert parse_domain("I think this is Reasoning, not chat", names) == "reasoning"
     assert parse_domain('{"domain": "cooking"}', names) is None
     assert parse_domain("", names) is None
+
+
+# What templates in the wild use: whitespace control, loop controls, tojson (non-ASCII kept), the generation
+# tag, raise_exception, strftime_now, eos_token, namespaces.
+FEATURES = """{% set ns = namespace(system=none) %}
+{% for m in messages %}
+  {% if m['role'] == 'system' %}{% set ns.system = m['content'] %}{% continue %}{% endif %}
+  {% if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('bad role: ' + m['role']) }}{% endif %}
+  <{{ m['role'] }}>{% if m['role'] == 'assistant' %}
+    {% generation %}{{ m['content'] | trim }}{% endgeneration %}{{ eos_token }}
+  {%- else %}{{ m | tojson }}|{{ m | tojson(indent=1, sort_keys=true) }}{% endif %}
+  {% if loop.index > 5 %}{% break %}{% endif %}
+{% endfor %}
+[{{ ns.system }}][{{ strftime_now('%Y-%m-%d') }}]{% if add_generation_prompt %}<assistant>{% endif %}"""
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Ça va? \"quoted\" 日本"},
+            {"role": "assistant", "content": " Oui.  "}, {"role": "user", "content": "Et toi?"}]  # fmt: skip
+
+
+@pytest.mark.parametrize("source", [CHATML, PLAIN_TEMPLATE.source, FEATURES], ids=["chatml", "plain", "features"])
+def test_templates_render_exactly_as_llama_cpp_python_renders_them(source):
+    """jinja2 directly (no llama.cpp needed) against llama-cpp-python's own formatter, the reference."""
+    reference = pytest.importorskip("llama_cpp.llama_chat_format").Jinja2ChatFormatter
+    for add in (True, False):
+        expected = reference(source, "</s>", "", add_generation_prompt=add)(messages=MESSAGES).prompt
+        assert ChatTemplate(source, "</s>").render(MESSAGES, add_generation_prompt=add) == expected
+    assert "Ça va? \\\"quoted\\\" 日本" in ChatTemplate(FEATURES).render(MESSAGES, True)  # the precondition of tojson
+
+
+def test_template_errors_and_the_sandbox_are_those_of_llama_cpp_python():
+    reference = pytest.importorskip("llama_cpp.llama_chat_format").Jinja2ChatFormatter
+    bad = [*MESSAGES, {"role": "tool", "content": "x"}]
+    for render in (lambda s: reference(s, "", "")(messages=bad).prompt, lambda s: ChatTemplate(s).render(bad, True)):
+        with pytest.raises(ValueError, match="bad role: tool"):
+            render(FEATURES)
+        with pytest.raises(SecurityError):
+            render("{% set _ = messages.append(1) %}")

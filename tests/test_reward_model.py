@@ -16,11 +16,10 @@ import pytest
 from prefsynth.backends import quirks
 from prefsynth.backends.client import Endpoint
 from prefsynth.errors import ConfigError
-from prefsynth.schemas.config import RewardModelSpec
-from prefsynth.schemas.records import Message
+from prefsynth.schemas.records import Failure, Message, ModelCall, Score
 from prefsynth.tasks.score import score_items
 from prefsynth.tasks.scorers import ScoreItem
-from prefsynth.tasks.scorers.reward_model import RewardModelScorer
+from prefsynth.tasks.scorers.reward_model import RewardModelScorer, RewardModelSpec
 from prefsynth.warehouse.store import Store
 from tests.fake_server import LoopbackServer, Reply
 
@@ -67,7 +66,7 @@ def endpoint(url: str) -> Endpoint:
 
 def http_scorer(url: str, **spec: Any) -> RewardModelScorer:
     model = {"base_url": url, "model": "internlm2-reward", "max_retries": 0}
-    return RewardModelScorer(RewardModelSpec(model=model, **spec), endpoint(url))
+    return RewardModelScorer(RewardModelSpec(model=model, **spec), {"reward": endpoint(url)})
 
 
 def items(responses: list[str] = RESPONSES) -> list[ScoreItem]:
@@ -76,7 +75,7 @@ def items(responses: list[str] = RESPONSES) -> list[ScoreItem]:
 
 
 def values(result) -> dict[str, float]:
-    return {s.response_id: s.value for s in result.scores}
+    return {s.response_id: s.value for s in result.of(Score)}
 
 
 # ---- quirks ------------------------------------------------------------------------------------------
@@ -122,7 +121,7 @@ def test_pooling_rewards_reach_the_right_responses_and_the_request_is_vllms():
     with FakeVLLM(pooling_reply) as fake:
         scorer = http_scorer(fake.base_url)
         result = asyncio.run(score_items(scorer, items()))
-    assert not result.failures
+    assert not result.of(Failure)
     assert values(result) == {f"r{i}": len(text) / 10 for i, text in enumerate(RESPONSES)}
     assert len(fake.requests) == 3 and {path for path, _ in fake.requests} == {"/pooling"}
     path, body = next(r for r in fake.requests if r[1]["messages"][-1]["content"] == RESPONSES[1])
@@ -135,9 +134,10 @@ def test_pooling_rewards_reach_the_right_responses_and_the_request_is_vllms():
         ],
         "use_activation": False,
     }
-    assert [c.kind for c in result.calls] == ["reward"] * 3 and all(c.status == "ok" for c in result.calls)
-    assert all(s.call_ids and s.raw == "" for s in result.scores)
-    assert {c.call_id for c in result.calls} == {s.call_ids[0] for s in result.scores}
+    calls = result.of(ModelCall)
+    assert [c.kind for c in calls] == ["reward"] * 3 and all(c.status == "ok" for c in calls)
+    assert all(s.call_ids and s.raw == "" for s in result.of(Score))
+    assert {c.call_id for c in result.of(ModelCall)} == {s.call_ids[0] for s in result.of(Score)}
 
 
 def test_sequence_wise_pooling_output_uses_label_index():
@@ -155,7 +155,7 @@ def test_classify_rewards_are_the_probability_of_label_index():
     with FakeVLLM(classify_reply) as fake:
         scorer = http_scorer(fake.base_url, api="classify", label_index=1)
         result = asyncio.run(score_items(scorer, items()))
-    assert not result.failures
+    assert not result.of(Failure)
     assert values(result) == pytest.approx({f"r{i}": len(text) / 100 for i, text in enumerate(RESPONSES)})
     assert {path for path, _ in fake.requests} == {"/classify"}
     assert all("use_activation" not in body and body["model"] == "internlm2-reward" for _, body in fake.requests)
@@ -169,11 +169,11 @@ def test_a_second_run_with_the_same_cache_makes_no_request(tmp_path):
         second = asyncio.run(score_items(http_scorer(fake.base_url), items(), store))
         other_label = asyncio.run(score_items(http_scorer(fake.base_url, label_index=1), items(), store))
     assert len(fake.requests) == 3
-    assert second.calls == [] and values(second) == values(first)
-    assert {s.response_id: s.call_ids for s in second.scores} == {s.response_id: s.call_ids for s in first.scores}
+    assert second.of(ModelCall) == [] and values(second) == values(first)
+    assert {s.response_id: s.call_ids for s in second.of(Score)} == {s.response_id: s.call_ids for s in first.of(Score)}
     # the cache holds the server's output, so another label_index is read from it, not re-requested
-    assert other_label.calls == [] and not other_label.scores and len(other_label.failures) == 3
-    assert all("label_index 1 is out of range" in f.error for f in other_label.failures)
+    assert other_label.of(ModelCall) == [] and not other_label.of(Score) and len(other_label.of(Failure)) == 3
+    assert all("label_index 1 is out of range" in f.error for f in other_label.of(Failure))
 
 
 def test_an_http_error_fails_only_its_item():
@@ -185,10 +185,10 @@ def test_an_http_error_fails_only_its_item():
     with FakeVLLM(respond) as fake:
         result = asyncio.run(score_items(http_scorer(fake.base_url), items()))
     assert values(result) == {"r0": len(RESPONSES[0]) / 10, "r2": len(RESPONSES[2]) / 10}
-    (failure,) = result.failures
+    (failure,) = result.of(Failure)
     assert failure.item_id == "s1" and failure.stage == "score"
     assert "reward call failed: HTTP 500" in failure.error and "CUDA out of memory" in failure.error
-    assert sorted(c.status for c in result.calls) == ["error", "ok", "ok"] and len(fake.requests) == 3
+    assert sorted(c.status for c in result.of(ModelCall)) == ["error", "ok", "ok"] and len(fake.requests) == 3
 
 
 def test_an_unparsable_response_is_a_failure_with_a_clear_error():
@@ -200,10 +200,10 @@ def test_an_unparsable_response_is_a_failure_with_a_clear_error():
     with FakeVLLM(respond) as fake:
         result = asyncio.run(score_items(http_scorer(fake.base_url), items()))
     assert set(values(result)) == {"r0", "r1"}
-    (failure,) = result.failures
+    (failure,) = result.of(Failure)
     assert failure.item_id == "s2"
     assert "unreadable response" in failure.error and "`data[0].data` is not a non-empty list" in failure.error
-    assert sorted(c.status for c in result.calls) == ["error", "ok", "ok"]  # recorded, never cached as ok
+    assert sorted(c.status for c in result.of(ModelCall)) == ["error", "ok", "ok"]  # recorded, never cached as ok
 
 
 # ---- in process: the transformers extra (fail without it, unless deselected: -m "not transformers") ------
@@ -257,7 +257,7 @@ def direct_rewards(folder: Path, inputs: list[list[int]]) -> list[float]:
 
 
 def local_scorer(folder: Path, **spec: Any) -> RewardModelScorer:
-    return RewardModelScorer(RewardModelSpec(path=str(folder), **spec), None)
+    return RewardModelScorer(RewardModelSpec(path=str(folder), **spec), {})
 
 
 @pytest.fixture(scope="module")
@@ -274,12 +274,12 @@ def test_in_process_rewards_equal_a_direct_forward_pass_and_do_not_depend_on_bat
     assert batched.endpoints == {}
     result = asyncio.run(score_items(batched, items()))
     one_by_one = asyncio.run(score_items(local_scorer(plain_model, batch_size=1), items()))
-    assert not result.failures and result.calls == []
+    assert not result.of(Failure) and result.of(ModelCall) == []
     assert values(result) == pytest.approx({f"r{i}": v for i, v in enumerate(want)}, abs=1e-5)
     assert values(one_by_one) == pytest.approx(values(result), abs=1e-5)
-    details = json.loads(next(s for s in result.scores if s.response_id == "r1").details)
+    details = json.loads(next(s for s in result.of(Score) if s.response_id == "r1").details)
     assert details["logits"] == pytest.approx([values(result)["r1"]]) and details["truncated"] is False
-    assert all(s.raw == "" and s.call_ids == [] for s in result.scores)
+    assert all(s.raw == "" and s.call_ids == [] for s in result.of(Score))
 
 
 @pytest.mark.transformers
@@ -292,8 +292,8 @@ def test_in_process_uses_the_chat_template_and_truncates_from_the_left(tmp_path)
     assert values(result) == pytest.approx({f"r{i}": v for i, v in enumerate(want)}, abs=1e-5)
     # at 16 tokens the end of the conversation is kept: the value is that of its last 16 tokens alone
     short = asyncio.run(score_items(local_scorer(folder, max_length=16), items(RESPONSES[2:])))
-    assert len(inputs[2]) > 16 and json.loads(short.scores[0].details)["truncated"] is True
-    assert short.scores[0].value == pytest.approx(direct_rewards(folder, [inputs[2][-16:]])[0], abs=1e-5)
+    assert len(inputs[2]) > 16 and json.loads(short.of(Score)[0].details)["truncated"] is True
+    assert short.of(Score)[0].value == pytest.approx(direct_rewards(folder, [inputs[2][-16:]])[0], abs=1e-5)
 
 
 @pytest.mark.transformers
@@ -332,5 +332,5 @@ def test_a_model_without_a_trained_head_fails_its_items(tmp_path):
     config = transformers.AutoConfig.from_pretrained(folder)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)  # a language model, not a reward model
     result = asyncio.run(score_items(local_scorer(folder), items()))
-    assert not result.scores and len(result.failures) == 3
-    assert all("no trained classification head" in f.error for f in result.failures)
+    assert not result.of(Score) and len(result.of(Failure)) == 3
+    assert all("no trained classification head" in f.error for f in result.of(Failure))

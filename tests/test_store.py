@@ -1,8 +1,9 @@
 import duckdb
+import polars as pl
 import pytest
 
 from prefsynth.errors import PrefsynthError, WarehouseError
-from prefsynth.schemas.records import Failure, ModelCall, StageResult
+from prefsynth.schemas.records import TABLES, Failure, ModelCall, StageResult, columns
 from prefsynth.warehouse.store import STATS_TABLES, Store
 
 
@@ -25,12 +26,25 @@ def test_migrations_are_versioned_and_applied_once(tmp_path):
         assert {"v_pairs_export", "v_scores_wide", "v_model_costs", "v_latest_run"} <= views
 
 
+def test_every_record_declares_its_tables_columns_as_the_migrations_make_them(tmp_path):
+    sql_types = {pl.String: "VARCHAR", pl.Int32: "INTEGER", pl.Int64: "BIGINT", pl.Float64: "DOUBLE",
+                 pl.Boolean: "BOOLEAN", pl.List(pl.String): "VARCHAR[]"}  # fmt: skip
+    with Store(tmp_path / "w.duckdb") as store:
+        for table in TABLES:
+            made = dict(store.con.execute("SELECT column_name, data_type FROM duckdb_columns() "
+                                          "WHERE table_name = ?", [table]).fetchall())  # fmt: skip
+            extra = {"run_id", "created_at"}
+            declared = {name: sql_types[dtype] for name, dtype in columns(table).items()}
+            assert {k: v for k, v in made.items() if k not in extra} == declared, table
+    assert len(TABLES) >= 13 and {"scores", "pairs", "panel_scores", "eval_items"} <= set(TABLES)
+
+
 def test_writes_are_idempotent_and_the_cache_serves_only_ok_calls(tmp_path):
     with Store(tmp_path / "w.duckdb") as store:
-        batch = StageResult(calls=[_call("a1", "c1"), _call("a2", "c2", "error")],
-                            failures=[Failure(stage="generate", item_id="r", scorer_id=None, error="e", raw=None)])
+        batch = StageResult(_call("a1", "c1"), _call("a2", "c2", "error"),
+                            Failure(stage="generate", item_id="r", scorer_id=None, error="e", raw=None))
         assert store.write("run", batch)["model_calls"] == 2
-        assert store.write("run", StageResult(calls=[_call("a1", "c1")]))["model_calls"] == 0
+        assert store.write("run", StageResult(_call("a1", "c1")))["model_calls"] == 0
         assert store.cached_calls(["c1", "c2", "c3"]) == {"c1": '{"text": "x"}'}
         stats = store.stats()
         assert stats["model_calls"] == 2 and stats["model_calls_ok"] == 1 and stats["failures"] == 1
@@ -39,9 +53,9 @@ def test_writes_are_idempotent_and_the_cache_serves_only_ok_calls(tmp_path):
 
 def test_a_failed_batch_writes_nothing(tmp_path):
     with Store(tmp_path / "w.duckdb") as store:
-        bad = StageResult(calls=[_call("a1", "c1")])
+        bad = StageResult(_call("a1", "c1"))
         store.con.execute("DROP TABLE failures")  # make the batch's last insert fail
-        bad.failures.append(Failure(stage="x", item_id="i", scorer_id=None, error="e", raw=None))
+        bad.add(Failure(stage="x", item_id="i", scorer_id=None, error="e", raw=None))
         with pytest.raises(duckdb.Error):
             store.write("run", bad)
         assert store.con.execute("SELECT count(*) FROM model_calls").fetchone()[0] == 0
@@ -90,8 +104,8 @@ def test_scores_wide_keeps_one_value_per_scorer_when_a_response_has_several(tmp_
     with Store(tmp_path / "w.duckdb") as store:
         store.con.execute("INSERT INTO responses VALUES ('r', 'p', 'm', 'mi', '{}', 0, 0, 't', NULL, NULL, NULL, 1, "
                           "'c', 'run', current_timestamp)")  # fmt: skip
-        store.write("run1", StageResult(scores=[score("s1", 1.0)]))
-        store.write("run2", StageResult(scores=[score("s2", 0.75)]))  # the same response against new opponents
+        store.write("run1", StageResult(score("s1", 1.0)))
+        store.write("run2", StageResult(score("s2", 0.75)))  # the same response against new opponents
         (row,) = store.con.execute("SELECT scores FROM v_scores_wide").fetchall()
         assert row[0] == {"pairwise": 0.75}
 
@@ -109,7 +123,7 @@ for i in range(100_000):
                        request="{}", response='{"text": "x"}', status="ok", error=None, prompt_tokens=3,
                        completion_tokens=1, latency_ms=1.0) for j in range(40)]
     fails = [Failure(stage="generate", item_id=f"r{i}", scorer_id=None, error="e", raw=None)]
-    store.write("run", StageResult(calls=calls, failures=fails))
+    store.write("run", StageResult(*calls, *fails))
     print(f"committed {i}", flush=True)
 """
 BATCH = 40

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -51,62 +53,52 @@ class _Rate(ProgressColumn):
 
 
 class _Bars:
-    """The CLI's progress view: one bar per stage (done/to do, rate, elapsed, ETA)."""
+    """The CLI's progress view: one bar per stage (done/to do, rate, elapsed, ETA), shown from the first stage."""
 
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
+    def __init__(self) -> None:
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
+        self.progress = Progress(*columns, console=console, transient=False, refresh_per_second=4)
         self.ids: dict[str, int] = {}
 
     def start(self, stage: str, total: int) -> None:
+        if not self.ids:
+            self.progress.start()
         self.ids[stage] = self.progress.add_task(escape(stage), total=total)
 
     def advance(self, stage: str, n: int = 1) -> None:
         self.progress.advance(self.ids[stage], n)
 
+    @contextlib.contextmanager
+    def shown(self) -> Iterator[None]:
+        """Stage progress of this process goes to the bars while inside."""
+        from prefsynth.flows.progress import showing
 
-def _progress() -> Progress:
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
-    return Progress(*columns, console=console, transient=False, refresh_per_second=4)
+        try:
+            with showing(self):
+                yield
+        finally:
+            if self.ids:
+                self.progress.stop()
 
 
 def _fail(err: Exception) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)  # text, not markup: [local]
     return typer.Exit(2)
 
 
 def _run_config(config_path: Path | None, db: Path | None, packaged: bool = False) -> None:
-    """Start Prefect's API and the local models at once, import and validate meanwhile, then run the flow."""
-    from prefsynth.flows.prefect_api import prefect_api, using
-
-    timings: dict[str, float] = {}
+    """`prefsynth.run` with progress bars, then the summary table and the timings split."""
     signal.signal(signal.SIGTERM, _stop)  # `timeout`, `docker stop`, a scheduler's preemption: stop as on Ctrl-C
     try:
-        with prefect_api() as api:
-            from prefsynth.backends.local import LocalServers, sharing
-            from prefsynth.schemas.config import load_config
+        from prefsynth.api import run
 
+        with _Bars().shown():
             if packaged:
                 with resources.as_file(resources.files("prefsynth").joinpath("examples", "quickstart.yaml")) as p:
-                    config = load_config(p)
+                    result = run(p, db=db)
             else:
-                config = load_config(config_path)  # type: ignore[arg-type]
-            with LocalServers() as servers, sharing(servers):
-                for model in config.all_models():
-                    servers.launch(model)  # they load while the rest is imported and Prefect's API starts
-                started = time.monotonic()
-                from prefsynth.flows.progress import showing
-                from prefsynth.flows.synthesize import synthesize
-
-                timings["imports"] = time.monotonic() - started + _import_seconds()
-                servers.wait_ready()
-                timings["servers"] = servers.ready_after()
-                with using(api):
-                    timings["api"] = api.ready_after if api and api.ready_after else 0.0
-                    flow_started = time.monotonic()
-                    with _progress() as progress, showing(_Bars(progress)):
-                        summary = synthesize(config=config, db=str(db) if db else None)
-                    timings["flow"] = time.monotonic() - flow_started
+                result = run(config_path, db=db)  # type: ignore[arg-type]
     except PrefsynthError as err:
         raise _fail(err) from None
     except (KeyboardInterrupt, RuntimeError) as err:
@@ -114,6 +106,8 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
             raise
         console.print("[yellow]interrupted:[/] the run is marked interrupted; every committed row is kept")
         raise typer.Exit(130) from None
+    summary, timings = result.summary, result.timings
+    timings["imports"] += _import_seconds()
     table = Table(title=f"run {summary.run_id} → {summary.warehouse}")
     for col in ("stage", "total", "reused", "new", "failed", "model calls", "tokens"):
         table.add_column(col, justify="left" if col == "stage" else "right")
@@ -130,7 +124,7 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
         console.print(f"[red]run {summary.run_id} {summary.status}:[/] it produced no responses or no scores "
                       "(see `prefsynth stats` and the failures table); no export was replaced")  # fmt: skip
         raise typer.Exit(1)
-    if summary.failures and config.failures_fatal:
+    if summary.failures and result.config.failures_fatal:
         console.print(f"[red]{summary.failures} items failed and the config sets failures_fatal[/]")
         raise typer.Exit(1)
 
@@ -293,9 +287,9 @@ def eval_(
     give a side-by-side table. Pairwise judges always judge both orders here and also report
     position_consistency, first_position_rate, flipped, calls_per_pair and tokens_per_pair.
     """
+    from prefsynth.backends.local import require_local
     from prefsynth.flows.evaluate import evaluate, summary_frame
     from prefsynth.flows.prefect_api import prefect_api, using
-    from prefsynth.flows.progress import showing
     from prefsynth.schemas.config import load_config
     from prefsynth.tasks.labelled import FORMATS, load_labelled
 
@@ -303,8 +297,11 @@ def eval_(
         raise _fail(PrefsynthError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}"))
     try:
         cfg = load_config(config)
+        for model in cfg.all_models():
+            if model.gguf:
+                require_local(model.gguf)  # a missing `local` extra fails here, before Prefect starts
         load_labelled(data, fmt, limit)  # bad data fails here, before servers or Prefect start
-        with prefect_api() as api, using(api), _progress() as progress, showing(_Bars(progress)):
+        with prefect_api() as api, using(api), _Bars().shown():
             result = evaluate(config=cfg, data=str(data), fmt=fmt, limit=limit, db=str(db) if db else None)
     except PrefsynthError as err:
         raise _fail(err) from None

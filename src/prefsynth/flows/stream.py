@@ -20,7 +20,7 @@ from prefect import get_run_logger
 from prefsynth.backends.client import ClientPool, Endpoint
 from prefsynth.flows.engine import Stage, Writer, report_progress, run_bounded
 from prefsynth.schemas.config import PipelineConfig
-from prefsynth.schemas.records import Prompt
+from prefsynth.schemas.records import Prompt, Response
 from prefsynth.tasks.compare import comparison_id, prompt_pairs
 from prefsynth.tasks.generate import GenerationItem, generate_one, plan_generation
 from prefsynth.tasks.score import score_one
@@ -131,7 +131,7 @@ class Streaming:
         async def sample(ep: Endpoint, item: GenerationItem) -> None:
             result = await generate_one(self.pool.client(ep), item, gen.sampling)
             self._stage[f"generate[{ep.label}]"].record(result)
-            for r in result.responses:
+            for r in result.of(Response):
                 work.responses[r.response_id] = r.text
                 await score_response(r.response_id, r.text)
 

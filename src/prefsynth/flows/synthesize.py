@@ -63,6 +63,7 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
         check_endpoints([*policies, *(e for s in scorers for e in s.endpoints.values())])
 
         with Store(warehouse) as store:
+            announce_revisions(store, config)
             ingest(store, config, summary)
             store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), flow_run_id())
             try:
@@ -76,6 +77,16 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
             store.end_run(summary.run_id, summary.status, summary.model_dump())
     _publish(summary)
     return summary
+
+
+def announce_revisions(store: Store, config: PipelineConfig) -> None:
+    """Warn when an endpoint model was called before under another revision: its old answers are not reused."""
+    for spec in {m.identity: m for m in config.all_models() if m.revision}.values():
+        url_identity = spec.model_copy(update={"revision": None}).identity
+        for old in store.other_revisions(spec.identity, url_identity, str(spec.model)):
+            was = old.split("@", 1)[1] if "@" in old else "none (known by its URL)"
+            get_run_logger().warning(f"model {spec.model}: revision {spec.revision} is new here (was {was}); "
+                                     "its cached answers are not reused, it is called again")  # fmt: skip
 
 
 def ingest(store: Store, config: PipelineConfig, summary: RunSummary) -> None:

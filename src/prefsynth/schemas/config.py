@@ -8,27 +8,44 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 
 from prefsynth.errors import ConfigError, not_utf8
 
 PACKAGED_MODELS = ("smollm2-135m-instruct", "gemma3-270m-base")
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Config models: unknown keys are errors, values are immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     """A model: an OpenAI-compatible endpoint (`base_url` + `model`) or a local GGUF file (`gguf`)."""
 
     name: str | None = Field(None, description="Label used in records; defaults to `model` or the GGUF alias.")
     base_url: str | None = Field(None, description="OpenAI-compatible API root, e.g. http://host:8000/v1")
     model: str | None = Field(None, description="Model name sent to the endpoint.")
     api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key.")
+    revision: str | None = Field(
+        None, min_length=1, description="Version of an endpoint model's weights (a checkpoint tag or hash). With it, "
+        "the cache knows the model by name and revision instead of its URL: a new revision is a new model, and a "
+        "server that moves keeps its cache.")  # fmt: skip
     server: Literal["openai", "vllm", "llama-cpp"] = Field(
         "openai", description="Kind of endpoint server, for its quirks (local GGUF models are llama-cpp)."
     )
@@ -49,6 +66,8 @@ class ModelSpec(_Strict):
     def _one_kind(self) -> ModelSpec:
         if self.gguf and (self.base_url or self.model):
             raise ValueError("give either `gguf` (a local model) or `base_url` + `model` (an endpoint), not both")
+        if self.gguf and self.revision:
+            raise ValueError("`revision` is for endpoint models; a local model is known by its file's hash")
         if not self.gguf:
             if not self.base_url or not self.model:
                 raise ValueError("an endpoint model needs both `base_url` and `model` (or give `gguf`)")
@@ -71,6 +90,13 @@ class ModelSpec(_Strict):
         return str(self.model)
 
     @property
+    def identity(self) -> str:
+        """An endpoint model's cache identity: name and revision, or without a revision its URL and name."""
+        if self.revision:
+            return f"{self.model}@{self.revision}"
+        return f"{str(self.base_url).rstrip('/')}#{self.model}"
+
+    @property
     def concurrency(self) -> int:
         # llama-cpp-python serves one request at a time, and a second one waiting slows it down (measured:
         # 12 grammar-constrained judge calls took 23.9 s one at a time, 31.3 s two at a time).
@@ -85,21 +111,24 @@ class ModelSpec(_Strict):
         return value
 
 
-class SamplingParams(_Strict):
+class SamplingParams(Strict):
     temperature: float = Field(0.8, ge=0, le=2)
     top_p: float = Field(0.95, gt=0, le=1)
     max_tokens: int = Field(256, ge=1, le=32768)
     seed: int = Field(0, ge=0, description="Base seed; sample i uses seed + i.")
 
 
-class PromptSource(_Strict):
-    """Exactly one of `path`, `hf_dataset`, `warehouse_table`, `builtin`."""
+class PromptSource(Strict):
+    """Exactly one of `path`, `hf_dataset`, `warehouse_table`, `builtin`, `in_memory`."""
 
     path: str | None = Field(None, description="A .jsonl, .json, .csv or .parquet file.")
     hf_dataset: str | None = Field(None, description="A Hugging Face dataset saved with save_to_disk.")
     split: str | None = Field(None, description="Split of a DatasetDict (default: train, or the only one).")
     warehouse_table: str | None = Field(None, description="A table or view in the warehouse: NAME or SCHEMA.NAME.")
     builtin: Literal["quickstart"] | None = Field(None, description="A prompt set shipped with prefsynth.")
+    in_memory: str | None = Field(
+        None, description="Prompts passed to `prefsynth.run(config, prompts=...)`; the value labels their source."
+    )
     prompt_field: str = Field("prompt", description="Column with the user turn as text.")
     messages_field: str = Field("messages", description="Column with a chat message list (used if present).")
     system_field: str | None = Field(None, description="Optional column with a system prompt.")
@@ -107,10 +136,10 @@ class PromptSource(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> PromptSource:
-        given = [k for k in ("path", "hf_dataset", "warehouse_table", "builtin") if getattr(self, k)]
+        given = [k for k in SOURCE_KINDS if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of `path`, `hf_dataset`, `warehouse_table`, `builtin`"
+                "give exactly one of `path`, `hf_dataset`, `warehouse_table`, `builtin`, `in_memory`"
                 + (f" (got {', '.join(given)})" if given else "")
             )
         if self.path and Path(self.path).suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
@@ -121,8 +150,20 @@ class PromptSource(_Strict):
                              f"{self.warehouse_table!r}")
         return self
 
+    @property
+    def origin(self) -> str:
+        """What the prompts' `source` column says."""
+        if self.builtin:
+            return f"builtin:{self.builtin}"
+        if self.in_memory:
+            return f"in_memory:{self.in_memory}"
+        return str(self.path or self.hf_dataset or self.warehouse_table)
 
-class GenerationSpec(_Strict):
+
+SOURCE_KINDS = ("path", "hf_dataset", "warehouse_table", "builtin", "in_memory")
+
+
+class GenerationSpec(Strict):
     models: list[ModelSpec] = Field(..., min_length=1, description="Policy models; each answers every prompt.")
     samples_per_prompt: int = Field(2, ge=1, le=64)
     sampling: SamplingParams = SamplingParams()
@@ -138,187 +179,36 @@ class GenerationSpec(_Strict):
         return models
 
 
-DEFAULT_RUBRIC = (
-    "Rate how well the response answers the user's request: correct, relevant, helpful and clear. "
-    "1 means useless or wrong, 10 means excellent."
-)
+class ScorerSpec(Strict):
+    """What every scorer kind's config shares. A kind subclasses it next to its scorer class (see
+    `prefsynth.tasks.scorers.registry`), with `kind: Literal["its-name"] = "its-name"`."""
 
+    kind: str
+    name: str
+    compares: ClassVar[bool] = False  # True for kinds that compare two responses (they need 2 per prompt)
 
-class Aspect(_Strict):
-    """One rated aspect of a multi-aspect rubric (UltraFeedback style)."""
-
-    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$", description="Key in the judge's JSON, e.g. honesty.")
-    description: str = Field(..., min_length=1, description="What the judge rates under this aspect.")
-    weight: float = Field(1.0, gt=0, description="Weight in the overall score.")
-
-
-ULTRAFEEDBACK_ASPECTS = (
-    Aspect(name="instruction_following", description="Does the response do what the user asked, fully and only that?"),
-    Aspect(name="honesty", description="Is it candid about uncertainty, without confident claims it cannot back?"),
-    Aspect(name="truthfulness", description="Is it free of factual errors and made-up content?"),
-    Aspect(name="helpfulness", description="Is it correct, informative and useful for the user's purpose?"),
-)
-
-
-class PointwiseJudgeSpec(_Strict):
-    """An LLM rates each response on a scale, with a short rationale, answering in JSON.
-
-    With `aspects`, it rates each aspect on the scale and the score is their weighted mean (`overall: mean`)
-    or their minimum (`overall: min`); the aspect ratings are kept in the score's details.
-    """
-
-    kind: Literal["pointwise_judge"] = "pointwise_judge"
-    name: str = "judge"
-    model: ModelSpec
-    rubric: str = DEFAULT_RUBRIC
-    scale_min: int = 1
-    scale_max: int = 10
-    max_tokens: int = Field(160, ge=16, le=8192)
-    temperature: float = Field(0.0, ge=0, le=2)
-    seed: int = 0
-    structured_output: bool = Field(True, description="Ask the server to constrain output to the JSON schema.")
-    aspects: list[Aspect] | Literal["ultrafeedback"] | None = Field(
-        None, description="Rate these aspects (or the four UltraFeedback ones) instead of one overall score."
-    )
-    overall: Literal["mean", "min"] = Field("mean", description="Score from aspect ratings: weighted mean or min.")
+    def roles(self) -> dict[str, ModelSpec]:
+        """The models it calls, by role (e.g. judge; strong and weak): its scorer gets an endpoint for each."""
+        return {}
 
     def models(self) -> list[ModelSpec]:
-        return [self.model]
-
-    @property
-    def aspect_list(self) -> list[Aspect]:
-        return list(ULTRAFEEDBACK_ASPECTS) if self.aspects == "ultrafeedback" else list(self.aspects or [])
-
-    @model_validator(mode="after")
-    def _scale(self) -> PointwiseJudgeSpec:
-        if self.scale_max <= self.scale_min:
-            raise ValueError("`scale_max` must be greater than `scale_min`")
-        names = [a.name for a in self.aspect_list]
-        if len(set(names)) != len(names) or {"rationale", "score"} & set(names):
-            raise ValueError(f"aspect names must be distinct and not `rationale` or `score`: {names}")
-        if self.aspects == []:
-            raise ValueError("`aspects` is empty; leave it out for a single overall score")
-        return self
+        return list(self.roles().values())
 
 
-class CDRCustomization(_Strict):
-    """The "C" in CDR: per-domain criteria, in-context exemplars, and a router that picks the domain."""
+def _registered(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A mapping -> the spec class registered for its `kind` (built-in or from an installed package)."""
+    if isinstance(value, dict):
+        from prefsynth.tasks.scorers.registry import spec_class
 
-    criteria: bool = Field(False, description="Put the domain's criteria system prompt before the conversation.")
-    exemplars: int = Field(0, ge=0, le=8, description="In-context good/bad exemplars prepended to the user turn.")
-    router: ModelSpec | None = Field(None, description="LLM that classifies each prompt into a domain.")
-    domain: str | None = Field(None, description="Use this domain for every prompt (instead of a router).")
-    domains_file: str | None = Field(None, description="YAML of domains and criteria (default: packaged).")
-    exemplars_file: str | None = Field(None, description="YAML of exemplars per domain (default: packaged).")
-    seed: int = Field(0, description="Seed of the per-prompt exemplar choice.")
-
-    @model_validator(mode="after")
-    def _router_or_domain(self) -> CDRCustomization:
-        if self.router is not None and self.domain is not None:
-            raise ValueError("give `router` or a fixed `domain`, not both")
-        return self
+        return spec_class(value.get("kind")).model_validate(value)
+    return handler(value)
 
 
-class CDRSpec(_Strict):
-    """Customizable Density Ratio: log p_strong(y|x) - log p_weak(y|x) (arXiv 2411.02481)."""
-
-    kind: Literal["cdr"] = "cdr"
-    name: str = "cdr"
-    strong: ModelSpec
-    weak: ModelSpec
-    value: Literal["mean", "sum"] = Field(
-        "mean", description="Score used for curation: per-token means (the reference) or sums of log-probs."
-    )
-    template: Literal["strong", "own"] = Field(
-        "strong", description="Render the context with the strong model's chat template, or each model's own."
-    )
-    customization: CDRCustomization = CDRCustomization()
-
-    def models(self) -> list[ModelSpec]:
-        router = self.customization.router
-        return [self.strong, self.weak, *([router] if router else [])]
+# A scorer entry of a config: validated by its kind's own spec class, serialized with all of its fields.
+ScorerEntry = Annotated[SerializeAsAny[ScorerSpec], WrapValidator(_registered)]
 
 
-DEFAULT_CRITERIA = (
-    "Which response better follows the user's instruction? Prefer the response that is correct, honest and "
-    "helpful and does exactly what was asked; do not let the order of the responses, their length or their "
-    "style influence you."
-)
-
-
-class PairwiseJudgeSpec(_Strict):
-    """An LLM compares two responses to one prompt: verdict A, B or tie, with a rationale.
-
-    Balanced Position Calibration judges both orders; Multiple Evidence Calibration samples k judgments per
-    order; all judgments of a comparison are averaged ("Large Language Models are not Fair Evaluators").
-    """
-
-    kind: Literal["pairwise_judge"] = "pairwise_judge"
-    name: str = "pairwise"
-    model: ModelSpec
-    style: Literal["json", "answer_tag"] = Field(
-        "json", description="json: a JSON verdict; answer_tag: free reasoning ending in <answer>A</answer>."
-    )
-    criteria: str = DEFAULT_CRITERIA
-    allow_tie: bool = Field(True, description="Let the judge answer `tie`.")
-    balanced_position: bool = Field(True, description="Judge both orders (A/B and B/A) and combine them.")
-    on_flip: Literal["tie", "drop", "mean"] = Field(
-        "tie",
-        description="A comparison whose verdict reverses with the order: a tie, dropped (no winner), or decided "
-        "by the mean of all judgments (useful with samples_per_order > 1).",
-    )
-    samples_per_order: int = Field(1, ge=1, le=16, description="Judgments sampled per order (k), averaged.")
-    max_tokens: int = Field(256, ge=16, le=8192)
-    temperature: float = Field(0.0, ge=0, le=2)
-    seed: int = 0
-    structured_output: bool = Field(True, description="json style: constrain output to the JSON schema.")
-
-    def models(self) -> list[ModelSpec]:
-        return [self.model]
-
-    @model_validator(mode="after")
-    def _sampling(self) -> PairwiseJudgeSpec:
-        if self.samples_per_order > 1 and self.temperature == 0:
-            raise ValueError("`samples_per_order` > 1 needs `temperature` > 0 (greedy samples are all the same)")
-        return self
-
-
-class RewardModelSpec(_Strict):
-    """A reward model: one scalar per (prompt, response), from an HTTP server or loaded in-process.
-
-    `model` is an endpoint that scores (vLLM's pooling API: `api: pooling` for reward models, `classify`
-    for sequence classifiers); `path` is a local Hugging Face folder loaded with transformers (extra
-    `prefsynth[transformers]`). Nothing is downloaded.
-    """
-
-    kind: Literal["reward_model"] = "reward_model"
-    name: str = "reward"
-    model: ModelSpec | None = Field(None, description="HTTP endpoint serving the reward model (base_url + model).")
-    api: Literal["pooling", "classify"] = Field("pooling", description="Which vLLM scoring API the endpoint has.")
-    path: str | None = Field(None, description="Local folder of a transformers sequence-classification model.")
-    label_index: int = Field(0, ge=0, description="Output used as the reward when the model has several labels.")
-    max_length: int = Field(2048, ge=16, description="In-process: truncate inputs to this many tokens.")
-    batch_size: int = Field(8, ge=1, le=1024, description="In-process: responses per forward pass.")
-
-    def models(self) -> list[ModelSpec]:
-        return [self.model] if self.model else []
-
-    @model_validator(mode="after")
-    def _one_source(self) -> RewardModelSpec:
-        if (self.model is None) == (self.path is None):
-            raise ValueError("give exactly one of `model` (an HTTP endpoint) or `path` (a local model folder)")
-        if self.model is not None and self.model.is_local:
-            raise ValueError("a reward-model endpoint needs `base_url` + `model`; GGUF files are not reward models")
-        return self
-
-
-ScorerSpec = Annotated[
-    PointwiseJudgeSpec | PairwiseJudgeSpec | CDRSpec | RewardModelSpec, Field(discriminator="kind")
-]
-SCORER_KINDS = ("pointwise_judge", "pairwise_judge", "cdr", "reward_model")
-
-
-class PanelSpec(_Strict):
+class PanelSpec(Strict):
     """Several scorers on the same responses: an aggregate score plus their agreement per prompt."""
 
     name: str = Field("panel", description="Name of the aggregate scorer (curation.scorer can use it).")
@@ -330,7 +220,7 @@ class PanelSpec(_Strict):
     )
 
 
-class CurationSpec(_Strict):
+class CurationSpec(Strict):
     rule: Literal["best_vs_worst"] = "best_vs_worst"
     scorer: str | None = Field(None, description="Name of the scorer whose values rank responses (default: first).")
     min_margin: float = Field(1.0, ge=0, description="Pairs need chosen - rejected >= this (and > 0).")
@@ -339,16 +229,16 @@ class CurationSpec(_Strict):
     )
 
 
-class ExportTarget(_Strict):
+class ExportTarget(Strict):
     format: Literal["trl", "jsonl"] = "trl"
     path: str = Field(..., description="Output folder (relative to the current directory).")
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(Strict):
     name: str = "prefsynth"
     prompts: PromptSource
     generation: GenerationSpec
-    scorers: list[ScorerSpec] = Field(..., min_length=1)
+    scorers: list[ScorerEntry] = Field(..., min_length=1)
     curation: CurationSpec = CurationSpec()
     export: list[ExportTarget] = []
     warehouse: str = Field("prefsynth.duckdb", description="DuckDB file (relative to the current directory).")
@@ -362,7 +252,7 @@ class PipelineConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"scorer names must be distinct: {names}")
         per_prompt = self.generation.samples_per_prompt * len(self.generation.models)
-        pairwise = [s.name for s in self.scorers if s.kind == "pairwise_judge"]
+        pairwise = [s.name for s in self.scorers if s.compares]
         if pairwise and per_prompt < 2:
             raise ValueError(f"pairwise judges ({', '.join(pairwise)}) compare responses to the same prompt: "
                              "give at least 2 per prompt (samples_per_prompt x models)")  # fmt: skip
@@ -436,8 +326,6 @@ def format_validation_error(source: str, err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] in ("union_tag_not_found", "union_tag_invalid"):
-            msg = f"`kind` must be one of: {', '.join(SCORER_KINDS)}"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 
@@ -451,6 +339,18 @@ def parse_config(raw: Any, source: str = "config", base_dir: Path | None = None)
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(source, err)) from None
+
+
+def parse_scorer(raw: Any, base_dir: Path | None = None) -> ScorerSpec:
+    """One scorer spec from a mapping shaped like an entry of a config's `scorers`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a scorer is a mapping with a `kind`, got {type(raw).__name__}")
+    if base_dir is not None:
+        raw = _resolve_inputs({"scorers": [raw]}, base_dir)["scorers"][0]
+    try:
+        return TypeAdapter(ScorerEntry).validate_python(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error("scorer", err)) from None
 
 
 def load_config(path: str | Path) -> PipelineConfig:

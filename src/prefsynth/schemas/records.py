@@ -1,10 +1,22 @@
-"""What tasks return and the warehouse stores: one pydantic model per fact table row."""
+"""What tasks return and the warehouse stores: one pydantic model per table row, the one declaration of
+that table's columns and their types (the migrations create the tables; a test checks they agree).
+
+A new kind of output is a new `Record` subclass (with `table` and `key`) and a migration; `StageResult`
+carries any of them, and the store writes each to its table.
+"""
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Iterable
+from functools import cache
+from typing import Annotated, Any, ClassVar, TypeVar, Union
 
+import polars as pl
 from pydantic import BaseModel
+
+BIGINT = pl.Int64  # Annotated[int, BIGINT]: a column wider than INTEGER
 
 
 class Message(BaseModel):
@@ -12,15 +24,56 @@ class Message(BaseModel):
     content: str
 
 
-class Prompt(BaseModel):
+class Record(BaseModel):
+    """A row of one warehouse table. Its fields are the table's columns, in order."""
+
+    table: ClassVar[str]
+    key: ClassVar[str | None] = None  # primary key: a row whose key exists is skipped on insert
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "table" in cls.__dict__:
+            TABLES[cls.table] = cls
+
+
+TABLES: dict[str, type[Record]] = {}
+
+
+def _dtype(hint: Any) -> Any:
+    """A field's polars type: str, int (INTEGER; Annotated BIGINT), float, bool, list[str]; models as JSON text."""
+    if typing.get_origin(hint) is Annotated:
+        return typing.get_args(hint)[1]
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _dtype(inner)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return pl.String if isinstance(item, type) and issubclass(item, BaseModel) else pl.List(_dtype(item))
+    return {str: pl.String, int: pl.Int32, float: pl.Float64, bool: pl.Boolean}[hint]
+
+
+@cache
+def columns(table: str) -> dict[str, Any]:
+    """A table's columns and their polars types, from its record's fields."""
+    hints = typing.get_type_hints(TABLES[table], include_extras=True)
+    return {name: _dtype(hints[name]) for name in TABLES[table].model_fields}
+
+
+class Prompt(Record):
+    table = "prompts"
+    key = "prompt_id"
+
     prompt_id: str
     messages: list[Message]
     source: str  # file path, dataset path, table name or builtin name
     source_ref: str  # line number, row index or row key inside the source
 
 
-class ModelCall(BaseModel):
+class ModelCall(Record):
     """One attempt of one model request: the ledger and the cache (`status == "ok"`)."""
+
+    table = "model_calls"
+    key = "attempt_id"
 
     attempt_id: str
     call_id: str
@@ -36,14 +89,17 @@ class ModelCall(BaseModel):
     latency_ms: float
 
 
-class Response(BaseModel):
+class Response(Record):
+    table = "responses"
+    key = "response_id"
+
     response_id: str
     prompt_id: str
     model: str  # label from the config
     model_identity: str
     sampling: str  # canonical JSON of the sampling params
     sample_index: int
-    seed: int
+    seed: Annotated[int, BIGINT]
     text: str
     finish_reason: str | None
     prompt_tokens: int | None
@@ -52,7 +108,10 @@ class Response(BaseModel):
     call_id: str
 
 
-class Score(BaseModel):
+class Score(Record):
+    table = "scores"
+    key = "score_id"
+
     score_id: str
     response_id: str
     scorer_id: str
@@ -64,8 +123,10 @@ class Score(BaseModel):
     details: str | None = None  # JSON of scorer-specific values (e.g. CDR's log-probs and token counts)
 
 
-class Failure(BaseModel):
+class Failure(Record):
     """An item a stage could not finish: recorded, never silently dropped; retried on the next run."""
+
+    table = "failures"
 
     stage: str  # "generate" | "score"
     item_id: str  # response_id (generate) or score_id (score)
@@ -74,8 +135,11 @@ class Failure(BaseModel):
     raw: str | None
 
 
-class LogprobRow(BaseModel):
+class LogprobRow(Record):
     """log p(continuation | context) under one model: the CDR cache, keyed by model and both texts."""
+
+    table = "logprobs"
+    key = "lp_id"
 
     lp_id: str  # H(model identity, context hash, continuation hash)
     model: str
@@ -86,8 +150,11 @@ class LogprobRow(BaseModel):
     call_ids: list[str]
 
 
-class Route(BaseModel):
+class Route(Record):
     """The domain a router gave a prompt (CDR customization)."""
+
+    table = "prompt_routes"
+    key = "route_id"
 
     route_id: str  # H(router identity, prompt_id, domains)
     prompt_id: str
@@ -98,8 +165,11 @@ class Route(BaseModel):
     call_id: str
 
 
-class Judgment(BaseModel):
+class Judgment(Record):
     """One pairwise judge call that parsed: the order shown, the verdict as given and what it means."""
+
+    table = "judgments"
+    key = "judgment_id"
 
     judgment_id: str  # H(comparison_id, order, sample)
     comparison_id: str
@@ -116,8 +186,11 @@ class Judgment(BaseModel):
     completion_tokens: int | None
 
 
-class Comparison(BaseModel):
+class Comparison(Record):
     """Two responses to one prompt judged by a pairwise scorer: all its judgments combined."""
+
+    table = "comparisons"
+    key = "comparison_id"
 
     comparison_id: str  # H(scorer_id, response a, response b)
     scorer_id: str
@@ -131,7 +204,10 @@ class Comparison(BaseModel):
     judgments: int  # judgments combined into the winner (diagnostic-only orders excluded)
 
 
-class Pair(BaseModel):
+class Pair(Record):
+    table = "pairs"
+    key = "pair_id"
+
     pair_id: str
     prompt_id: str
     chosen_id: str
@@ -143,25 +219,80 @@ class Pair(BaseModel):
     margin: float
 
 
-class StageResult(BaseModel):
-    """What a task returns for one chunk: rows for each table, written by the flow in one statement each."""
+class PanelScore(Record):
+    """A panel's aggregate value for one response."""
 
-    calls: list[ModelCall] = []
-    responses: list[Response] = []
-    scores: list[Score] = []
-    failures: list[Failure] = []
-    logprobs: list[LogprobRow] = []
-    routes: list[Route] = []
-    judgments: list[Judgment] = []
-    comparisons: list[Comparison] = []
+    table = "panel_scores"
+
+    panel_id: str
+    prompt_id: str
+    response_id: str
+    value: float
+
+
+class PanelAgreement(Record):
+    """How two panel members agree on one prompt (Kendall tau), or the whole panel ("*": Krippendorff alpha)."""
+
+    table = "panel_agreement"
+
+    panel_id: str
+    prompt_id: str
+    scorer_a: str
+    scorer_b: str
+    kendall_tau: float | None
+    alpha: float | None
+
+
+class EvalItem(Record):
+    """One labelled pair under one scorer in `prefsynth eval`."""
+
+    table = "eval_items"
+
+    eval_id: str
+    scorer_id: str
+    pair_key: str
+    subset: str | None
+    source_ref: str
+    score_better: float | None
+    score_worse: float | None
+    error: str | None
+    consistent: bool | None
+
+
+R = TypeVar("R", bound=Record)
+
+
+class StageResult:
+    """What a task returns: rows for any tables, in the order added; the writer commits them together."""
+
+    def __init__(self, *records: Record) -> None:
+        self.rows: dict[str, list[Record]] = {}
+        self.add(*records)
+
+    def add(self, *records: Record) -> None:
+        for record in records:
+            self.rows.setdefault(record.table, []).append(record)
+
+    def of(self, kind: type[R]) -> list[R]:
+        """This result's rows of one record kind."""
+        return self.rows.get(kind.table, [])  # type: ignore[return-value]
+
+    def without(self, kind: type[Record]) -> StageResult:
+        """The same rows but those of `kind`."""
+        out = StageResult()
+        out.rows = {table: rows for table, rows in self.rows.items() if table != kind.table}
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(rows) for rows in self.rows.values())
 
 
 def merge_results(parts: Iterable[StageResult]) -> StageResult:
-    """Several results as one batch (lists concatenated, in order)."""
+    """Several results as one batch (rows concatenated per table, in order)."""
     merged = StageResult()
     for part in parts:
-        for name in StageResult.model_fields:
-            getattr(merged, name).extend(getattr(part, name))
+        for table, rows in part.rows.items():
+            merged.rows.setdefault(table, []).extend(rows)
     return merged
 
 

@@ -15,10 +15,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from prefsynth.schemas.config import CurationSpec
+from prefsynth.schemas.records import columns
 from prefsynth.warehouse.ids import canonical_json, pair_id
-
-PAIR_COLUMNS = ["pair_id", "prompt_id", "chosen_id", "rejected_id", "scorer_id", "rule",
-                "score_chosen", "score_rejected", "margin"]  # fmt: skip
 
 
 def rule_of(spec: CurationSpec, scorer_id: str, agree_ids: list[str] | None = None) -> dict[str, object]:
@@ -68,7 +66,7 @@ def best_vs_worst(
            grouped.select("chosen_id", "rejected_id", "score_chosen", "score_rejected").iter_rows()]  # fmt: skip
     return grouped.with_columns(
         pair_id=pl.Series(ids, dtype=pl.String), scorer_id=pl.lit(scorer_id), rule=pl.lit(rule_json)
-    ).select(PAIR_COLUMNS)
+    ).select(list(columns("pairs")))
 
 
 @task(name="curate", cache_policy=NO_CACHE)

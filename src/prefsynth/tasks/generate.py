@@ -38,10 +38,10 @@ async def generate_one(client: ModelClient, item: GenerationItem, sampling: Samp
                                top_p=sampling.top_p, max_tokens=sampling.max_tokens,
                                seed=sampling.seed + item.sample_index)  # sample i uses seed + i
     outcome = await client.chat(body)
-    result = StageResult(calls=[] if outcome.cached else [outcome.call])
+    result = StageResult(*([] if outcome.cached else [outcome.call]))
     call = outcome.call
     if outcome.ok:
-        result.responses.append(
+        result.add(
             Response(
                 response_id=item.response_id, prompt_id=item.prompt.prompt_id, model=endpoint.label,
                 model_identity=endpoint.identity, sampling=canonical_json(sampling.model_dump()),
@@ -51,7 +51,7 @@ async def generate_one(client: ModelClient, item: GenerationItem, sampling: Samp
             )
         )  # fmt: skip
     else:
-        result.failures.append(Failure(stage="generate", item_id=item.response_id, scorer_id=None,
+        result.add(Failure(stage="generate", item_id=item.response_id, scorer_id=None,
                                        error=call.error or "unknown error", raw=None))  # fmt: skip
     return result
 

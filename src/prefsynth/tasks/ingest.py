@@ -1,4 +1,5 @@
-"""Prompts in: files, Hugging Face datasets on disk, warehouse tables or the built-in set -> chat messages.
+"""Prompts in: files, Hugging Face datasets on disk, warehouse tables, the built-in set or prompts given in
+memory to `prefsynth.run` -> chat messages.
 
 Every record becomes a list of {role, content} messages (whitespace trimmed, line endings and Unicode
 normalized); its id is the hash of those messages, and exact duplicates are dropped (first one kept).
@@ -6,10 +7,12 @@ normalized); its id is the hash of those messages, and exact duplicates are drop
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import json
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,6 +24,37 @@ from prefsynth.schemas.records import Message, Prompt
 from prefsynth.warehouse.ids import prompt_id
 
 ROLES = ("system", "user", "assistant")
+_given: contextvars.ContextVar[Any] = contextvars.ContextVar("prefsynth_prompts", default=None)
+
+
+@contextlib.contextmanager
+def giving(prompts: Any) -> Iterator[None]:
+    """Runs started inside read `prompts` for a source `in_memory` (see `in_memory_records`)."""
+    token = _given.set(prompts)
+    try:
+        yield
+    finally:
+        _given.reset(token)
+
+
+def in_memory_records(prompts: Any) -> Iterator[dict[str, Any]]:
+    """Prompts given in memory as records: a polars or pandas DataFrame, a `datasets.Dataset`, or an iterable
+    of texts, message lists or mappings (str -> {"prompt": text}, list -> {"messages": list})."""
+    if hasattr(prompts, "iter_rows"):  # polars
+        yield from prompts.iter_rows(named=True)
+        return
+    if hasattr(prompts, "to_dict") and hasattr(prompts, "columns"):  # pandas
+        yield from prompts.to_dict("records")
+        return
+    if isinstance(prompts, str | bytes | Mapping) or not isinstance(prompts, Iterable):
+        raise InputError(f"prompts must be a list, a DataFrame or a Dataset, got {type(prompts).__name__}")
+    for item in prompts:
+        if isinstance(item, str):
+            yield {"prompt": item}
+        elif isinstance(item, list):
+            yield {"messages": item}
+        else:
+            yield item
 
 
 @dataclass
@@ -90,6 +124,12 @@ def _records(source: PromptSource, table_rows: list[dict[str, Any]] | None) -> I
             ds = ds[split]
         for i, rec in enumerate(ds):
             yield f"{source.hf_dataset}[row {i}]", rec
+    elif source.in_memory:
+        given = _given.get()
+        if given is None:
+            raise InputError("prompts.in_memory: pass the prompts in memory, as prefsynth.run(config, prompts=...)")
+        for i, rec in enumerate(in_memory_records(given)):
+            yield f"{source.origin}[{i}]", rec
     else:
         for i, rec in enumerate(table_rows or []):
             yield f"{source.warehouse_table}[row {i}]", rec
@@ -137,7 +177,7 @@ def read_prompts(
 ) -> Iterator[Prompt]:
     """Read and normalize prompts one by one (duplicates included, up to `source.limit` distinct ones);
     raise InputError naming the file and line at fault."""
-    origin = source.path or source.hf_dataset or source.warehouse_table or f"builtin:{source.builtin}"
+    origin = source.origin
     seen: set[str] = set()  # only with a limit, which bounds it
     for where, record in _records(source, table_rows):
         if not isinstance(record, dict):
@@ -156,8 +196,7 @@ def read_prompts(
 
 
 def no_prompts(source: PromptSource) -> InputError:
-    origin = source.path or source.hf_dataset or source.warehouse_table or f"builtin:{source.builtin}"
-    return InputError(f"{origin}: no prompts found (the source is empty)")
+    return InputError(f"{source.origin}: no prompts found (the source is empty)")
 
 
 def load_prompts(

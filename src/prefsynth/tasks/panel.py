@@ -18,10 +18,7 @@ import polars as pl
 
 from prefsynth.tasks.agreement import copeland, kendall_tau, krippendorff_alpha, normalize
 from prefsynth.warehouse.ids import content_id
-
-AGREEMENT_SCHEMA = {"panel_id": pl.String, "prompt_id": pl.String, "scorer_a": pl.String, "scorer_b": pl.String,
-                    "kendall_tau": pl.Float64, "alpha": pl.Float64}  # fmt: skip
-SCORE_SCHEMA = {"panel_id": pl.String, "prompt_id": pl.String, "response_id": pl.String, "value": pl.Float64}
+from prefsynth.warehouse.store import frame
 
 
 def panel_id(member_ids: list[str], aggregate: str) -> str:
@@ -73,4 +70,4 @@ def run_panel(
         "alpha": overall,
         "mean_tau": sum(taus) / len(taus) if taus else None,
     }
-    return pl.DataFrame(scores, schema=SCORE_SCHEMA), pl.DataFrame(agreement, schema=AGREEMENT_SCHEMA), summary
+    return frame("panel_scores", scores), frame("panel_agreement", agreement), summary

@@ -9,12 +9,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import polars as pl
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from prefsynth.backends.client import Cache, ClientPool
 from prefsynth.schemas.records import Message, StageResult, merge_results
-from prefsynth.tasks._async import run_async
 from prefsynth.tasks.scorers import ScoreItem, Scorer
 from prefsynth.tasks.scorers.base import Clients
 from prefsynth.warehouse.ids import score_id
@@ -34,7 +31,7 @@ async def score_one(scorer: Scorer, clients: Clients, item: Any) -> StageResult:
     """One item (a response, or a pair of them) through one scorer: prepare, then score."""
     routes = await scorer.prepare(clients, [item])
     result = (await scorer.score(clients, item)).result()
-    result.routes = routes
+    result.add(*routes)
     return result
 
 
@@ -63,15 +60,4 @@ async def score_items(
                 return list(await asyncio.gather(*(one(item) for item in members)))
 
         parts = await asyncio.gather(*(group(g) for g in groups))
-    return merge_results([StageResult(routes=routes), *(r for g in parts for r in g)])
-
-
-@task(name="score", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def score_chunk(
-    scorer: Scorer,
-    items: list[Any],
-    cache: Cache | None = None,
-    on_done: Callable[[int], None] | None = None,
-) -> StageResult:
-    """Prefect task: one chunk of one scorer's items."""
-    return run_async(score_items(scorer, items, cache, on_done))
+    return merge_results([StageResult(*routes), *(r for g in parts for r in g)])

@@ -24,6 +24,21 @@ def content_id(kind: str, *parts: Any) -> str:
     return digest[:32]
 
 
+# A conversation of placeholders: what a scorer sends for it shows every text the scorer adds to the data.
+PLACEHOLDER_TURNS = (
+    {"role": "system", "content": "<system>"},
+    {"role": "user", "content": "<user>"},
+    {"role": "assistant", "content": "<assistant>"},
+    {"role": "user", "content": "<user>"},
+)
+
+
+def template_id(*texts: Any) -> str:
+    """The id of the texts a scorer sends a model besides the data (system prompts, templates, instructions,
+    schemas), best rendered for placeholder data: edit one character and the scorer gets a new id."""
+    return content_id("template", *texts)
+
+
 def prompt_id(messages: list[dict[str, str]]) -> str:
     return content_id("prompt", messages)
 

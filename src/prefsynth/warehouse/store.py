@@ -1,4 +1,4 @@
-"""The one class that talks to DuckDB. All SQL of the project lives here and in migrations/.
+"""The one class that writes DuckDB. All SQL of the project lives here, in reader.py and in migrations/.
 
 One process holds the file read-write: the flow. Tasks return record batches; `Store.write` inserts each
 batch in one statement through Arrow, inside one transaction per batch, so a crash loses only calls that
@@ -23,80 +23,25 @@ import polars as pl
 from pydantic import BaseModel
 
 from prefsynth.errors import PrefsynthError, WarehouseError
-from prefsynth.schemas.records import Message, Pair, Prompt, StageResult
+from prefsynth.schemas.records import TABLES, Message, Pair, Prompt, StageResult, columns
 
-# Column types of what tasks return, so empty or all-null batches keep their schema.
-_SCHEMAS: dict[str, dict[str, Any]] = {
-    "prompts": {"prompt_id": pl.String, "messages": pl.String, "source": pl.String, "source_ref": pl.String},
-    "model_calls": {
-        "attempt_id": pl.String, "call_id": pl.String, "model": pl.String, "endpoint": pl.String,
-        "kind": pl.String, "request": pl.String, "response": pl.String, "status": pl.String,
-        "error": pl.String, "prompt_tokens": pl.Int32, "completion_tokens": pl.Int32, "latency_ms": pl.Float64,
-    },
-    "responses": {
-        "response_id": pl.String, "prompt_id": pl.String, "model": pl.String, "model_identity": pl.String,
-        "sampling": pl.String, "sample_index": pl.Int32, "seed": pl.Int64, "text": pl.String,
-        "finish_reason": pl.String, "prompt_tokens": pl.Int32, "completion_tokens": pl.Int32,
-        "latency_ms": pl.Float64, "call_id": pl.String,
-    },
-    "scores": {
-        "score_id": pl.String, "response_id": pl.String, "scorer_id": pl.String, "scorer": pl.String,
-        "value": pl.Float64, "rationale": pl.String, "raw": pl.String, "call_ids": pl.List(pl.String),
-        "details": pl.String,
-    },
-    "logprobs": {
-        "lp_id": pl.String, "model": pl.String, "context_hash": pl.String, "continuation_hash": pl.String,
-        "logprob": pl.Float64, "tokens": pl.Int32, "call_ids": pl.List(pl.String),
-    },
-    "prompt_routes": {
-        "route_id": pl.String, "prompt_id": pl.String, "router": pl.String, "domain": pl.String,
-        "parsed": pl.Boolean, "raw": pl.String, "call_id": pl.String,
-    },
-    "eval_items": {
-        "eval_id": pl.String, "scorer_id": pl.String, "pair_key": pl.String, "subset": pl.String,
-        "source_ref": pl.String, "score_better": pl.Float64, "score_worse": pl.Float64, "error": pl.String,
-        "consistent": pl.Boolean,
-    },
-    "judgments": {
-        "judgment_id": pl.String, "comparison_id": pl.String, "scorer_id": pl.String, "order": pl.String,
-        "sample": pl.Int32, "verdict": pl.String, "preferred": pl.String, "rationale": pl.String, "raw": pl.String,
-        "repaired": pl.Boolean, "call_ids": pl.List(pl.String), "prompt_tokens": pl.Int32,
-        "completion_tokens": pl.Int32,
-    },
-    "comparisons": {
-        "comparison_id": pl.String, "scorer_id": pl.String, "prompt_id": pl.String, "response_a_id": pl.String,
-        "response_b_id": pl.String, "winner": pl.String, "score_a": pl.Float64, "consistent": pl.Boolean,
-        "flipped": pl.Boolean, "judgments": pl.Int32,
-    },
-    "panel_scores": {"panel_id": pl.String, "prompt_id": pl.String, "response_id": pl.String, "value": pl.Float64},
-    "panel_agreement": {
-        "panel_id": pl.String, "prompt_id": pl.String, "scorer_a": pl.String, "scorer_b": pl.String,
-        "kendall_tau": pl.Float64, "alpha": pl.Float64,
-    },
-    "failures": {
-        "stage": pl.String, "item_id": pl.String, "scorer_id": pl.String, "error": pl.String, "raw": pl.String,
-    },
-    "pairs": {
-        "pair_id": pl.String, "prompt_id": pl.String, "chosen_id": pl.String, "rejected_id": pl.String,
-        "scorer_id": pl.String, "rule": pl.String, "score_chosen": pl.Float64, "score_rejected": pl.Float64,
-        "margin": pl.Float64,
-    },
-}  # fmt: skip
-_KEYS = {"prompts": "prompt_id", "model_calls": "attempt_id", "responses": "response_id",
-         "scores": "score_id", "pairs": "pair_id", "logprobs": "lp_id", "prompt_routes": "route_id",
-         "judgments": "judgment_id", "comparisons": "comparison_id"}  # fmt: skip
-# StageResult field -> table
-RESULT_TABLES = {"calls": "model_calls", "responses": "responses", "scores": "scores", "failures": "failures",
-                 "logprobs": "logprobs", "routes": "prompt_routes", "judgments": "judgments",
-                 "comparisons": "comparisons"}  # fmt: skip
 STATS_TABLES = ("runs", "prompts", "responses", "scores", "judgments", "comparisons", "failures", "pairs",
                 "dataset_snapshots", "logprobs", "prompt_routes", "evals", "model_calls")
 
 
 def frame(table: str, rows: Iterable[BaseModel | dict[str, Any]]) -> pl.DataFrame:
-    """Records -> a polars frame with the table's column types."""
-    dicts = [r.model_dump() if isinstance(r, BaseModel) else r for r in rows]
-    return pl.DataFrame(dicts, schema=_SCHEMAS[table], orient="row" if not dicts else None)
+    """Records -> a polars frame with the table's column types (nested models as JSON text)."""
+    schema = columns(table)
+    dicts = [_row(r, schema) if isinstance(r, BaseModel) else r for r in rows]
+    return pl.DataFrame(dicts, schema=schema, orient="row" if not dicts else None)
+
+
+def _row(record: BaseModel, schema: dict[str, Any]) -> dict[str, Any]:
+    row = record.model_dump()
+    for name, value in row.items():
+        if schema[name] == pl.String and isinstance(value, list):
+            row[name] = json.dumps(value)
+    return row
 
 
 def _migrations() -> list[Any]:
@@ -216,7 +161,7 @@ class Store:
         """Insert a batch in one statement through Arrow; rows whose key exists are skipped. Returns rows added."""
         if df.is_empty():
             return 0
-        key = _KEYS.get(table)
+        key = TABLES[table].key if table in TABLES else None
         if key:
             df = df.unique(subset=key, keep="first", maintain_order=True)
         cols = [f'"{c}"' for c in df.columns]
@@ -284,9 +229,7 @@ class Store:
             read = new = linked = 0
             items = iter(prompts)
             while chunk := list(itertools.islice(items, batch)):
-                df = frame("prompts", [{**p.model_dump(exclude={"messages"}),
-                                        "messages": json.dumps([m.model_dump() for m in p.messages])}
-                                       for p in chunk])  # fmt: skip
+                df = frame("prompts", chunk)
                 read += len(df)
                 new += self._insert("prompts", df, run_id)
                 linked += self._insert_rows("run_prompts", df.select(pl.lit(run_id).alias("run_id"), "prompt_id"))
@@ -317,8 +260,7 @@ class Store:
 
     def write(self, run_id: str, result: StageResult) -> dict[str, int]:
         """Write one batch of records (calls, responses, scores, failures, ...) in one transaction."""
-        return self.write_frames(run_id, {table: frame(table, getattr(result, field))
-                                          for field, table in RESULT_TABLES.items()})  # fmt: skip
+        return self.write_frames(run_id, {table: frame(table, rows) for table, rows in result.rows.items()})
 
     def write_frames(self, run_id: str, frames: dict[str, pl.DataFrame]) -> dict[str, int]:
         """The batch writer: each table's frame in one statement, all in one transaction; rows added per table."""
@@ -353,7 +295,7 @@ class Store:
 
     # ---- reads --------------------------------------------------------------------------------
     def existing_ids(self, table: str, ids: Sequence[str]) -> set[str]:
-        key = _KEYS[table]
+        key = TABLES[table].key
         return {r[0] for r in self._lookup(f"SELECT t.{key} FROM {table} t JOIN _ids ON t.{key} = _ids.id", ids)}
 
     def cached_calls(self, call_ids: list[str]) -> dict[str, str]:
@@ -462,6 +404,13 @@ class Store:
                           "JOIN _ids ON j.comparison_id = _ids.id", comparison_ids,
                           {"comparison_id": pl.String, "order": pl.String, "verdict": pl.String})  # fmt: skip
 
+    def other_revisions(self, identity: str, url_identity: str, model: str) -> list[str]:
+        """Identities under which this endpoint model was called before: other revisions, or none (its URL)."""
+        sql = ("SELECT DISTINCT model FROM model_calls WHERE model <> $1 AND (model = $2 OR starts_with(model, $3)) "
+               "ORDER BY model")  # fmt: skip
+        with self._lock:
+            return [r[0] for r in self.con.execute(sql, [identity, url_identity, f"{model}@"]).fetchall()]
+
     def has_run(self, run_id: str) -> bool:
         """Whether `run_id` is a pipeline run (an eval run has no pairs to export)."""
         sql = "SELECT count(*) FROM runs WHERE run_id = ? AND kind = 'synthesize'"
@@ -471,7 +420,7 @@ class Store:
         """One pairwise scorer's comparisons whose two responses are both among these."""
         sql = ("SELECT c.* EXCLUDE (run_id, created_at) FROM comparisons c JOIN _ids a ON c.response_a_id = a.id "
                "JOIN _ids b ON c.response_b_id = b.id WHERE c.scorer_id = $1")  # fmt: skip
-        return self._rows(sql, response_ids, _SCHEMAS["comparisons"], [scorer_id])
+        return self._rows(sql, response_ids, columns("comparisons"), [scorer_id])
 
     def export_rows(self, run_id: str | None = None) -> tuple[str | None, pl.DataFrame]:
         """Pairs of `run_id`, or of the newest completed run, joined with their texts."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from prefsynth.backends.client import Endpoint, ModelClient, Outcome
+from prefsynth.schemas.config import ScorerSpec
 from prefsynth.schemas.records import (
     Comparison,
     Failure,
@@ -61,9 +62,8 @@ class ScoreOutcome:
 
     def result(self) -> StageResult:
         """As rows for the warehouse."""
-        return StageResult(calls=self.calls, logprobs=self.logprobs, judgments=self.judgments,
-                           scores=[self.score] if self.score else [], failures=[self.failure] if self.failure else [],
-                           comparisons=[self.comparison] if self.comparison else [])  # fmt: skip
+        records = [self.score, self.failure, self.comparison]
+        return StageResult(*self.calls, *self.logprobs, *self.judgments, *(r for r in records if r is not None))
 
     def keep(self, outcome: Outcome) -> None:
         """Remember a call for the ledger unless it was answered from the cache."""
@@ -84,12 +84,18 @@ def by_prompt(items: Sequence[T]) -> list[list[T]]:
 
 
 class Scorer(ABC):
-    """What every scorer shares: an id from its identity, endpoints by role, and failure records."""
+    """What every scorer shares: an id from its identity, endpoints by role, and failure records.
+
+    A scorer kind is a subclass with `Spec`, its config class (a `ScorerSpec` whose `kind` names it), built as
+    `Scorer(spec, endpoints)` with an endpoint for each of `spec.roles()`; see registry.py to register one.
+    """
 
     kind: ClassVar[str]
+    Spec: ClassVar[type[ScorerSpec]]
 
-    def __init__(self, name: str, endpoints: dict[str, Endpoint]) -> None:
-        self.name = name
+    def __init__(self, spec: ScorerSpec, endpoints: dict[str, Endpoint]) -> None:
+        self.spec = spec
+        self.name = spec.name
         self.endpoints = endpoints
 
     @abstractmethod

@@ -9,6 +9,12 @@ Both models score the same *text*: the context is rendered once with the strong 
 for that text with its own tokenizer. Customization puts a domain's criteria in the system turn and
 good/bad exemplars before the user turn; a router LLM picks each prompt's domain.
 
+A router's answer is a cached call (recorded with the prompt's first scored reply), so the domain it gives
+(or the default, for an answer naming none) is a function of the score's id: H(response, scorer), the
+scorer's id covering the router, its texts and the domains. A router call that *fails* is not cached: its
+prompt's replies are not scored (a failure, retried by the next run, as for any failed model call), since a
+default-domain score stored under that id would never be recomputed once the router answers.
+
 Each model scores context + reply in one forward pass; the reply's tokens are those after the first
 len(tokenize(context)) tokens, as the reference implementation masks them. Where a tokenizer merges the
 context's last characters with the reply's first (a reply starting with spaces after the template's
@@ -25,19 +31,62 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import Field, model_validator
 
-from prefsynth.backends.client import Endpoint, ModelClient, Recent
+from prefsynth.backends.client import ChatOutcome, Endpoint, ModelClient, Recent
 from prefsynth.backends.quirks import json_response_format
 from prefsynth.backends.templates import conversation_text
 from prefsynth.errors import ConfigError
-from prefsynth.schemas.config import CDRSpec
-from prefsynth.schemas.records import LogprobRow, Route, Score
+from prefsynth.schemas.config import ModelSpec, ScorerSpec, Strict
+from prefsynth.schemas.records import LogprobRow, Message, Route, Score
 from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome, by_prompt
-from prefsynth.warehouse.ids import canonical_json, content_id
+from prefsynth.tasks.scorers.judging import placeholder_turns
+from prefsynth.warehouse.ids import canonical_json, content_id, template_id
 
+
+class CDRCustomization(Strict):
+    """The "C" in CDR: per-domain criteria, in-context exemplars, and a router that picks the domain."""
+
+    criteria: bool = Field(False, description="Put the domain's criteria system prompt before the conversation.")
+    exemplars: int = Field(0, ge=0, le=8, description="In-context good/bad exemplars prepended to the user turn.")
+    router: ModelSpec | None = Field(None, description="LLM that classifies each prompt into a domain.")
+    domain: str | None = Field(None, description="Use this domain for every prompt (instead of a router).")
+    domains_file: str | None = Field(None, description="YAML of domains and criteria (default: packaged).")
+    exemplars_file: str | None = Field(None, description="YAML of exemplars per domain (default: packaged).")
+    seed: int = Field(0, description="Seed of the per-prompt exemplar choice.")
+
+    @model_validator(mode="after")
+    def _router_or_domain(self) -> CDRCustomization:
+        if self.router is not None and self.domain is not None:
+            raise ValueError("give `router` or a fixed `domain`, not both")
+        return self
+
+
+class CDRSpec(ScorerSpec):
+    """Customizable Density Ratio: log p_strong(y|x) - log p_weak(y|x) (arXiv 2411.02481)."""
+
+    kind: Literal["cdr"] = "cdr"
+    name: str = "cdr"
+    strong: ModelSpec
+    weak: ModelSpec
+    value: Literal["mean", "sum"] = Field(
+        "mean", description="Score used for curation: per-token means (the reference) or sums of log-probs."
+    )
+    template: Literal["strong", "own"] = Field(
+        "strong", description="Render the context with the strong model's chat template, or each model's own."
+    )
+    customization: CDRCustomization = CDRCustomization()
+
+    def roles(self) -> dict[str, ModelSpec]:
+        router = self.customization.router
+        return {"strong": self.strong, "weak": self.weak, **({"router": router} if router else {})}
+
+
+ROUTER_SYSTEM = "You route requests to evaluation domains."
+ROUTER_PARAMS = {"temperature": 0.0, "max_tokens": 24, "seed": 0}
 ROUTER_TEMPLATE = """Which domain does this request belong to?
 
 Domains:
@@ -47,7 +96,10 @@ Request:
 {conversation}
 
 Answer with JSON: {{"domain": "<one of: {names}>"}}"""
-EXEMPLAR_INTRO = "Here are examples of a good and a bad answer:"
+EXEMPLARS = "Here are examples of a good and a bad answer:\n\n{shots}\n\nNow the actual request:\n{request}"
+EXEMPLAR = "Example {n}\nUser: {user}\nGood answer: {good}\nBad answer: {bad}"
+EXEMPLAR_WHY = "\nWhy: {why}"
+CRITERIA = "{criteria}\n\n{system}"  # the domain's criteria before a conversation's own system turn
 
 
 @dataclass(frozen=True)
@@ -87,15 +139,19 @@ def _yaml(path: Path) -> dict[str, Any]:
 
 
 class CDRScorer(PointwiseScorer):
-    def __init__(self, spec: CDRSpec, strong: Endpoint, weak: Endpoint, router: Endpoint | None = None) -> None:
-        endpoints = {"strong": strong, "weak": weak, **({"router": router} if router else {})}
-        super().__init__(spec.name, endpoints)
+    Spec = CDRSpec
+
+    def __init__(self, spec: CDRSpec, endpoints: dict[str, Endpoint]) -> None:
+        """`endpoints`: strong, weak and (with a router) router."""
+        super().__init__(spec, endpoints)
         self.spec = spec
         c = spec.customization
         self.custom = Customization.load(c.domains_file, c.exemplars_file) if c.criteria or c.exemplars else None
         if self.custom and c.domain is not None and c.domain not in self.custom.domains:
             raise ConfigError(f"CDR customization.domain {c.domain!r} is not one of {sorted(self.custom.domains)}")
         self._domains: dict[str, str] = {}
+        self._unrouted: dict[str, str] = {}  # prompt_id -> why its router call failed (this run)
+        self._router_calls: dict[str, ChatOutcome] = {}  # prompt_id -> router call not yet in a result
         self._known = Recent()  # log-probs computed this run, committed or not
 
     def identity(self) -> dict[str, Any]:
@@ -105,8 +161,16 @@ class CDRScorer(PointwiseScorer):
             used = {"criteria": c.criteria, "exemplars": c.exemplars, "seed": c.seed, "domain": c.domain,
                     "domains": self.custom.domains, "default_domain": self.custom.default_domain,
                     "examples": self.custom.exemplars if c.exemplars else None}  # fmt: skip
-            custom = content_id("cdr-customization", used, ROUTER_TEMPLATE, EXEMPLAR_INTRO)
+            custom = content_id("cdr-customization", used, self._template_id())
         return {"value": self.spec.value, "template": self.spec.template, "customization": custom, "method": 1}
+
+    def _template_id(self) -> str:
+        """The texts added to the data: the router's request for placeholder turns, and the formats of the
+        exemplars and criteria (constants: which of them a prompt gets depends on its domain)."""
+        router = None
+        if "router" in self.endpoints:
+            router = [*self._router_request(placeholder_turns()), ROUTER_PARAMS]
+        return template_id(router, EXEMPLARS, EXEMPLAR, EXEMPLAR_WHY, CRITERIA)
 
     # ---- texts --------------------------------------------------------------------------------
     def domain_of(self, prompt_id: str) -> str | None:
@@ -125,19 +189,20 @@ class CDRScorer(PointwiseScorer):
             chosen = random.Random(f"{c.seed}:{item.prompt_id}").sample(pool, min(c.exemplars, len(pool)))
             if chosen:
                 shots = "\n\n".join(
-                    f"Example {i}\nUser: {e['user']}\nGood answer: {e['good']}\nBad answer: {e['bad']}"
-                    + (f"\nWhy: {e['why']}" if e.get("why") else "")
-                    for i, e in enumerate(chosen, start=1)
+                    EXEMPLAR.format(n=n, user=e["user"], good=e["good"], bad=e["bad"])
+                    + (EXEMPLAR_WHY.format(why=e["why"]) if e.get("why") else "")
+                    for n, e in enumerate(chosen, start=1)
                 )
                 last = max(i for i, m in enumerate(messages) if m["role"] == "user")
-                content = f"{EXEMPLAR_INTRO}\n\n{shots}\n\nNow the actual request:\n{messages[last]['content']}"
+                content = EXEMPLARS.format(shots=shots, request=messages[last]["content"])
                 messages[last] = {"role": "user", "content": content}
         if c.criteria:
-            system = self.custom.domains[domain]["system"]
+            criteria = self.custom.domains[domain]["system"]
             if messages[0]["role"] == "system":
-                messages[0] = {"role": "system", "content": f"{system}\n\n{messages[0]['content']}"}
+                content = CRITERIA.format(criteria=criteria, system=messages[0]["content"])
+                messages[0] = {"role": "system", "content": content}
             else:
-                messages.insert(0, {"role": "system", "content": system})
+                messages.insert(0, {"role": "system", "content": criteria})
         return messages
 
     def texts(self, item: ScoreItem) -> dict[str, str]:
@@ -159,35 +224,36 @@ class CDRScorer(PointwiseScorer):
         if self.custom is None or "router" not in clients:
             return []
         firsts = {item.prompt_id: item for item in reversed(items)}
-        todo = [item for pid, item in firsts.items() if pid not in self._domains]
-        routes = list(await asyncio.gather(*(self._route(clients["router"], item) for item in todo)))
-        self._domains.update({r.prompt_id: r.domain for r in routes})
-        return routes
+        todo = [item for pid, item in firsts.items() if pid not in self._domains and pid not in self._unrouted]
+        routes = await asyncio.gather(*(self._route(clients["router"], item) for item in todo))
+        self._domains.update({r.prompt_id: r.domain for r in routes if r is not None})
+        return [r for r in routes if r is not None]
 
-    def _router_body(self, client: ModelClient, item: ScoreItem) -> dict[str, Any]:
+    def _router_request(self, turns: Sequence[Message]) -> tuple[list[dict[str, str]], dict[str, Any]]:
+        """The router's messages and the JSON schema of its answer, for a conversation."""
         assert self.custom is not None
         names = list(self.custom.domains)
         listing = "\n".join(f"- {n}: {d['description']}" for n, d in self.custom.domains.items())
-        user = ROUTER_TEMPLATE.format(domains=listing, conversation=conversation_text(item.messages),
-                                      names=", ".join(names))  # fmt: skip
+        user = ROUTER_TEMPLATE.format(domains=listing, conversation=conversation_text(turns), names=", ".join(names))
         schema = {"type": "object", "properties": {"domain": {"type": "string", "enum": names}}, "required": ["domain"]}
-        return client.request_body(
-            [{"role": "system", "content": "You route requests to evaluation domains."},
-             {"role": "user", "content": user}],
-            temperature=0.0, max_tokens=24, seed=0,
-            response_format=json_response_format(self.endpoints["router"], "domain", schema),
-        )  # fmt: skip
+        return [{"role": "system", "content": ROUTER_SYSTEM}, {"role": "user", "content": user}], schema
 
-    async def _route(self, client: ModelClient, item: ScoreItem) -> Route:
+    async def _route(self, client: ModelClient, item: ScoreItem) -> Route | None:
+        """The prompt's route; None when the router call failed (the prompt is then not scored this run)."""
         assert self.custom is not None
-        outcome = await client.chat(self._router_body(client, item))
+        messages, schema = self._router_request(item.messages)
+        fmt = json_response_format(self.endpoints["router"], "domain", schema)
+        outcome = await client.chat(client.request_body(messages, **ROUTER_PARAMS, response_format=fmt))
+        if not outcome.cached:  # a call shared with a concurrent request is recorded by that one
+            self._router_calls[item.prompt_id] = outcome
+        if not outcome.ok:
+            self._unrouted[item.prompt_id] = f"router call failed: {outcome.call.error}"
+            return None
         raw = outcome.text or ""
         domain = parse_domain(raw, list(self.custom.domains))
-        route_id = content_id("route", self.endpoints["router"].identity, item.prompt_id, self.custom.domains)
-        return Route(route_id=route_id, prompt_id=item.prompt_id, router=self.endpoints["router"].identity,
-                     domain=domain or self.custom.default_domain, parsed=domain is not None,
-                     raw=raw if outcome.ok else f"router call failed: {outcome.call.error}",
-                     call_id=outcome.call.call_id)  # fmt: skip
+        return Route(route_id=content_id("route", item.prompt_id, outcome.call.call_id), prompt_id=item.prompt_id,
+                     router=self.endpoints["router"].identity, domain=domain or self.custom.default_domain,
+                     parsed=domain is not None, raw=raw, call_id=outcome.call.call_id)  # fmt: skip
 
     # ---- scoring --------------------------------------------------------------------------------
     def schedule(self, items: Sequence[ScoreItem]) -> tuple[list[list[ScoreItem]], int]:
@@ -224,6 +290,11 @@ class CDRScorer(PointwiseScorer):
 
     async def score(self, clients: Clients, item: ScoreItem) -> ScoreOutcome:
         out = ScoreOutcome()
+        routed = self._router_calls.pop(item.prompt_id, None)
+        if routed is not None:  # into the ledger and the cache, once per prompt
+            out.keep(routed)
+        if item.prompt_id in self._unrouted:
+            return self.failed(out, item, self._unrouted[item.prompt_id], None)
         try:
             t = self.texts(item)
         except ValueError as err:

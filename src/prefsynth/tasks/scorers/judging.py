@@ -1,5 +1,8 @@
-"""What LLM judges share: asking for a reply that parses, with one repair.
+"""What LLM judges share: one pydantic model per reply format, and asking for a reply that parses.
 
+A reply model gives the JSON schema sent to the server (`reply_schema`), the shape shown in the prompt
+(`reply_shape`, from each field's description) and the parser (`parse_reply`): the first JSON object of
+the reply, validated by the model, its errors turned into the short sentences a repair prompt quotes.
 A reply that does not parse gets one repair prompt naming the problem; if the repaired reply does not
 parse either, the caller records a failure with both raw texts (never a silent null).
 """
@@ -10,11 +13,59 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from prefsynth.backends.client import ChatOutcome, ModelClient
+from prefsynth.schemas.records import Message
+from prefsynth.warehouse.ids import PLACEHOLDER_TURNS
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+# The schema asks for every field (a complete reply); parsing tolerates a missing rationale.
+REPLY_CONFIG = ConfigDict(json_schema_serialization_defaults_required=True)
+_NOT_SENT = ("title", "default", "description")  # descriptions are the placeholders of `reply_shape`
+
+
+def rationale_field(max_length: int, placeholder: str) -> Any:
+    """A free-text rationale: a string of at most `max_length` in the schema; anything else parses as None."""
+    text = Annotated[str | None, BeforeValidator(lambda v: v if isinstance(v, str) else None),
+                     WithJsonSchema({"type": "string", "maxLength": max_length})]  # fmt: skip
+    return text, Field(None, description=f'"{placeholder}"')
+
+
+def reply_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The JSON schema the server is asked to follow."""
+    schema = model.model_json_schema(mode="serialization")
+    properties = {name: {k: v for k, v in field.items() if k not in _NOT_SENT}
+                  for name, field in schema["properties"].items()}  # fmt: skip
+    return {"type": "object", "properties": properties, "required": schema["required"]}
+
+
+def reply_shape(model: type[BaseModel]) -> str:
+    """The reply's shape as the prompt shows it: {"field": <placeholder>, ...}."""
+    return "{" + ", ".join(f'"{f.alias or name}": {f.description}' for name, f in model.model_fields.items()) + "}"
+
+
+def parse_reply(model: type[M], text: str) -> M:
+    """The reply's first JSON object validated by `model`; ValueError saying what is wrong."""
+    try:
+        return model.model_validate(json_object(text))
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = ".".join(map(str, first["loc"]))
+        if first["type"] == "missing":
+            raise ValueError(f'the JSON object has no "{name}"') from None
+        if first["type"] == "value_error":  # a field's own check: "is outside 1..10", ...
+            raise ValueError(f'"{name}" {first["ctx"]["error"]}') from None
+        raise ValueError(f'"{name}": {first["msg"]}') from None
+
+
+def placeholder_turns() -> list[Message]:
+    """A conversation of placeholders, to render a scorer's request for its template id."""
+    return [Message(**turn) for turn in PLACEHOLDER_TURNS]
 
 
 def json_object(text: str) -> dict[str, Any]:

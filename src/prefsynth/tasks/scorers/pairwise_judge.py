@@ -16,18 +16,72 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema, create_model, model_validator
 
 from prefsynth.backends.client import Endpoint, ModelClient
 from prefsynth.backends.quirks import json_response_format
 from prefsynth.backends.templates import conversation_text
-from prefsynth.schemas.config import PairwiseJudgeSpec
+from prefsynth.schemas.config import ModelSpec, ScorerSpec
 from prefsynth.schemas.records import Comparison, Judgment
 from prefsynth.tasks.scorers.base import Clients, PairItem, PairwiseScorer, ScoreOutcome, by_prompt
-from prefsynth.tasks.scorers.judging import ask_parsed, json_object
-from prefsynth.warehouse.ids import content_id
+from prefsynth.tasks.scorers.judging import (
+    REPLY_CONFIG,
+    ask_parsed,
+    parse_reply,
+    placeholder_turns,
+    rationale_field,
+    reply_schema,
+    reply_shape,
+)
+from prefsynth.warehouse.ids import content_id, template_id
 
-TEMPLATE_VERSION = 1
+DEFAULT_CRITERIA = (
+    "Which response better follows the user's instruction? Prefer the response that is correct, honest and "
+    "helpful and does exactly what was asked; do not let the order of the responses, their length or their "
+    "style influence you."
+)
+
+
+class PairwiseJudgeSpec(ScorerSpec):
+    """An LLM compares two responses to one prompt: verdict A, B or tie, with a rationale.
+
+    Balanced Position Calibration judges both orders; Multiple Evidence Calibration samples k judgments per
+    order; all judgments of a comparison are averaged ("Large Language Models are not Fair Evaluators").
+    """
+
+    kind: Literal["pairwise_judge"] = "pairwise_judge"
+    compares: ClassVar[bool] = True
+    name: str = "pairwise"
+    model: ModelSpec
+    style: Literal["json", "answer_tag"] = Field(
+        "json", description="json: a JSON verdict; answer_tag: free reasoning ending in <answer>A</answer>."
+    )
+    criteria: str = DEFAULT_CRITERIA
+    allow_tie: bool = Field(True, description="Let the judge answer `tie`.")
+    balanced_position: bool = Field(True, description="Judge both orders (A/B and B/A) and combine them.")
+    on_flip: Literal["tie", "drop", "mean"] = Field(
+        "tie",
+        description="A comparison whose verdict reverses with the order: a tie, dropped (no winner), or decided "
+        "by the mean of all judgments (useful with samples_per_order > 1).",
+    )
+    samples_per_order: int = Field(1, ge=1, le=16, description="Judgments sampled per order (k), averaged.")
+    max_tokens: int = Field(256, ge=16, le=8192)
+    temperature: float = Field(0.0, ge=0, le=2)
+    seed: int = 0
+    structured_output: bool = Field(True, description="json style: constrain output to the JSON schema.")
+
+    def roles(self) -> dict[str, ModelSpec]:
+        return {"judge": self.model}
+
+    @model_validator(mode="after")
+    def _sampling(self) -> PairwiseJudgeSpec:
+        if self.samples_per_order > 1 and self.temperature == 0:
+            raise ValueError("`samples_per_order` > 1 needs `temperature` > 0 (greedy samples are all the same)")
+        return self
+
+
 SYSTEM = "You are a careful, impartial judge comparing two AI assistant responses."
 TEMPLATE = """{criteria}
 
@@ -42,42 +96,53 @@ TEMPLATE = """{criteria}
 
 {ask}"""
 ASK = {
-    "json": 'Which response is better? Reply with only a JSON object:\n{{"rationale": "<one or two short sentences>", '
-    '"verdict": "{choices}"}}',
+    "json": "Which response is better? Reply with only a JSON object:\n{shape}",
     "answer_tag": "Which response is better? Explain your reasoning briefly, then end with your verdict on the "
     "last line as {tags}.",
 }
 REPAIR = {
-    "json": 'Your reply could not be used: {problem}.\nReply again with only a JSON object, nothing else:\n'
-    '{{"rationale": "<one or two short sentences>", "verdict": "{choices}"}}',
+    "json": "Your reply could not be used: {problem}.\nReply again with only a JSON object, nothing else:\n{shape}",
     "answer_tag": "Your reply could not be used: {problem}.\nReply again, ending with exactly one of {tags}.",
 }
+RATIONALE = "<one or two short sentences>"
+TAG = "<answer>{verdict}</answer>"
 ORDERS = ("ab", "ba")
 _TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.IGNORECASE | re.DOTALL)
 SHARE = {"a": 1.0, "tie": 0.5, "b": 0.0}
 
 
-def _verdict(value: str, allow_tie: bool) -> str:
-    """Normalize "A", "response b", "Tie" ...; raise ValueError for anything else."""
+def verdicts(allow_tie: bool) -> list[str]:
+    return ["A", "B", *(["tie"] if allow_tie else [])]
+
+
+def _verdict(value: Any, allow_tie: bool) -> str:
+    """Normalize "A", "response b", "Tie" ...; raise ValueError (a phrase about the verdict) for anything else."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {value!r}")
     word = re.sub(r"^(response|assistant|output)\s+", "", value.strip().strip(".\"'*").strip(), flags=re.I).lower()
     if word in ("a", "b"):
         return word.upper()
     if word in ("tie", "draw", "equal"):
         if not allow_tie:
-            raise ValueError("a tie is not allowed here: choose A or B")
+            raise ValueError("must be A or B: a tie is not allowed here")
         return "tie"
-    raise ValueError(f"the verdict must be {'A, B or tie' if allow_tie else 'A or B'}, got {value[:40]!r}")
+    raise ValueError(f"must be {'A, B or tie' if allow_tie else 'A or B'}, got {value[:40]!r}")
 
 
-def parse_verdict_json(text: str, allow_tie: bool = True) -> tuple[str, str | None]:
-    """(verdict, rationale) from a JSON reply; verdict is "A", "B" or "tie"."""
-    data = json_object(text)
-    if "verdict" not in data:
-        raise ValueError('the JSON object has no "verdict"')
-    if not isinstance(data["verdict"], str):
-        raise ValueError(f'"verdict" must be a string, got {data["verdict"]!r}')
-    rationale = data.get("rationale")
-    return _verdict(data["verdict"], allow_tie), rationale if isinstance(rationale, str) else None
+def verdict_model(allow_tie: bool) -> type[BaseModel]:
+    """The JSON reply: a rationale, then the verdict ("A", "B" or "tie", leniently normalized)."""
+    choices = verdicts(allow_tie)
+    verdict = Annotated[str, BeforeValidator(lambda v: _verdict(v, allow_tie)), WithJsonSchema({"enum": choices})]
+    return create_model("verdict", __config__=REPLY_CONFIG, rationale=rationale_field(400, RATIONALE),
+                        verdict=(verdict, Field(description=f'"{"|".join(choices)}"')))  # fmt: skip
+
+
+def parse_verdict_json(
+    text: str, allow_tie: bool = True, model: type[BaseModel] | None = None
+) -> tuple[str, str | None]:
+    """(verdict, rationale) from a JSON reply (`model`: verdict_model(allow_tie), built once by a judge)."""
+    reply = parse_reply(model or verdict_model(allow_tie), text)
+    return reply.verdict, reply.rationale  # type: ignore[attr-defined]
 
 
 def parse_verdict_tag(text: str, allow_tie: bool = True) -> tuple[str, str | None]:
@@ -86,8 +151,11 @@ def parse_verdict_tag(text: str, allow_tie: bool = True) -> tuple[str, str | Non
     if not tags:
         raise ValueError("no <answer>...</answer> tag found")
     last = tags[-1]
-    rationale = text[: last.start()].strip()
-    return _verdict(last.group(1), allow_tie), rationale or None
+    try:
+        verdict = _verdict(last.group(1), allow_tie)
+    except ValueError as err:
+        raise ValueError(f"the verdict {err}") from None
+    return verdict, text[: last.start()].strip() or None
 
 
 def preferred(verdict: str, order: str) -> str:
@@ -125,16 +193,20 @@ def combine(
 
 
 class PairwiseJudge(PairwiseScorer):
-    def __init__(self, spec: PairwiseJudgeSpec, endpoint: Endpoint) -> None:
-        super().__init__(spec.name, {"judge": endpoint})
+    Spec = PairwiseJudgeSpec
+
+    def __init__(self, spec: PairwiseJudgeSpec, endpoints: dict[str, Endpoint]) -> None:
+        super().__init__(spec, endpoints)
         self.spec = spec
-        self.endpoint = endpoint
+        self.endpoint = endpoints["judge"]
         self.orders: tuple[str, ...] = ORDERS if spec.balanced_position else ("ab",)
-        self._parse = parse_verdict_json if spec.style == "json" else parse_verdict_tag
+        self.reply = verdict_model(spec.allow_tie)
+        self.schema, self.shape = reply_schema(self.reply), reply_shape(self.reply)
+        self.template = self._template_id()  # once: scorer_id is read for every comparison
 
     def identity(self) -> dict[str, Any]:
         return {
-            "template": TEMPLATE_VERSION,
+            "template": self.template,
             **self.spec.model_dump(include={"style", "criteria", "allow_tie", "balanced_position", "on_flip",
                                             "samples_per_order", "max_tokens", "temperature", "seed",
                                             "structured_output"}),
@@ -144,24 +216,28 @@ class PairwiseJudge(PairwiseScorer):
     def calls_per_comparison(self) -> int:
         return len(self.orders) * self.spec.samples_per_order
 
-    def _choices(self) -> str:
-        return "A|B|tie" if self.spec.allow_tie else "A|B"
+    def _template_id(self) -> str:
+        """Every text sent besides the data: the request for a placeholder pair, the schema, the repair."""
+        probe = PairItem("", "", placeholder_turns(), ("", "<response A>"), ("", "<response B>"))
+        schema = self.schema if self.spec.style == "json" else None
+        return template_id(self._messages(probe, "ab"), schema, self._repair("<problem>"))
 
-    def _tags(self) -> str:
-        names = ["A", "B", *(["tie"] if self.spec.allow_tie else [])]
-        return ", ".join(f"<answer>{n}</answer>" for n in names)
+    def _format(self, text: str, **values: str) -> str:
+        """`text` with this judge's reply shape (json) or answer tags (answer_tag) filled in."""
+        tags = ", ".join(TAG.format(verdict=v) for v in verdicts(self.spec.allow_tie))
+        return text.format(shape=self.shape, tags=tags, **values)
 
-    def _schema(self) -> dict[str, Any]:
-        verdicts = ["A", "B", *(["tie"] if self.spec.allow_tie else [])]
-        return {
-            "type": "object",
-            "properties": {"rationale": {"type": "string", "maxLength": 400}, "verdict": {"enum": verdicts}},
-            "required": ["rationale", "verdict"],
-        }
+    def _parse(self, text: str) -> tuple[str, str | None]:
+        if self.spec.style == "answer_tag":
+            return parse_verdict_tag(text, self.spec.allow_tie)
+        return parse_verdict_json(text, self.spec.allow_tie, self.reply)
+
+    def _repair(self, problem: str) -> str:
+        return self._format(REPAIR[self.spec.style], problem=problem)
 
     def _body(self, client: ModelClient, messages: list[dict[str, str]], sample: int) -> dict[str, Any]:
         structured = self.spec.style == "json" and self.spec.structured_output
-        fmt = json_response_format(self.endpoint, "verdict", self._schema()) if structured else None
+        fmt = json_response_format(self.endpoint, "verdict", self.schema) if structured else None
         return client.request_body(
             messages,
             temperature=self.spec.temperature,
@@ -172,7 +248,7 @@ class PairwiseJudge(PairwiseScorer):
 
     def _messages(self, item: PairItem, order: str) -> list[dict[str, str]]:
         first, second = (item.a, item.b) if order == "ab" else (item.b, item.a)
-        ask = ASK[self.spec.style].format(choices=self._choices(), tags=self._tags())
+        ask = self._format(ASK[self.spec.style])
         user = TEMPLATE.format(criteria=self.spec.criteria, conversation=conversation_text(item.messages),
                                first=first[1], second=second[1], ask=ask)  # fmt: skip
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
@@ -189,17 +265,15 @@ class PairwiseJudge(PairwiseScorer):
     async def score(self, clients: Clients, item: PairItem) -> ScoreOutcome:
         client = clients["judge"]
         out = ScoreOutcome()
-        allow_tie = self.spec.allow_tie
         errors = []
         for order, sample in self._plan(item):
             parsed = await ask_parsed(
                 client,
                 self._messages(item, order),
                 lambda messages, sample=sample: self._body(client, messages, sample),
-                lambda text: self._parse(text, allow_tie),
-                lambda problem: REPAIR[self.spec.style].format(problem=problem, choices=self._choices(),
-                                                               tags=self._tags()),
-            )  # fmt: skip
+                self._parse,
+                self._repair,
+            )
             for outcome in parsed.outcomes:
                 out.keep(outcome)
             if parsed.value is None:

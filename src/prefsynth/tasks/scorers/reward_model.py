@@ -15,17 +15,47 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
 
 from prefsynth.backends import quirks
 from prefsynth.backends.client import Endpoint
-from prefsynth.backends.hf_reward import RENDER_VERSION, HFRewardModel, RewardResult
-from prefsynth.schemas.config import RewardModelSpec
+from prefsynth.backends.hf_reward import HFRewardModel, RewardResult, render_id
+from prefsynth.schemas.config import ModelSpec, ScorerSpec
 from prefsynth.schemas.records import Route, Score
 from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome
-from prefsynth.warehouse.ids import canonical_json
+from prefsynth.tasks.scorers.judging import placeholder_turns
+from prefsynth.warehouse.ids import canonical_json, template_id
 
-REQUEST_VERSION = 1  # bump when the HTTP request body changes
+
+class RewardModelSpec(ScorerSpec):
+    """A reward model: one scalar per (prompt, response), from an HTTP server or loaded in-process.
+
+    `model` is an endpoint that scores (vLLM's pooling API: `api: pooling` for reward models, `classify`
+    for sequence classifiers); `path` is a local Hugging Face folder loaded with transformers (extra
+    `prefsynth[transformers]`). Nothing is downloaded.
+    """
+
+    kind: Literal["reward_model"] = "reward_model"
+    name: str = "reward"
+    model: ModelSpec | None = Field(None, description="HTTP endpoint serving the reward model (base_url + model).")
+    api: Literal["pooling", "classify"] = Field("pooling", description="Which vLLM scoring API the endpoint has.")
+    path: str | None = Field(None, description="Local folder of a transformers sequence-classification model.")
+    label_index: int = Field(0, ge=0, description="Output used as the reward when the model has several labels.")
+    max_length: int = Field(2048, ge=16, description="In-process: truncate inputs to this many tokens.")
+    batch_size: int = Field(8, ge=1, le=1024, description="In-process: responses per forward pass.")
+
+    def roles(self) -> dict[str, ModelSpec]:
+        return {"reward": self.model} if self.model else {}
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardModelSpec:
+        if (self.model is None) == (self.path is None):
+            raise ValueError("give exactly one of `model` (an HTTP endpoint) or `path` (a local model folder)")
+        if self.model is not None and self.model.is_local:
+            raise ValueError("a reward-model endpoint needs `base_url` + `model`; GGUF files are not reward models")
+        return self
 
 
 def conversation(item: ScoreItem) -> list[dict[str, str]]:
@@ -33,19 +63,22 @@ def conversation(item: ScoreItem) -> list[dict[str, str]]:
 
 
 class RewardModelScorer(PointwiseScorer):
-    def __init__(self, spec: RewardModelSpec, endpoint: Endpoint | None) -> None:
-        """`endpoint` serves spec.model; without one, spec.path is loaded in process (ConfigError if unusable)."""
-        super().__init__(spec.name, {"reward": endpoint} if endpoint is not None else {})
+    Spec = RewardModelSpec
+
+    def __init__(self, spec: RewardModelSpec, endpoints: dict[str, Endpoint]) -> None:
+        """`endpoints["reward"]` serves spec.model; without it, spec.path is loaded in process (ConfigError if
+        unusable)."""
+        super().__init__(spec, endpoints)
         self.spec = spec
-        self.local = HFRewardModel(str(spec.path), spec.max_length) if endpoint is None else None
+        self.local = HFRewardModel(str(spec.path), spec.max_length) if "reward" not in endpoints else None
         self._ready: dict[str, RewardResult] = {}  # in process: score_id -> reward computed by prepare
 
     def identity(self) -> dict[str, Any]:
-        if self.local is None:
-            return {"backend": "http", "api": self.spec.api, "label_index": self.spec.label_index,
-                    "request": REQUEST_VERSION}  # fmt: skip
+        if self.local is None:  # the request for a placeholder item: its shape and every text it adds
+            request = template_id(self._body(ScoreItem("", "", "", placeholder_turns(), "<response>")))
+            return {"backend": "http", "api": self.spec.api, "label_index": self.spec.label_index, "request": request}
         return {"backend": "transformers", "model": self.local.identity, "label_index": self.spec.label_index,
-                "max_length": self.spec.max_length, "render": RENDER_VERSION}  # fmt: skip
+                "max_length": self.spec.max_length, "render": render_id()}  # fmt: skip
 
     def _body(self, item: ScoreItem) -> dict[str, Any]:
         return quirks.reward_request(self.spec.api, conversation(item))

@@ -1,0 +1,178 @@
+"""The Python API, the layer the CLI is built on: run a pipeline, score items, read the warehouse.
+
+    import prefsynth
+    result = prefsynth.run("examples/quickstart.yaml", prompts=["Name a prime.", "Say hi."])
+    result.pairs          # polars DataFrame of chosen/rejected pairs with their texts
+    result.dataset        # the same pairs as a datasets.Dataset in TRL's conversational format
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prefsynth.errors import ConfigError
+from prefsynth.schemas.config import PipelineConfig, ScorerSpec, load_config, parse_config, parse_scorer
+from prefsynth.schemas.records import RunSummary, StageCounts
+
+if TYPE_CHECKING:  # polars and datasets load when used: the CLI starts Prefect's API before
+    import datasets
+    import polars as pl
+
+    from prefsynth.flows.prefect_api import TemporaryAPI
+
+ConfigLike = PipelineConfig | Mapping[str, Any] | str | Path
+
+
+@dataclass
+class RunResult:
+    """What `run` returns: the run's id, status, counts per stage and its pairs."""
+
+    summary: RunSummary
+    config: PipelineConfig
+    pairs: pl.DataFrame  # one row per pair: prompt messages, chosen and rejected texts, scores, provenance
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: imports, servers, api, flow
+
+    @property
+    def run_id(self) -> str:
+        return self.summary.run_id
+
+    @property
+    def status(self) -> str:
+        return self.summary.status
+
+    @property
+    def warehouse(self) -> str:
+        return self.summary.warehouse
+
+    @property
+    def counts(self) -> dict[str, StageCounts]:
+        """Per stage (ingest, generate, score[name], curate): total, reused, new, failed, model calls, tokens."""
+        return {s.stage: s for s in self.summary.stages}
+
+    @cached_property
+    def dataset(self) -> datasets.Dataset:
+        """The pairs in TRL's conversational preference format (prompt, chosen, rejected, scores, provenance)."""
+        import datasets
+
+        from prefsynth.tasks.export import to_trl
+
+        return datasets.Dataset.from_polars(to_trl(self.pairs))
+
+
+def as_config(config: ConfigLike, base_dir: str | Path | None = None) -> PipelineConfig:
+    """A validated config from a model, a mapping (relative input paths resolve against `base_dir`, default the
+    current folder) or a YAML file's path."""
+    if isinstance(config, PipelineConfig):
+        return config
+    if isinstance(config, str | Path):
+        return load_config(config)
+    if isinstance(config, Mapping):
+        return parse_config(dict(config), "config", Path(base_dir or ".").resolve())
+    raise ConfigError(f"config must be a PipelineConfig, a mapping or a YAML path, got {type(config).__name__}")
+
+
+def with_prompts(config: PipelineConfig, label: str = "python") -> PipelineConfig:
+    """`config` reading its prompts from memory (field names and limit kept) instead of its own source."""
+    source = config.prompts.model_dump(exclude={"path", "hf_dataset", "warehouse_table", "builtin", "split"})
+    return config.model_copy(update={"prompts": type(config.prompts)(**{**source, "in_memory": label})})
+
+
+def run(
+    config: ConfigLike,
+    prompts: Any = None,
+    *,
+    db: str | Path | None = None,
+    base_dir: str | Path | None = None,
+) -> RunResult:
+    """Run a pipeline: ingest, generate, score, curate, export. A rerun computes only what is missing.
+
+    `config`: a PipelineConfig, a mapping shaped like the YAML, or a YAML file's path. `prompts` (optional)
+    replaces the config's prompt source: a list of texts, message lists or records, a polars or pandas
+    DataFrame, or a `datasets.Dataset`. `db` overrides the config's warehouse. Local models and Prefect's
+    temporary API (unless PREFECT_API_URL is set, or this is called inside a flow) start at once and stop
+    when the run ends.
+    """
+    from prefsynth.flows.prefect_api import prefect_api, using
+
+    timings: dict[str, float] = {}
+    with _api(prefect_api) as api:
+        from prefsynth.backends.local import LocalServers, sharing
+        from prefsynth.tasks.ingest import giving
+
+        if prompts is not None and isinstance(config, Mapping) and "prompts" not in config:
+            config = {**config, "prompts": {"in_memory": "python"}}
+        cfg = as_config(config, base_dir)
+        if prompts is not None:
+            cfg = with_prompts(cfg)
+        with LocalServers() as servers, sharing(servers):
+            for model in cfg.all_models():
+                servers.launch(model)  # they load while the rest is imported and Prefect's API starts
+            started = time.monotonic()
+            from prefsynth.flows.synthesize import synthesize
+
+            timings["imports"] = time.monotonic() - started
+            servers.wait_ready()
+            timings["servers"] = servers.ready_after()
+            with _using(using, api), giving(prompts):
+                timings["api"] = api.ready_after if api and api.ready_after else 0.0
+                flow_started = time.monotonic()
+                summary = synthesize(config=cfg, db=str(db) if db else None)
+                timings["flow"] = time.monotonic() - flow_started
+    return RunResult(summary=summary, config=cfg, pairs=_run_pairs(summary), timings=timings)
+
+
+def _inside_flow() -> bool:
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get() is not None
+
+
+@contextlib.contextmanager
+def _api(prefect_api: Any) -> Iterator[TemporaryAPI | None]:
+    """Prefect's temporary API, unless this runs inside a flow (the run is then its subflow)."""
+    if _inside_flow():
+        yield None
+        return
+    with prefect_api() as api:
+        yield api
+
+
+def _using(using: Any, api: TemporaryAPI | None) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext() if api is None else using(api)
+
+
+def _run_pairs(summary: RunSummary) -> pl.DataFrame:
+    from prefsynth.warehouse.store import Store
+
+    with Store(summary.warehouse, read_only=True) as store:
+        return store.export_rows(summary.run_id)[1]
+
+
+def score(scorer: ScorerSpec | Mapping[str, Any], items: Any, *, base_dir: str | Path | None = None) -> pl.DataFrame:
+    """Score items with one scorer, outside any pipeline and warehouse (nothing is cached).
+
+    `scorer`: a scorer spec or a mapping shaped like one entry of a config's `scorers`. `items`: a list or a
+    polars DataFrame. A pointwise scorer takes (prompt, response) items; a pairwise judge takes
+    (prompt, a, b). A prompt is a text or a message list. Returns one row per item, in order: `index` and
+    `value` (pointwise) or `winner`, `score_a`, `consistent`, `flipped` (pairwise), plus `rationale` and
+    `error` (set when the item failed, with no value).
+    """
+    import polars as pl
+
+    from prefsynth.tasks.score_text import score_batch
+
+    spec = scorer if not isinstance(scorer, Mapping) else parse_scorer(dict(scorer), Path(base_dir or ".").resolve())
+    rows = items.to_dicts() if isinstance(items, pl.DataFrame) else list(_as_sequence(items))
+    return score_batch(spec, rows)
+
+
+def _as_sequence(items: Any) -> Sequence[Any]:
+    if isinstance(items, str | bytes | Mapping) or not hasattr(items, "__iter__"):
+        raise ConfigError(f"items must be a list or a polars DataFrame, got {type(items).__name__}")
+    return list(items)
