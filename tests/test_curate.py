@@ -16,7 +16,7 @@ def test_best_vs_worst_with_margin():
     pairs = best_vs_worst(df, "s", CurationSpec(min_margin=1.0))
     assert pairs.to_dicts()[0] | {"pair_id": None, "rule": None} == {
         "pair_id": None, "prompt_id": "p1", "chosen_id": "a", "rejected_id": "b", "scorer_id": "s", "rule": None,
-        "score_chosen": 9.0, "score_rejected": 2.0, "margin": 7.0,
+        "score_chosen": 9.0, "score_rejected": 2.0, "margin": 7.0, "source": "sampled",
     }
     assert len(pairs) == 1  # p2's margin 0.5 < 1
     assert len(best_vs_worst(df, "s", CurationSpec(min_margin=0.5))) == 2

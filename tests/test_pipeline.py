@@ -123,6 +123,7 @@ def test_stats_and_export_commands(first_run):
     assert stats["prompts"] == 6 and stats["responses"] == 18
     latest = _q(config.warehouse, "SELECT count(*) FROM v_pairs_export")[0][0]
     assert latest == summary.pairs > 0  # the precondition: there is a dataset to check
+    assert stats["pairs_by_source"] == {"sampled": stats["pairs"]}
     out = tmp / "export"
     result = runner.invoke(app, ["export", "--db", config.warehouse, "--out", str(out), "--format", "trl"])
     assert result.exit_code == 0, result.output

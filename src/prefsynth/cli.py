@@ -209,6 +209,13 @@ def stats(
     for row in data["calls_by_model"]:
         calls.add_row(*(_cell(v) for v in row.values()))
     out.print(calls)
+    if data["pairs_by_source"]:
+        sources = Table(title="pairs by source")
+        sources.add_column("source")
+        sources.add_column("pairs", justify="right")
+        for source, n in data["pairs_by_source"].items():
+            sources.add_row(escape(source), str(n))
+        out.print(sources)
     for title, rows, skip in (("scorer diagnostics (latest run of each scorer)", data["scorer_diagnostics"],
                                ("scorer_id", "run_id")),
                               ("panels (latest run of each)", data["panels"], ("panel_id", "run_id"))):  # fmt: skip

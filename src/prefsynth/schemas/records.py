@@ -217,6 +217,7 @@ class Pair(Record):
     score_chosen: float
     score_rejected: float
     margin: float
+    source: str  # sampled | teacher_refinement | teacher_anchor
 
 
 class PanelScore(Record):

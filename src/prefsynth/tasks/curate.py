@@ -65,7 +65,8 @@ def best_vs_worst(
     ids = [pair_id(c, r, rule, (sc, sr)) for c, r, sc, sr in
            grouped.select("chosen_id", "rejected_id", "score_chosen", "score_rejected").iter_rows()]  # fmt: skip
     return grouped.with_columns(
-        pair_id=pl.Series(ids, dtype=pl.String), scorer_id=pl.lit(scorer_id), rule=pl.lit(rule_json)
+        pair_id=pl.Series(ids, dtype=pl.String), scorer_id=pl.lit(scorer_id), rule=pl.lit(rule_json),
+        source=pl.lit("sampled"),
     ).select(list(columns("pairs")))
 
 

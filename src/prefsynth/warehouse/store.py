@@ -454,6 +454,8 @@ class Store:
         latest = ("SELECT * EXCLUDE (created_at, rn) FROM (SELECT *, row_number() OVER "
                   "(PARTITION BY {key} ORDER BY created_at DESC, run_id) AS rn FROM {table}) WHERE rn = 1 "
                   "ORDER BY {order}")  # fmt: skip
+        out["pairs_by_source"] = dict(self.con.execute(
+            "SELECT source, count(*) FROM pairs GROUP BY source ORDER BY source").fetchall())  # fmt: skip
         out["scorer_diagnostics"] = self._dicts(latest.format(key="scorer_id", table="scorer_diagnostics",
                                                               order="scorer"))  # fmt: skip
         out["panels"] = self._dicts(latest.format(key="panel_id", table="panel_runs", order="name"))
