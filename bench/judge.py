@@ -28,12 +28,13 @@ from bench.common import SHARED, append_results, emit, replay  # noqa: E402
 
 from prefsynth.backends.local import LocalServers  # noqa: E402
 from prefsynth.flows.evaluate import eval_items, evaluate  # noqa: E402
-from prefsynth.schemas.config import ModelSpec, PairwiseJudgeSpec, parse_config  # noqa: E402
+from prefsynth.schemas.config import ModelSpec, parse_config  # noqa: E402
 from prefsynth.schemas.records import Score  # noqa: E402
 from prefsynth.tasks._async import run_async  # noqa: E402
 from prefsynth.tasks.labelled import load_labelled  # noqa: E402
 from prefsynth.tasks.score import score_items  # noqa: E402
 from prefsynth.tasks.scorers import build_scorer  # noqa: E402
+from prefsynth.tasks.scorers.pairwise_judge import PairwiseJudgeSpec  # noqa: E402
 from prefsynth.warehouse.store import Store  # noqa: E402
 
 SMOL = {"gguf": "smollm2-135m-instruct", "n_ctx": 4096}

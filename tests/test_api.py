@@ -88,3 +88,21 @@ def test_in_memory_source_without_prompts_says_how(tmp_path: Path) -> None:
         list(in_memory_records("one prompt"))
     assert list(in_memory_records(["a", [{"role": "user", "content": "b"}], {"prompt": "c"}])) == [
         {"prompt": "a"}, {"messages": [{"role": "user", "content": "b"}]}, {"prompt": "c"}]  # fmt: skip
+
+
+def test_prefects_workers_are_drained_inside_a_notebooks_event_loop() -> None:
+    """In a running event loop Prefect's drain_all returns a coroutine: it must still run, not be dropped."""
+    import asyncio
+    import gc
+    import warnings
+
+    from prefsynth.flows.prefect_api import _drain
+
+    async def cell() -> None:
+        _drain(0.5)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        asyncio.run(cell())
+        gc.collect()
+    assert not [w for w in seen if "never awaited" in str(w.message)]

@@ -11,11 +11,13 @@ session, so a Ctrl-C at the terminal reaches only prefsynth, which then stops it
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import logging
 import os
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -143,6 +145,16 @@ def _drain(timeout_s: float = 10.0) -> None:
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
-    for worker in (APILogWorker, EventsWorker):
-        with contextlib.suppress(Exception):
-            worker.drain_all(timeout=timeout_s)
+    def drain() -> None:  # drain_all returns a coroutine when the thread runs an event loop (a notebook)
+        for worker in (APILogWorker, EventsWorker):
+            with contextlib.suppress(Exception):
+                worker.drain_all(timeout=timeout_s)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        drain()
+        return
+    thread = threading.Thread(target=drain, name="prefsynth-drain")
+    thread.start()
+    thread.join()
