@@ -2,8 +2,9 @@
 
 Prompts are read into the warehouse as they come, then stream through generation and scoring (stream.py:
 each response is scored the moment it exists, every server busy at once) while the writer commits results
-every 256 rows or 2 s, each commit a Prefect task run (engine.py). Curation, panels and exports then read
-the warehouse. The flow process is the only writer of the warehouse.
+every 256 rows or 2 s, each commit a Prefect task run (engine.py). A teacher, if configured, then refines
+scored responses and answers prompts (teach.py). Curation, panels and exports then read the warehouse. The
+flow process is the only writer of the warehouse.
 """
 
 from __future__ import annotations
