@@ -103,7 +103,7 @@ def test_scores_wide_keeps_one_value_per_scorer_when_a_response_has_several(tmp_
 
     with Store(tmp_path / "w.duckdb") as store:
         store.con.execute("INSERT INTO responses VALUES ('r', 'p', 'm', 'mi', '{}', 0, 0, 't', NULL, NULL, NULL, 1, "
-                          "'c', 'run', current_timestamp)")  # fmt: skip
+                          "'c', 'run', current_timestamp, 'sampled')")  # fmt: skip
         store.write("run1", StageResult(score("s1", 1.0)))
         store.write("run2", StageResult(score("s2", 0.75)))  # the same response against new opponents
         (row,) = store.con.execute("SELECT scores FROM v_scores_wide").fetchall()

@@ -2,8 +2,9 @@
 
 Prompts are read into the warehouse as they come, then stream through generation and scoring (stream.py:
 each response is scored the moment it exists, every server busy at once) while the writer commits results
-every 256 rows or 2 s, each commit a Prefect task run (engine.py). Curation, panels and exports then read
-the warehouse. The flow process is the only writer of the warehouse.
+every 256 rows or 2 s, each commit a Prefect task run (engine.py). A teacher, if configured, then refines
+scored responses and answers prompts (teach.py). Curation, panels and exports then read the warehouse. The
+flow process is the only writer of the warehouse.
 """
 
 from __future__ import annotations
@@ -23,16 +24,18 @@ from prefsynth.backends.client import Endpoint, check_reachable
 from prefsynth.backends.local import local_servers
 from prefsynth.flows.engine import Writer, writer_for
 from prefsynth.flows.stream import Streaming
+from prefsynth.flows.teach import Taught, teach
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import RunSummary, StageCounts
 from prefsynth.tasks._async import run_async
 from prefsynth.tasks.compare import pairwise_values
-from prefsynth.tasks.curate import curate
+from prefsynth.tasks.curate import anchor_vs_sampled, curate, refined_vs_original
 from prefsynth.tasks.diagnostics import diagnostics
 from prefsynth.tasks.export import export
 from prefsynth.tasks.ingest import no_prompts, read_prompts
 from prefsynth.tasks.panel import panel_id, run_panel
 from prefsynth.tasks.scorers import PairwiseScorer, Scorer, build_scorer
+from prefsynth.tasks.teacher import Teacher
 from prefsynth.warehouse.ids import canonical_json
 from prefsynth.warehouse.store import Store
 
@@ -60,14 +63,16 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
             servers.check(model)
         policies = [servers.endpoint(m) for m in config.generation.models]
         scorers = [build_scorer(s, servers.endpoint) for s in config.scorers]
-        check_endpoints([*policies, *(e for s in scorers for e in s.endpoints.values())])
+        teacher = Teacher(config.teacher, servers.endpoint(config.teacher.model)) if config.teacher else None
+        check_endpoints([*policies, *(e for s in scorers for e in s.endpoints.values()),
+                         *([teacher.endpoint] if teacher else [])])  # fmt: skip
 
         with Store(warehouse) as store:
             announce_revisions(store, config)
             ingest(store, config, summary)
             store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), flow_run_id())
             try:
-                _run(store, config, policies, scorers, summary)
+                _run(store, config, policies, scorers, teacher, summary)
             except BaseException as err:
                 summary.status = "interrupted" if interrupted(err) else "failed"
                 summary.seconds = time.monotonic() - started
@@ -104,8 +109,9 @@ def ingest(store: Store, config: PipelineConfig, summary: RunSummary) -> None:
 
 
 def _run(
-    store: Store, config: PipelineConfig, policies: list[Endpoint], scorers: list[Scorer], summary: RunSummary
-) -> None:
+    store: Store, config: PipelineConfig, policies: list[Endpoint], scorers: list[Scorer], teacher: Teacher | None,
+    summary: RunSummary,
+) -> None:  # fmt: skip
     logger = get_run_logger()
     run_id = summary.run_id
     for scorer in scorers:
@@ -140,12 +146,16 @@ def _run(
     diagnose(store, run_id, scorers, scored, responses)
 
     name = config.curation_scorer_name
+    taught = teacher_stage(store, run_id, config, teacher, scorers, values[name]) if teacher else None
+    if taught is not None:
+        summary.stages += taught.counts
     agree = {ids[n]: values[n] for n in config.curation.require_agreement}
-    pairs = curate(values[name], ids[name], config.curation, agree)
+    pairs = pl.concat(curation(config, values[name], ids[name], agree, teacher, taught))
     new_pairs = store.write_pairs(run_id, pairs)
     summary.pairs = len(pairs)
     summary.stages.append(StageCounts(stage="curate", total=len(pairs), new=new_pairs, reused=len(pairs) - new_pairs))
-    logger.info(f"curate: {len(pairs)} pairs from {values[name]['prompt_id'].n_unique()} scored prompts")
+    by_source = dict(pairs.group_by("source").len().sort("source").iter_rows())
+    logger.info(f"curate: {len(pairs)} pairs {by_source} from {values[name]['prompt_id'].n_unique()} scored prompts")
 
     for target in config.export:
         _, rows = store.export_rows(run_id)
@@ -156,6 +166,35 @@ def _run(
         store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), done.n_pairs)
         summary.exports.append(str(done.path))
         logger.info(f"export: {done.n_pairs} pairs -> {done.path}")
+
+
+def teacher_stage(
+    store: Store, run_id: str, config: PipelineConfig, teacher: Teacher, scorers: list[Scorer], values: pl.DataFrame
+) -> Taught:
+    """Anchors and refinements of this run's scored responses, committed as they finish."""
+    store.register_scorer(teacher.scorer_id, "teacher", "teacher", teacher.config_json)
+    judge = {s.name: s for s in scorers if not isinstance(s, PairwiseScorer)}.get(config.curation_scorer_name)
+    writer = writer_for(store, run_id)
+    try:
+        return teach(store, writer, config, teacher, judge, values, config.curation_scorer_name)
+    finally:
+        finish(writer)
+
+
+def curation(
+    config: PipelineConfig, values: pl.DataFrame, scorer_id: str, agree: dict[str, pl.DataFrame],
+    teacher: Teacher | None, taught: Taught | None,
+) -> list[pl.DataFrame]:  # fmt: skip
+    """The pairs of each configured rule (a config is validated to have a teacher for the teacher rules)."""
+    rules = config.curation.rules
+    out = [curate(values, scorer_id, config.curation, agree)] if "best_vs_worst" in rules else []
+    if teacher is not None and taught is not None and config.teacher is not None:
+        if "refined_vs_original" in rules:
+            out.append(refined_vs_original(taught.refinements, teacher.scorer_id, config.teacher.min_gap))
+        if "anchor_vs_sampled" in rules:
+            anchors = pl.DataFrame(taught.anchor_values, schema=values.schema)
+            out.append(anchor_vs_sampled(anchors, values, scorer_id, config.curation))
+    return out
 
 
 def finish(writer: Writer, patience_s: float = 30.0) -> None:

@@ -220,13 +220,41 @@ class PanelSpec(Strict):
     )
 
 
+CurationRule = Literal["best_vs_worst", "refined_vs_original", "anchor_vs_sampled"]
+
+
 class CurationSpec(Strict):
-    rule: Literal["best_vs_worst"] = "best_vs_worst"
+    rule: CurationRule | list[CurationRule] = Field(
+        "best_vs_worst", description="best_vs_worst (sampled responses), refined_vs_original (a teacher's "
+        "refinement against its parent), anchor_vs_sampled (the teacher's own answer against lower-scored "
+        "samples); one rule or a list of them.")  # fmt: skip
     scorer: str | None = Field(None, description="Name of the scorer whose values rank responses (default: first).")
     min_margin: float = Field(1.0, ge=0, description="Pairs need chosen - rejected >= this (and > 0).")
     require_agreement: list[str] = Field(
         [], description="Scorers that must each score the chosen response strictly above the rejected one."
     )
+
+    @property
+    def rules(self) -> list[str]:
+        return [self.rule] if isinstance(self.rule, str) else list(dict.fromkeys(self.rule))
+
+
+class TeacherSpec(Strict):
+    """A strong model that refines sampled responses into contrastive pairs and answers prompts itself."""
+
+    model: ModelSpec
+    refine: Literal["lowest", "every", "none"] = Field(
+        "lowest", description="Which sampled responses it refines: each prompt's lowest-scored one (by the "
+        "curation scorer), every scored one, or none.")  # fmt: skip
+    reference: bool = Field(False, description="Show the teacher its own answer (the anchor) as a reference.")
+    reply: Literal["tags", "json"] = Field(
+        "tags", description="How the refinement comes back: between <explanation>/<kind>/<revised> tags, or as "
+        "a JSON object the server must follow (a grammar on llama.cpp: small models then answer).")  # fmt: skip
+    min_gap: float = Field(1.0, ge=0, description="Keep a refinement only if its score - its parent's > this.")
+    anchors: bool = Field(False, description="Store the teacher's own answer to each prompt (source teacher_anchor).")
+    max_tokens: int = Field(256, ge=16, le=32768)
+    temperature: float = Field(0.0, ge=0, le=2)
+    seed: int = Field(0, ge=0)
 
 
 class ExportTarget(Strict):
@@ -243,6 +271,7 @@ class PipelineConfig(Strict):
     export: list[ExportTarget] = []
     warehouse: str = Field("prefsynth.duckdb", description="DuckDB file (relative to the current directory).")
     panel: PanelSpec | None = Field(None, description="Aggregate several scorers and measure their agreement.")
+    teacher: TeacherSpec | None = Field(None, description="Refine responses and answer prompts with a teacher.")
     chunk_size: int | None = Field(None, ge=1, description="Ignored: runs stream (kept so older configs load).")
     failures_fatal: bool = Field(False, description="Exit non-zero when any item failed.")
 
@@ -273,7 +302,25 @@ class PipelineConfig(Strict):
         missing = [n for n in self.curation.require_agreement if n not in names]
         if missing:
             raise ValueError(f"curation.require_agreement {missing} are not scorer names; have {names}")
+        self._teacher_rules()
         return self
+
+    def _teacher_rules(self) -> None:
+        """Teacher rules need a teacher that does their part; anchors are ranked by a pointwise scorer."""
+        rules, teacher = self.curation.rules, self.teacher
+        if not rules:
+            raise ValueError("curation.rule is an empty list: name at least one rule")
+        if "refined_vs_original" in rules and (teacher is None or teacher.refine == "none"):
+            raise ValueError("curation rule refined_vs_original needs a `teacher` whose `refine` is not none")
+        if teacher is not None and teacher.reference and not teacher.anchors:
+            raise ValueError("teacher.reference shows the teacher its own answer: set teacher.anchors: true")
+        if "anchor_vs_sampled" in rules:
+            if teacher is None or not teacher.anchors:
+                raise ValueError("curation rule anchor_vs_sampled needs a `teacher` with `anchors: true`")
+            by_name = {s.name: s for s in self.scorers}
+            if self.curation_scorer_name not in by_name or by_name[self.curation_scorer_name].compares:
+                raise ValueError("curation rule anchor_vs_sampled needs a pointwise curation scorer (not a panel "
+                                 "or a pairwise judge): it scores the anchor like the samples")  # fmt: skip
 
     @property
     def curation_scorer_name(self) -> str:
@@ -286,7 +333,8 @@ class PipelineConfig(Strict):
         return list(self.panel.scorers or [s.name for s in self.scorers])
 
     def all_models(self) -> list[ModelSpec]:
-        return [*self.generation.models, *(m for s in self.scorers for m in s.models())]
+        teacher = [self.teacher.model] if self.teacher else []
+        return [*self.generation.models, *(m for s in self.scorers for m in s.models()), *teacher]
 
 
 _INPUT_KEYS = ("gguf", "domains_file", "exemplars_file", "path")
@@ -318,6 +366,7 @@ def _resolve_inputs(raw: dict[str, Any], base: Path) -> dict[str, Any]:
                 prompts[key] = fix(prompts[key])
     walk(raw.get("generation"))
     walk(raw.get("scorers"))
+    walk(raw.get("teacher"))
     return raw
 
 

@@ -106,6 +106,7 @@ class Response(Record):
     completion_tokens: int | None
     latency_ms: float
     call_id: str
+    source: str = "sampled"  # sampled | teacher_refinement | teacher_anchor (see `refinements` for lineage)
 
 
 class Score(Record):
@@ -218,6 +219,31 @@ class Pair(Record):
     score_rejected: float
     margin: float
     source: str  # sampled | teacher_refinement | teacher_anchor
+
+
+class Refinement(Record):
+    """A teacher's minimally edited version of a response (y*_w of its parent y_l), scored by the teacher
+    against the parent's score: the lineage and the self-calibrated margin of a teacher_refinement pair."""
+
+    table = "refinements"
+    key = "refinement_id"
+
+    refinement_id: str  # H(refined response, parent score and its source, min_gap)
+    prompt_id: str
+    response_id: str  # the refined response (y*_w): a row of `responses` with source teacher_refinement
+    parent_id: str  # the response it refines (y_l)
+    teacher: str  # teacher model identity
+    edit_kind: str  # the teacher's label: correctness | completeness | relevance | clarity | style | other
+    explanation: str  # what the teacher found wrong with the parent
+    edit_distance: int  # characters (Levenshtein) from the parent's text to the refinement's
+    score_parent: float  # s_l on 1..10
+    parent_scored_by: str  # "scorer:<name>" (the curation judge) or "teacher" (the teacher scored it)
+    score_refined: float | None  # s_w on 1..10, the teacher's calibrated score (None: not scored, see drop)
+    margin: float | None  # s_w - s_l
+    kept: bool  # the pair is kept: texts differ and margin > min_gap
+    drop_reason: str | None  # identical | below_min_gap
+    reference_id: str | None  # the teacher's anchor, when shown as a reference
+    call_ids: list[str]
 
 
 class PanelScore(Record):

@@ -26,7 +26,7 @@ from prefsynth.errors import PrefsynthError, WarehouseError
 from prefsynth.schemas.records import TABLES, Message, Pair, Prompt, StageResult, columns
 
 STATS_TABLES = ("runs", "prompts", "responses", "scores", "judgments", "comparisons", "failures", "pairs",
-                "dataset_snapshots", "logprobs", "prompt_routes", "evals", "model_calls")
+                "refinements", "dataset_snapshots", "logprobs", "prompt_routes", "evals", "model_calls")
 
 
 def frame(table: str, rows: Iterable[BaseModel | dict[str, Any]]) -> pl.DataFrame:
@@ -384,10 +384,11 @@ class Store:
 
     def run_responses(self, run_id: str, identities: list[str], sampling: str, samples: int) -> pl.DataFrame:
         """response_id, prompt_id, tokens of a run's samples that exist: its prompts answered by these models
-        with these sampling params (canonical JSON), sample index below `samples`."""
+        with these sampling params (canonical JSON), sample index below `samples` (never a teacher's rows)."""
         sql = ("SELECT r.response_id, r.prompt_id, r.completion_tokens AS tokens FROM responses r "
                "JOIN run_prompts rp ON rp.prompt_id = r.prompt_id AND rp.run_id = $1 "
-               "WHERE list_contains($2, r.model_identity) AND r.sampling = $3 AND r.sample_index < $4")  # fmt: skip
+               "WHERE list_contains($2, r.model_identity) AND r.sampling = $3 AND r.sample_index < $4 "
+               "AND r.source = 'sampled'")  # fmt: skip
         schema = {"response_id": pl.String, "prompt_id": pl.String, "tokens": pl.Int32}
         return self._rows(sql, [], schema, [run_id, identities, sampling, samples])
 
