@@ -229,9 +229,16 @@ class CurationSpec(Strict):
     )
 
 
+ExportFormat = Literal["trl", "jsonl", "openrlhf"]
+MarginMode = Literal["none", "raw", "scaled", "teacher"]
+
+
 class ExportTarget(Strict):
-    format: Literal["trl", "jsonl"] = "trl"
+    format: ExportFormat = "trl"
     path: str = Field(..., description="Output folder (relative to the current directory).")
+    margin: MarginMode = Field(
+        "none", description="Write a `margin` column (read by TRL's RewardTrainer): none, raw, scaled or teacher."
+    )
 
 
 class PipelineConfig(Strict):
