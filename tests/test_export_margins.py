@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from prefsynth import cli
 from prefsynth.backends.client import Endpoint
 from prefsynth.cli import app
-from prefsynth.errors import ExportError
+from prefsynth.errors import ConfigError, ExportError
 from prefsynth.schemas.config import parse_config
 from prefsynth.schemas.records import Message, Pair, Prompt, Response, StageResult
 from prefsynth.tasks.card import score_unit
@@ -206,6 +206,15 @@ def test_cli_margin_option_and_a_bad_value(tmp_path):
     assert "2 sampled" in refused.output and "Traceback" not in refused.output and not (tmp_path / "t").exists()
     help_text = runner.invoke(app, ["export", "--help"]).output
     assert "--margin" in help_text and "openrlhf" in help_text
+
+
+def test_a_config_with_an_unknown_margin_mode_names_the_field():
+    raw = {"prompts": {"builtin": "quickstart"}, "generation": {"models": [MODEL]},
+           "scorers": [{"kind": "pointwise_judge", "model": MODEL}],
+           "export": [{"path": "o", "margin": "big"}]}  # fmt: skip
+    with pytest.raises(ConfigError, match="export.0.margin: Input should be 'none', 'raw', 'scaled' or 'teacher'"):
+        parse_config(raw)
+    assert parse_config({**raw, "export": [{"path": "o"}]}).export[0].margin == "none"
 
 
 def test_the_pipeline_export_honours_each_targets_margin(tmp_path, prefect_harness):
