@@ -27,6 +27,7 @@ ROWS = pl.DataFrame(
         "rejected_model": ["m", "m"],
         "scorer_id": ["s", "s"],
         "rule": ["{}", "{}"],
+        "source": ["sampled", "sampled"],
     }
 )
 
@@ -47,8 +48,10 @@ def test_trl_parquet_loads_back_with_message_lists(tmp_path):
     assert first["chosen"] == [{"role": "assistant", "content": "4"}]
     assert first["rejected"] == [{"role": "assistant", "content": "5"}]
     assert ds[1]["prompt"][0] == {"role": "system", "content": "Be brief."}
-    for col in ("score_chosen", "score_rejected", "margin", "pair_id", "chosen_id", "rejected_id", "run_id"):
+    for col in ("source", "score_gap", "score_chosen", "score_rejected", "pair_id", "chosen_id", "rejected_id",
+                "run_id"):
         assert col in ds.column_names
+    assert "margin" not in ds.column_names  # TRL would train with it: only a chosen margin mode writes one
 
 
 def test_jsonl_export_and_snapshot_ids(tmp_path):

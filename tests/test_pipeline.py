@@ -128,10 +128,10 @@ def test_stats_and_export_commands(first_run):
     result = runner.invoke(app, ["export", "--db", config.warehouse, "--out", str(out), "--format", "trl"])
     assert result.exit_code == 0, result.output
     ds = datasets.Dataset.from_parquet(str(out / "train.parquet"))
-    assert len(ds) == latest
+    assert len(ds) == latest and "margin" not in ds.column_names  # no margin unless --margin asks for one
     for row in ds:
         assert row["chosen"][0]["role"] == "assistant" and row["prompt"][-1]["role"] == "user"
-        assert row["score_chosen"] - row["score_rejected"] == row["margin"] >= 1
+        assert row["score_chosen"] - row["score_rejected"] == row["score_gap"] >= 1 and row["source"] == "sampled"
     assert _q(config.warehouse, "SELECT n_pairs FROM dataset_snapshots ORDER BY created_at DESC LIMIT 1") == [(latest,)]
 
 

@@ -57,7 +57,8 @@ class RunResult:
 
     @cached_property
     def dataset(self) -> datasets.Dataset:
-        """The pairs in TRL's conversational preference format (prompt, chosen, rejected, scores, provenance)."""
+        """The pairs in TRL's conversational preference format (prompt, chosen, rejected, source, score_gap,
+        scores, provenance), with no `margin` column: `prefsynth export --margin` writes one deliberately."""
         import datasets
 
         from prefsynth.tasks.export import to_trl

@@ -240,26 +240,39 @@ def _cell(value: object) -> str:
     return escape(str(value))  # names like score[judge] are text, not rich markup
 
 
+FORMAT_HELP = "trl (train.parquet), jsonl (train.jsonl) or openrlhf (openrlhf.jsonl)."
+MARGIN_HELP = "Write a `margin` column, which TRL's RewardTrainer trains with: none (default), raw, scaled, teacher."
+
+
 @app.command()
 def export(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("prefsynth.duckdb"),
-    fmt: Annotated[str, typer.Option("--format", help="trl (train.parquet) or jsonl (train.jsonl).")] = "trl",
+    fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "trl",
+    margin: Annotated[str, typer.Option("--margin", help=MARGIN_HELP)] = "none",
     run_id: Annotated[str | None, typer.Option("--run", help="A run id (default: the newest completed).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset already in --out.")] = False,
 ) -> None:
-    """Write the pairs of the latest completed run as a TRL conversational preference dataset.
+    """Write the pairs of the latest completed run as a preference dataset, with its card (README.md).
 
-    Example: prefsynth export --db prefsynth.duckdb --out exports/v1 --format trl
+    Example: prefsynth export --db prefsynth.duckdb --out exports/v1 --format trl --margin none
 
-    A folder that already holds this format's file (train.parquet or train.jsonl) is left alone unless
-    --overwrite is given. The warehouse must exist, and --run must name one of its runs.
+    Every row has `source` and `score_gap` (score_chosen - score_rejected). A `margin` column changes the
+    reward-model objective (-logsigmoid(r_chosen - r_rejected - margin)), so it is written only with --margin:
+    raw (= score_gap, in the scorer's units), scaled (score_gap / the largest gap of the same source and scorer:
+    0-1), teacher (teacher pairs' calibrated gap, other rows 0). The card states each source's unit.
+
+    A folder that already holds this format's file is left alone unless --overwrite is given. The warehouse
+    must exist, and --run must name one of its runs.
     """
     from prefsynth.tasks.export import FILES, write_dataset
+    from prefsynth.tasks.margins import MARGIN_MODES
     from prefsynth.warehouse.store import Store
 
     if fmt not in FILES:
         raise _fail(PrefsynthError(f"--format must be one of {', '.join(FILES)}, got {fmt!r}"))
+    if margin not in MARGIN_MODES:
+        raise _fail(PrefsynthError(f"--margin must be one of {', '.join(MARGIN_MODES)}, got {margin!r}"))
     try:
         with Store(db, create=False) as store:
             if run_id is not None and not store.has_run(run_id):
@@ -267,13 +280,14 @@ def export(
             chosen_run, rows = store.export_rows(run_id)
             if chosen_run is None:
                 raise PrefsynthError(f"{db} has no completed run to export")
-            done = write_dataset(rows, out, fmt, overwrite)
+            scorers = store.scorers_of(rows["scorer_id"])
+            done = write_dataset(rows, out, fmt, overwrite, margin, scorers, chosen_run)
             store.record_snapshot(done.snapshot_id, chosen_run, fmt, str(done.path), done.n_pairs)
     except PrefsynthError as err:
         raise _fail(err) from None
     if done.n_pairs == 0:
         console.print(f"[yellow]warning:[/] run {chosen_run} has no pairs; wrote an empty dataset")
-    print(f"{done.n_pairs} pairs from run {chosen_run} -> {done.path}")
+    print(f"{done.n_pairs} pairs from run {chosen_run} -> {done.path} (margin: {margin})")
 
 
 @app.command("eval")

@@ -162,10 +162,12 @@ def _run(
         if rows.is_empty():
             logger.warning(f"export: this run made no pairs; {target.path} is left as it was")
             continue
-        done = export(rows, target.path, target.format, overwrite=True)  # the config owns its paths
+        scorers = store.scorers_of(rows["scorer_id"])  # the card's units
+        # the config owns its paths: overwrite
+        done = export(rows, target.path, target.format, target.margin, scorers, run_id, overwrite=True)
         store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), done.n_pairs)
         summary.exports.append(str(done.path))
-        logger.info(f"export: {done.n_pairs} pairs -> {done.path}")
+        logger.info(f"export: {done.n_pairs} pairs -> {done.path} (margin: {target.margin})")
 
 
 def teacher_stage(

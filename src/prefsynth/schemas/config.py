@@ -257,9 +257,16 @@ class TeacherSpec(Strict):
     seed: int = Field(0, ge=0)
 
 
+ExportFormat = Literal["trl", "jsonl", "openrlhf"]
+MarginMode = Literal["none", "raw", "scaled", "teacher"]
+
+
 class ExportTarget(Strict):
-    format: Literal["trl", "jsonl"] = "trl"
+    format: ExportFormat = "trl"
     path: str = Field(..., description="Output folder (relative to the current directory).")
+    margin: MarginMode = Field(
+        "none", description="Write a `margin` column (read by TRL's RewardTrainer): none, raw, scaled or teacher."
+    )
 
 
 class PipelineConfig(Strict):

@@ -1,13 +1,18 @@
-"""Export: pairs -> a Hugging Face `datasets.Dataset` in TRL's conversational preference format.
+"""Export: pairs -> a Hugging Face `datasets.Dataset` file and its dataset card (README.md) in one folder.
 
-Columns: `prompt` (message list), `chosen` and `rejected` (one assistant message each),
-`score_chosen`, `score_rejected`, `margin`, and provenance (`pair_id`, `prompt_id`, `chosen_id`,
-`rejected_id`, `chosen_model`, `rejected_model`, `scorer_id`, `run_id`). `trl` writes train.parquet,
-`jsonl` writes train.jsonl; both load with `datasets` and feed TRL's DPOTrainer/RewardTrainer directly.
+Formats (file):
+- `trl` (train.parquet), `jsonl` (train.jsonl): TRL's conversational preference format, `prompt` (message
+  list), `chosen` and `rejected` (one assistant message each); TRL's DPOTrainer/RewardTrainer read it.
+- `openrlhf` (openrlhf.jsonl): what OpenRLHF's RewardDataset reads with `--data.apply_chat_template` and no
+  prompt key: `chosen` and `rejected` are whole conversations (prompt messages + the answer).
+Then, in all three: `margin` (only with a margin mode, see margins.py), `source`, `score_gap`, `score_chosen`,
+`score_rejected` and provenance (`pair_id`, `prompt_id`, `chosen_id`, `rejected_id`, `chosen_model`,
+`rejected_model`, `scorer_id`, `run_id`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +21,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from prefsynth.errors import ExportError
+from prefsynth.tasks.card import dataset_card
+from prefsynth.tasks.margins import with_margins
 from prefsynth.warehouse.ids import content_id
 
 MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
-FILES = {"trl": "train.parquet", "jsonl": "train.jsonl"}
+FILES = {"trl": "train.parquet", "jsonl": "train.jsonl", "openrlhf": "openrlhf.jsonl"}
+CARD = "README.md"
 PROVENANCE = ["pair_id", "prompt_id", "chosen_id", "rejected_id", "chosen_model", "rejected_model",
               "scorer_id", "run_id"]  # fmt: skip
+SCORERS = pl.DataFrame(schema={"scorer_id": pl.String, "name": pl.String, "kind": pl.String, "config": pl.String})
 
 
 @dataclass
@@ -32,43 +41,62 @@ class Exported:
     snapshot_id: str
 
 
+def _prompt() -> pl.Expr:
+    return pl.col("prompt_messages").str.json_decode(pl.List(MESSAGE))
+
+
 def _assistant(col: str) -> pl.Expr:
     return pl.concat_list(pl.struct(role=pl.lit("assistant"), content=pl.col(col)))
 
 
-def to_trl(rows: pl.DataFrame) -> pl.DataFrame:
-    """v_run_pairs rows -> TRL conversational preference columns."""
-    if rows.is_empty():
-        empty = {"prompt": pl.List(MESSAGE), "chosen": pl.List(MESSAGE), "rejected": pl.List(MESSAGE),
-                 "score_chosen": pl.Float64, "score_rejected": pl.Float64, "margin": pl.Float64}  # fmt: skip
-        return pl.DataFrame(schema={**empty, **dict.fromkeys(PROVENANCE, pl.String)})
-    return rows.sort("prompt_id", "pair_id").select(
-        pl.col("prompt_messages").str.json_decode(pl.List(MESSAGE)).alias("prompt"),
-        _assistant("chosen_text").alias("chosen"),
-        _assistant("rejected_text").alias("rejected"),
-        "score_chosen",
-        "score_rejected",
-        "margin",
-        *PROVENANCE,
-    )
+def _tail(rows: pl.DataFrame) -> list[str]:
+    """The columns after the texts: `margin` where with_margins wrote one, then the gap, scores, provenance."""
+    margin = ["margin"] if "margin" in rows.columns else []
+    return [*margin, "source", "score_gap", "score_chosen", "score_rejected", *PROVENANCE]
 
 
-def write_dataset(rows: pl.DataFrame, out_dir: str | Path, fmt: str, overwrite: bool = False) -> Exported:
-    """Write `rows` to out_dir/train.parquet (trl) or train.jsonl (jsonl); an existing one only if `overwrite`."""
+def _trl(rows: pl.DataFrame) -> pl.DataFrame:
+    return rows.select(_prompt().alias("prompt"), _assistant("chosen_text").alias("chosen"),
+                       _assistant("rejected_text").alias("rejected"), *_tail(rows))  # fmt: skip
+
+
+def _openrlhf(rows: pl.DataFrame) -> pl.DataFrame:
+    chosen, rejected = (pl.concat_list(_prompt(), _assistant(f"{side}_text")) for side in ("chosen", "rejected"))
+    return rows.select(chosen.alias("chosen"), rejected.alias("rejected"), *_tail(rows))
+
+
+SHAPES: dict[str, Callable[[pl.DataFrame], pl.DataFrame]] = {"trl": _trl, "jsonl": _trl, "openrlhf": _openrlhf}
+
+
+def to_trl(rows: pl.DataFrame, margin: str = "none") -> pl.DataFrame:
+    """v_run_pairs rows -> TRL conversational preference columns (a `margin` column only for a margin mode)."""
+    return _trl(with_margins(rows, margin).sort("prompt_id", "pair_id"))
+
+
+def write_dataset(rows: pl.DataFrame, out_dir: str | Path, fmt: str, overwrite: bool = False, margin: str = "none",
+                  scorers: pl.DataFrame = SCORERS, run_id: str | None = None) -> Exported:  # fmt: skip
+    """Write `rows` (run `run_id`'s v_run_pairs) to out_dir/FILES[fmt], an existing one only if `overwrite`, and
+    the folder's card (README.md), whose units come from `scorers` (rows of the scorers table)."""
     import datasets
 
     if fmt not in FILES:
         raise ValueError(f"unknown export format {fmt!r}; use one of {sorted(FILES)}")
-    path = _target(Path(out_dir), FILES[fmt], overwrite)
+    margined = with_margins(rows, margin).sort("prompt_id", "pair_id")  # before any file is touched
+    out = Path(out_dir)
+    path = _target(out, FILES[fmt], overwrite)
     datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_polars(to_trl(rows))
+    ds = datasets.Dataset.from_polars(SHAPES[fmt](margined))
     tmp = path.with_name(path.name + ".tmp")
     if fmt == "trl":
         ds.to_parquet(str(tmp))
     else:
         ds.to_json(str(tmp), lines=True, force_ascii=False)
     tmp.replace(path)  # a reader never sees a half-written file
-    snapshot = content_id("snapshot", sorted(rows["pair_id"].to_list()) if len(rows) else [], fmt)
+    others = sorted(f for f in FILES.values() if f != path.name and (out / f).exists())
+    card = out / (CARD + ".tmp")
+    card.write_text(dataset_card(margined, run_id, fmt, path.name, margin, scorers, others), encoding="utf-8")
+    card.replace(out / CARD)
+    snapshot = content_id("snapshot", sorted(rows["pair_id"].to_list()) if len(rows) else [], fmt, margin)
     return Exported(path=path, format=fmt, n_pairs=len(ds), snapshot_id=snapshot)
 
 
@@ -88,6 +116,7 @@ def _target(out: Path, name: str, overwrite: bool) -> Path:
 
 
 @task(name="export", cache_policy=NO_CACHE)
-def export(rows: pl.DataFrame, out_dir: str, fmt: str, overwrite: bool = False) -> Exported:
+def export(rows: pl.DataFrame, out_dir: str, fmt: str, margin: str, scorers: pl.DataFrame, run_id: str,
+           overwrite: bool = False) -> Exported:  # fmt: skip
     """Prefect task: write one export target."""
-    return write_dataset(rows, out_dir, fmt, overwrite)
+    return write_dataset(rows, out_dir, fmt, overwrite, margin, scorers, run_id)

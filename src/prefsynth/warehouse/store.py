@@ -433,6 +433,13 @@ class Store:
         df = self._query("SELECT * FROM v_run_pairs WHERE run_id = $1 ORDER BY prompt_id, pair_id", [run_id])
         return run_id, df
 
+    def scorers_of(self, scorer_ids: Sequence[str] | pl.Series) -> pl.DataFrame:
+        """scorer_id, name, kind and config (JSON) of these scorers: what an export's card says about units."""
+        sql = ("SELECT s.scorer_id, s.name, s.kind, s.config FROM scorers s JOIN _ids ON s.scorer_id = _ids.id "
+               "ORDER BY s.scorer_id")  # fmt: skip
+        schema = {"scorer_id": pl.String, "name": pl.String, "kind": pl.String, "config": pl.String}
+        return self._rows(sql, list(dict.fromkeys(scorer_ids)), schema)
+
     def _query(self, sql: str, params: list[Any]) -> pl.DataFrame:
         with self._lock:
             return self.con.execute(sql, params).pl()

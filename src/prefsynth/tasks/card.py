@@ -1,0 +1,109 @@
+"""The dataset card (README.md) of an export folder: what the file holds, and the unit of every gap and margin.
+
+Units come from what the warehouse knows of each pair's scorer (the scorers table: name, kind, config JSON);
+where it says nothing that fixes a unit, the card says "the scorer's own units".
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import polars as pl
+
+from prefsynth.tasks.margins import GROUP, TEACHER_SOURCES
+
+FORMATS = {
+    "trl": "TRL conversational preference with an explicit prompt: `prompt`, `chosen` and `rejected` are message "
+           "lists (`chosen`/`rejected` one assistant message each); TRL's DPOTrainer and RewardTrainer read it",
+    "jsonl": "TRL conversational preference as JSON lines: the columns of the `trl` format",
+    "openrlhf": "OpenRLHF preference data: `chosen` and `rejected` are whole conversations (the prompt's messages "
+                "and the answer); train with `--data.apply_chat_template --data.chosen_key chosen "
+                "--data.rejected_key rejected` and no `--data.prompt_key`",
+}  # fmt: skip
+SOURCES = {
+    "sampled": "a curation rule over sampled responses",
+    "teacher_refinement": "a teacher's minimal edit of a response against that response",
+    "teacher_anchor": "the teacher's own answer against a sampled response",
+}
+MODES = {
+    "none": "There is no `margin` column: TRL's RewardTrainer and OpenRLHF train with the plain loss "
+            "-logsigmoid(r_chosen - r_rejected).",
+    "raw": "`margin` = `score_gap`, in the unit of each row's scorer (table above).",
+    "scaled": "`margin` = `score_gap` divided by the largest `score_gap` among the rows of the same source and "
+              "scorer (the divisor is in the table above): unitless, in (0, 1] for a positive gap.",
+    "teacher": "Teacher pairs (source teacher_refinement or teacher_anchor) get the gap stored with the pair: the "
+               "teacher's calibrated score difference s_w - s_l. Rows of other sources have no calibrated gap and "
+               "get 0, which trains them with the plain loss.",
+}  # fmt: skip
+
+
+def score_unit(name: str, kind: str, config: dict[str, Any]) -> str:
+    """The unit of a scorer's values (and so of a gap between two of them), from its stored config."""
+    roles = set(config.get("models") or {})
+    if "scale_min" in config and "scale_max" in config:
+        return f"points on scorer `{name}`'s {config['scale_min']}–{config['scale_max']} scale"
+    if kind == "pairwise":
+        return f"share (0–1) of its pairwise comparisons a response won, judged by scorer `{name}`"
+    if {"strong", "weak"} <= roles and config.get("value") in ("mean", "sum"):
+        per = "per token" if config["value"] == "mean" else "summed over tokens"
+        return f"CDR log-ratio log p_strong - log p_weak {per}, of scorer `{name}`"
+    if kind == "panel" and config.get("aggregate") == "mean_normalized":
+        return f"mean z-score of panel `{name}`'s members"
+    if kind == "panel" and config.get("aggregate") == "majority":
+        return f"Copeland score (wins + 0.5 per draw against the prompt's other responses) of panel `{name}`"
+    if "backend" in config:
+        return f"reward-model output of scorer `{name}`"
+    return f"scorer `{name}`'s own units"
+
+
+def dataset_card(rows: pl.DataFrame, run_id: str | None, fmt: str, file: str, mode: str,
+                 scorers: pl.DataFrame, others: list[str]) -> str:  # fmt: skip
+    """The card of `file`: `rows` are with_margins' output (source, scorer_id, score_gap), `scorers` the
+    scorers table's rows of their scorers, `others` dataset files in the folder this card does not describe."""
+    known = {r["scorer_id"]: r for r in scorers.iter_rows(named=True)}
+    # No `configs:` in the metadata: datasets (5.2) caches a folder whose card lists configs by the folder's name
+    # and the card alone, so `load_dataset(folder)` after a re-export there would return the earlier rows.
+    lines = ["---", "tags:", "- prefsynth", "- preference", "---", "",
+             f"# Preference pairs from prefsynth run `{run_id or '–'}`", "",
+             f"`{file}` holds {len(rows)} pairs of run `{run_id or '–'}` in the `{fmt}` format: {FORMATS[fmt]}.",
+             ""]  # fmt: skip
+    if others:
+        lines += [f"Other files here ({', '.join(f'`{o}`' for o in others)}) come from other exports; "
+                  "this card does not describe them.", ""]  # fmt: skip
+    lines += ["## Pairs per source", "", "| source | pairs | scorer | unit of `score_gap` | `margin` |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    groups = rows.group_by(GROUP).agg(pl.len().alias("n"), pl.col("score_gap").max().alias("top")).sort(GROUP)
+    for source, scorer_id, n, top in groups.iter_rows():
+        scorer = known.get(scorer_id)
+        if scorer is None:
+            who, unit = f"`{scorer_id}`", "the scorer's own units"
+        else:
+            who = f"`{scorer['name']}` ({scorer['kind']}, id `{scorer_id}`)"
+            unit = score_unit(scorer["name"], scorer["kind"], json.loads(scorer["config"]))
+        lines.append(f"| {source} | {n} | {who} | {unit} | {_margin_cell(mode, source, top)} |")
+    lines += ["", "## Columns", "",
+              "- `score_gap` = `score_chosen` - `score_rejected`, in the unit of the row's scorer (table above). "
+              "TRL and OpenRLHF do not read it; use it to filter or weight pairs.",
+              "- `source`: where the pair comes from: "
+              + "; ".join(f"`{s}`, {text}" for s, text in SOURCES.items()) + ".",
+              "- `score_chosen`, `score_rejected`: the scorer's values of the two responses; the other columns "
+              "(`pair_id`, `prompt_id`, `chosen_id`, `rejected_id`, `chosen_model`, `rejected_model`, "
+              "`scorer_id`, `run_id`) trace each pair back to the warehouse.", "",
+              f"## Margin mode: `{mode}`", "", MODES[mode]]  # fmt: skip
+    if mode != "none":
+        lines += ["", "Every row has a `margin`. TRL's RewardTrainer then trains with "
+                  "-logsigmoid(r_chosen - r_rejected - margin), and so does OpenRLHF's reward-model training "
+                  "with `--model.margin_loss_enable`: the reward model must separate each pair by at least its "
+                  "margin, in reward units."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _margin_cell(mode: str, source: str, top: float | None) -> str:
+    if mode == "none":
+        return "none"
+    if mode == "raw":
+        return "= `score_gap`"
+    if mode == "scaled":
+        return f"`score_gap` / {top:g}" if top is not None and top > 0 else "0 (no positive gap)"
+    return "the stored teacher gap (unit of the row's scorer)" if source in TEACHER_SOURCES else "0 (no calibrated gap)"
