@@ -186,6 +186,7 @@ def test_panel_and_unknown_scorers_units():
     assert "mean z-score" in score_unit("p", "panel", {"members": ["a", "b"], "aggregate": "mean_normalized"})
     assert "Copeland" in score_unit("p", "panel", {"members": ["a", "b"], "aggregate": "majority"})
     assert score_unit("x", "pointwise", {"kind": "pointwise", "models": {}}) == "scorer `x`'s own units"
+    assert "1–10 scale" in score_unit("teacher", "teacher", {"kind": "teacher", "models": {"teacher": "m"}})
 
 
 def test_cli_margin_option_and_a_bad_value(tmp_path):
