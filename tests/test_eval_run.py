@@ -48,7 +48,14 @@ def test_an_eval_is_a_run_that_names_its_rows_and_is_never_exported(tmp_path, pr
         assert con.execute("SELECT DISTINCT eval_id FROM evals").fetchall() == [(eval_id,)]
     assert orphan_run_ids(db) == {}
     with Store(db, read_only=True) as store:
-        assert store.export_rows()[0] == "pipeline" and not store.has_run(eval_id)
+        assert store.export_rows()[0] == "pipeline" and store.run_kind(eval_id) == "eval"
+    import prefsynth
+
+    refused = CliRunner().invoke(app, ["export", "--db", str(db), "--out", str(tmp_path / "o"), "--run", eval_id])
+    assert refused.exit_code == 2 and "is a `prefsynth eval` run" in refused.output
+    runs = prefsynth.Warehouse(db).runs()
+    assert runs.filter(runs["run_id"] == eval_id)["kind"].to_list() == ["eval"]
+    assert prefsynth.Warehouse(db).failures(run=eval_id).columns[:2] == ["run_id", "stage"]
 
 
 def test_an_eval_that_fails_ends_its_run_as_failed(tmp_path, prefect_harness, monkeypatch):

@@ -37,6 +37,7 @@ TEACHER = {"kind": "pointwise", "models": {"judge": "t"}, "scale_min": 1, "scale
 SAMPLED = [("a", "p1", "r1a", "r1b", "sj", 8.0, 2.0, 6.0, "sampled"),
            ("b", "p2", "r2a", "r2b", "sj", 9.0, 6.0, 3.0, "sampled")]  # fmt: skip
 REFINED = [("c", "p1", "r1t", "r1b", "st", 7.0, 2.0, 4.0, "teacher_refinement")]
+ANCHORED = [("d", "p2", "r2t", "r2b", "sj", 9.5, 6.0, 3.5, "teacher_anchor")]  # scored by the judge, not calibrated
 
 
 @pytest.fixture(autouse=True)
@@ -102,6 +103,13 @@ def test_each_margin_mode_writes_a_value_on_every_row(tmp_path, mode, expected):
         rows = _export(db, tmp_path / fmt, fmt, mode)
         assert _by_pair(rows, "margin") == expected, fmt  # never null: TRL's collator looks at the first row
         assert _by_pair(rows, "score_gap") == {"a": 6.0, "b": 3.0, "c": 5.0}
+
+
+def test_teacher_margins_are_only_the_teachers_calibrated_gaps(tmp_path):
+    db = _warehouse(tmp_path / "w.duckdb", SAMPLED + REFINED + ANCHORED)
+    rows = _export(db, tmp_path / "trl", "trl", "teacher")
+    assert _by_pair(rows, "margin") == {"a": 0.0, "b": 0.0, "c": 4.0, "d": 0.0}
+    assert _by_pair(rows, "score_gap")["d"] == 3.5  # the anchor's gap is kept, in the judge's units
 
 
 def test_teacher_margins_without_teacher_pairs_are_refused_naming_the_sources(tmp_path):
@@ -216,6 +224,8 @@ def test_a_config_with_an_unknown_margin_mode_names_the_field():
     with pytest.raises(ConfigError, match="export.0.margin: Input should be 'none', 'raw', 'scaled' or 'teacher'"):
         parse_config(raw)
     assert parse_config({**raw, "export": [{"path": "o"}]}).export[0].margin == "none"
+    with pytest.raises(ConfigError, match="export.0.margin teacher .* add the curation rule refined_vs_original"):
+        parse_config({**raw, "export": [{"path": "o", "margin": "teacher"}]})  # known before any model call
 
 
 def test_the_pipeline_export_honours_each_targets_margin(tmp_path, prefect_harness):

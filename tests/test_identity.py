@@ -254,3 +254,23 @@ def test_the_in_process_reward_models_text_format_is_in_its_id(tmp_path, monkeyp
     before = _scorer_id(spec)
     monkeypatch.setattr(hf_reward, "conversation_text", lambda turns: "\n".join(t["content"] for t in turns))
     assert _scorer_id(spec) != before
+
+
+def test_a_cdr_scorers_id_follows_the_chat_template_that_renders_its_texts():
+    import dataclasses
+
+    from prefsynth.backends.templates import configured_template
+
+    chatml = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+    config = parse_config({"prompts": {"builtin": "quickstart"}, "generation": {"models": [MODEL]},
+                           "scorers": [{"kind": "cdr", "strong": MODEL, "weak": {**MODEL, "model": "w"}}]})
+
+    def scorer_id(template: str | None) -> str:
+        def endpoint(spec: Any) -> Endpoint:
+            return dataclasses.replace(_endpoint(spec), template=configured_template(template))
+
+        return build_scorer(config.scorers[0], endpoint).scorer_id
+
+    assert scorer_id(chatml) == scorer_id(chatml)
+    assert len({scorer_id(None), scorer_id(chatml), scorer_id(chatml.replace("<|im_end|>", "<|end|>"))}) == 3

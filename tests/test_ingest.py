@@ -119,7 +119,15 @@ def test_a_warehouse_table_in_a_schema_is_read(tmp_path):
     assert [p.messages[0].content for p in got.prompts] == ["from a schema"]
 
 
-@pytest.mark.parametrize("name", ["a.b.c", "a..b", ".a", "a.", "my-table", "a.b c"])
+@pytest.mark.parametrize("name", ["a.b.c", "a..b", ".a", "a.", 'my"table', "a. "])
 def test_a_warehouse_table_name_must_be_name_or_schema_dot_name(name):
     with pytest.raises(ValueError, match="`warehouse_table` must be NAME or SCHEMA.NAME"):
         PromptSource(warehouse_table=name)
+
+
+def test_a_quoted_warehouse_table_name_needs_no_identifier_rules(tmp_path):
+    with Store(tmp_path / "w.duckdb") as store:
+        store.con.execute('CREATE TABLE "my-prompts" AS SELECT \'hyphen\' AS prompt')
+        rows = store.prompts_from_table("my-prompts").to_dicts()
+    got = load_prompts(PromptSource(warehouse_table="my-prompts"), table_rows=rows)
+    assert [p.messages[0].content for p in got.prompts] == ["hyphen"]

@@ -91,3 +91,31 @@ def test_an_installed_scorer_kind_validates_and_scores_outside_a_pipeline(plugin
 def test_without_the_package_the_kind_is_unknown() -> None:
     with pytest.raises(ConfigError, match="unknown kind 'words'"):
         prefsynth.score({"kind": "words"}, [])
+
+
+def test_two_kinds_with_the_same_settings_have_different_scorer_ids() -> None:
+    from typing import Any, Literal
+
+    from prefsynth.schemas.config import ScorerSpec
+    from prefsynth.tasks.scorers import PointwiseScorer
+
+    class WordsSpec(ScorerSpec):
+        kind: Literal["words"] = "words"
+        name: str = "n"
+
+    class CharsSpec(ScorerSpec):
+        kind: Literal["chars"] = "chars"
+        name: str = "n"
+
+    class Words(PointwiseScorer):
+        Spec = WordsSpec
+
+        def identity(self) -> dict[str, Any]:
+            return {}
+
+        async def score(self, clients: Any, item: Any) -> Any: ...
+
+    class Chars(Words):
+        Spec = CharsSpec
+
+    assert Words(WordsSpec(), {}).scorer_id != Chars(CharsSpec(), {}).scorer_id

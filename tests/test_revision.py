@@ -42,10 +42,13 @@ def test_a_new_revision_is_called_again_and_a_moved_server_is_not(tmp_path: Path
         logging.getLogger("prefect.flow_runs").addHandler(handler)
         try:
             new = prefsynth.run(_config(tmp_path, url, "r2"), prompts=PROMPTS)
+            assert new.summary.model_calls == first.summary.model_calls
+            assert any("model smollm2: revision r2 is new here (was r1)" in r.getMessage() for r in warnings)
+            warnings.clear()
+            back = prefsynth.run(_config(tmp_path, url, "r1"), prompts=PROMPTS)  # its answers are all cached
+            assert back.summary.model_calls == 0 and not [r for r in warnings if "revision" in r.getMessage()]
         finally:
             logging.getLogger("prefect.flow_runs").removeHandler(handler)
-        assert new.summary.model_calls == first.summary.model_calls
-        assert any("model smollm2: revision r2 is new here (was r1)" in r.getMessage() for r in warnings)
 
 
 def test_revision_is_only_for_endpoints() -> None:

@@ -103,6 +103,14 @@ def test_anchor_vs_sampled_pairs_the_anchor_with_each_lower_scored_sample():
     assert pairs.select("chosen_id", "rejected_id", "margin", "source").rows() == [("A", "x", 5.0, "teacher_anchor")]
 
 
+def test_anchor_vs_sampled_skips_values_that_are_not_numbers():
+    anchors = pl.DataFrame({"prompt_id": ["p", "q"], "response_id": ["A", "B"], "value": [7.0, float("nan")]})
+    samples = pl.DataFrame({"prompt_id": ["p", "p", "q"], "response_id": ["x", "y", "w"],
+                            "value": [float("nan"), 2.0, 1.0]})  # fmt: skip
+    pairs = anchor_vs_sampled(anchors, samples, "judge-id", CurationSpec(min_margin=1))
+    assert pairs.select("chosen_id", "rejected_id", "margin").rows() == [("A", "y", 5.0)]
+
+
 # ---- repair path and identical drop (replies injected at the HTTP layer) -------------------------------
 
 PARENT = "The capital of France is Lyon."
@@ -249,3 +257,27 @@ def test_min_gap_filters_refinements_without_new_calls(taught):
     assert scored[0] >= 1 and scored[1] == 0  # a margin is at most 10 - 1 = 9: nothing is above 9
     assert not _q(config.warehouse, "SELECT * FROM run_pairs rp JOIN pairs USING (pair_id) WHERE "
                                     f"rp.run_id = '{summary.run_id}' AND source = 'teacher_refinement'")  # fmt: skip
+
+
+def test_without_its_anchor_a_reference_refinement_waits_for_a_later_run(tmp_path, prefect_harness):
+    """reference: true asks to show the teacher its own answer; when that answer fails, refining without it
+    would store a refinement of another kind (and pay for a second one later): it is a failure instead."""
+    import prefsynth
+    from tests.test_truth import _good
+
+    def respond(body):
+        return (500, {"error": {"message": "teacher down"}}) if body["model"] == "t" else _good(body)
+
+    with FakeOpenAI(respond) as fake:
+        model = {"base_url": fake.base_url, "model": "m", "max_retries": 0}
+        config = {"generation": {"models": [model], "samples_per_prompt": 2},
+                  "scorers": [{"kind": "pointwise_judge", "model": model}],
+                  "teacher": {"model": {**model, "model": "t"}, "reference": True, "anchors": True},
+                  "curation": {"rule": ["best_vs_worst", "refined_vs_original"]},
+                  "warehouse": str(tmp_path / "w.duckdb")}  # fmt: skip
+        result = prefsynth.run(config, prompts=["q1", "q2", "q3"])
+        teacher_requests = [b for b in fake.requests if b["model"] == "t"]
+    assert result.counts["score[judge]"].new == 6, "precondition: the samples were scored"
+    assert result.counts["anchor[teacher]"].failed == 3 and len(teacher_requests) == 3  # anchors only
+    failures = prefsynth.Warehouse(result.warehouse).failures(run=result.run_id).filter(pl.col("stage") == "refine")
+    assert len(failures) == 3 and set(failures["error"]) == {"no reference: the teacher's own answer failed"}

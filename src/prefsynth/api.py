@@ -160,8 +160,8 @@ def score(scorer: ScorerSpec | Mapping[str, Any], items: Any, *, base_dir: str |
 
     `scorer`: a scorer spec or a mapping shaped like one entry of a config's `scorers`. `items`: a list or a
     polars DataFrame. A pointwise scorer takes (prompt, response) items; a pairwise judge takes
-    (prompt, a, b). A prompt is a text or a message list. Returns one row per item, in order: `index` and
-    `value` (pointwise) or `winner`, `score_a`, `consistent`, `flipped` (pairwise), plus `rationale` and
+    (prompt, a, b). A prompt is a text or a message list. Returns one row per item, in order: `index`, then
+    `value` and `rationale` (pointwise) or `winner`, `score_a`, `consistent`, `flipped` (pairwise), and
     `error` (set when the item failed, with no value).
     """
     import polars as pl

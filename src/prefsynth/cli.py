@@ -260,7 +260,7 @@ def export(
     Every row has `source` and `score_gap` (score_chosen - score_rejected). A `margin` column changes the
     reward-model objective (-logsigmoid(r_chosen - r_rejected - margin)), so it is written only with --margin:
     raw (= score_gap, in the scorer's units), scaled (score_gap / the largest gap of the same source and scorer:
-    0-1), teacher (teacher pairs' calibrated gap, other rows 0). The card states each source's unit.
+    0-1), teacher (refinement pairs' calibrated gap, other rows 0). The card states each source's unit.
 
     A folder that already holds this format's file is left alone unless --overwrite is given. The warehouse
     must exist, and --run must name one of its runs.
@@ -275,8 +275,11 @@ def export(
         raise _fail(PrefsynthError(f"--margin must be one of {', '.join(MARGIN_MODES)}, got {margin!r}"))
     try:
         with Store(db, create=False) as store:
-            if run_id is not None and not store.has_run(run_id):
+            kind = store.run_kind(run_id) if run_id is not None else "synthesize"
+            if kind is None:
                 raise PrefsynthError(f"{db} has no run {run_id!r} (--run)")
+            if kind != "synthesize":
+                raise PrefsynthError(f"run {run_id!r} is a `prefsynth {kind}` run: it has no pairs to export (--run)")
             chosen_run, rows = store.export_rows(run_id)
             if chosen_run is None:
                 raise PrefsynthError(f"{db} has no completed run to export")

@@ -112,6 +112,12 @@ def teach(
                     taught.anchor_values += [{"prompt_id": pid, "response_id": s.response_id, "value": s.value}
                                              for s in scored.of(Score)]  # fmt: skip
             done(anchors, result, result.without(Score))
+        if spec.reference and reference is None:  # the anchor failed: refine on a later run, with it
+            for i in items:
+                failure = Failure(stage="refine", item_id=teacher.refined_id(i), scorer_id=teacher.scorer_id,
+                                  error="no reference: the teacher's own answer failed", raw=None)
+                done(refines, StageResult(failure))
+            return
         if not spec.reference:
             reference = None
         results = await asyncio.gather(*(teacher.refine(client, replace(i, reference=reference)) for i in items))

@@ -145,8 +145,8 @@ class PromptSource(Strict):
         if self.path and Path(self.path).suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
             raise ValueError(f"`path` must end in .jsonl, .json, .csv or .parquet: {self.path}")
         parts = self.warehouse_table.split(".") if self.warehouse_table else []
-        if parts and (len(parts) > 2 or not all(p.isidentifier() for p in parts)):
-            raise ValueError(f"`warehouse_table` must be NAME or SCHEMA.NAME (letters, digits, _): "
+        if parts and (len(parts) > 2 or not all(p.strip() for p in parts) or '"' in self.warehouse_table):
+            raise ValueError(f"`warehouse_table` must be NAME or SCHEMA.NAME (no empty part, no double quote): "
                              f"{self.warehouse_table!r}")
         return self
 
@@ -319,6 +319,10 @@ class PipelineConfig(Strict):
             raise ValueError("curation.rule is an empty list: name at least one rule")
         if "refined_vs_original" in rules and (teacher is None or teacher.refine == "none"):
             raise ValueError("curation rule refined_vs_original needs a `teacher` whose `refine` is not none")
+        for i, target in enumerate(self.export):
+            if target.margin == "teacher" and "refined_vs_original" not in rules:
+                raise ValueError(f"export.{i}.margin teacher exports the teacher's calibrated gaps: add the curation "
+                                 "rule refined_vs_original (with a `teacher`), or choose margin raw, scaled or none")
         if teacher is not None and teacher.reference and not teacher.anchors:
             raise ValueError("teacher.reference shows the teacher its own answer: set teacher.anchors: true")
         if "anchor_vs_sampled" in rules:

@@ -32,8 +32,9 @@ MODES = {
     "raw": "`margin` = `score_gap`, in the unit of each row's scorer (table above).",
     "scaled": "`margin` = `score_gap` divided by the largest `score_gap` among the rows of the same source and "
               "scorer (the divisor is in the table above): unitless, in (0, 1] for a positive gap.",
-    "teacher": "Teacher pairs (source teacher_refinement or teacher_anchor) get the gap stored with the pair: the "
-               "teacher's calibrated score difference s_w - s_l. Rows of other sources have no calibrated gap and "
+    "teacher": "Refinement pairs (source teacher_refinement) get the gap stored with the pair: the teacher's "
+               "calibrated score difference s_w - s_l. Rows of other sources (anchors are scored by the curation "
+               "scorer, not calibrated by the teacher) have no calibrated gap and "
                "get 0, which trains them with the plain loss.",
 }  # fmt: skip
 
@@ -108,4 +109,4 @@ def _margin_cell(mode: str, source: str, top: float | None) -> str:
         return "= `score_gap`"
     if mode == "scaled":
         return f"`score_gap` / {top:g}" if top is not None and top > 0 else "0 (no positive gap)"
-    return "the stored teacher gap (unit of the row's scorer)" if source in TEACHER_SOURCES else "0 (no calibrated gap)"
+    return "the teacher's calibrated gap s_w - s_l" if source in TEACHER_SOURCES else "0 (no calibrated gap)"

@@ -100,9 +100,10 @@ def anchor_vs_sampled(anchors: pl.DataFrame, scores: pl.DataFrame, scorer_id: st
     """The teacher's anchor (chosen) against each sampled response of its prompt that the curation scorer
     scores lower, by at least min_margin (and > 0). anchors and scores: prompt_id, response_id, value."""
     rule = {"rule": "anchor_vs_sampled", "min_margin": spec.min_margin, "scorer_id": scorer_id}
+    valid = pl.col("value").is_not_null() & pl.col("value").is_not_nan()
     joined = (
-        anchors.rename({"response_id": "chosen_id", "value": "score_chosen"})
-        .join(scores.rename({"response_id": "rejected_id", "value": "score_rejected"}), on="prompt_id")
+        anchors.filter(valid).rename({"response_id": "chosen_id", "value": "score_chosen"})
+        .join(scores.filter(valid).rename({"response_id": "rejected_id", "value": "score_rejected"}), on="prompt_id")
         .with_columns(margin=pl.col("score_chosen") - pl.col("score_rejected"))
         .filter((pl.col("margin") > 0) & (pl.col("margin") >= spec.min_margin))
         .sort("prompt_id", "rejected_id")

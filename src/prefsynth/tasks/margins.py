@@ -8,9 +8,9 @@ comes from the export's mode:
 - `raw`: score_gap, in the units of the pair's scorer;
 - `scaled`: score_gap divided by the largest score_gap among the export's rows of the same source and scorer,
   so curated pairs (positive gaps) get margins in (0, 1]; a group whose largest gap is not positive gets 0;
-- `teacher`: teacher pairs get the gap stored with the pair (the teacher's calibrated s_w - s_l); rows of
-  other sources get 0 (they have no calibrated gap; 0 trains them with the plain objective). An export
-  with no teacher pair is refused.
+- `teacher`: refinement pairs get the gap stored with the pair (the teacher's calibrated s_w - s_l); rows of
+  other sources, anchors included (the curation scorer scores them), get 0 (no calibrated gap: 0 trains them
+  with the plain objective). An export with no refinement pair is refused.
 Every row gets a value, never null: TRL's collator decides from a batch's first row whether margins exist.
 """
 
@@ -24,7 +24,7 @@ from prefsynth.errors import ExportError
 from prefsynth.schemas.config import MarginMode
 
 MARGIN_MODES: tuple[str, ...] = get_args(MarginMode)
-TEACHER_SOURCES = ("teacher_refinement", "teacher_anchor")
+TEACHER_SOURCES = ("teacher_refinement",)  # the pairs whose stored margin is the teacher's calibrated s_w - s_l
 GROUP = ("source", "scorer_id")  # rows in one unit: `scaled` divides within these
 
 

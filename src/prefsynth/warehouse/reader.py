@@ -14,7 +14,7 @@ from prefsynth.errors import WarehouseError
 from prefsynth.warehouse.store import Store
 
 _RUNS = """
-SELECT r.run_id, r.name, coalesce(e.status, 'interrupted or running') AS status, r.started_at, e.finished_at,
+SELECT r.run_id, r.kind, r.name, coalesce(e.status, 'interrupted or running') AS status, r.started_at, e.finished_at,
        (SELECT count(*) FROM run_prompts x WHERE x.run_id = r.run_id) AS prompts,
        (SELECT count(*) FROM run_pairs x WHERE x.run_id = r.run_id) AS pairs,
        (SELECT count(*) FROM model_calls x WHERE x.run_id = r.run_id) AS model_calls,
@@ -42,13 +42,13 @@ class Warehouse:
             return store.con.execute(query, params or []).pl()
 
     def runs(self) -> pl.DataFrame:
-        """One row per run, oldest first: status, times, and its prompts, pairs and new model calls."""
+        """One row per run, oldest first: kind (synthesize or eval), status, times, prompts, pairs, new calls."""
         return self.sql(_RUNS)
 
     def pairs(self, run: str | None = None) -> pl.DataFrame:
         """The pairs a run selected (default: the newest completed run), with prompt and response texts."""
         with Store(self.path, read_only=True) as store:
-            if run is not None and not store.has_run(run):
+            if run is not None and store.run_kind(run) is None:
                 raise WarehouseError(f"{self.path} has no run {run!r}")
             _, rows = store.export_rows(run)
         return rows.drop("run_id") if "run_id" in rows.columns else rows
@@ -85,6 +85,6 @@ class Warehouse:
     def _select(self, sql: str, run: str | None, params: dict[str, Any] | None = None) -> pl.DataFrame:
         params = {**(params or {}), **({"run": run} if run else {})}
         with Store(self.path, read_only=True) as store:
-            if run is not None and not store.has_run(run):
+            if run is not None and store.run_kind(run) is None:
                 raise WarehouseError(f"{self.path} has no run {run!r}")
             return store.con.execute(sql, params).pl()

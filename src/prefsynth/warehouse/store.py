@@ -406,16 +406,17 @@ class Store:
                           {"comparison_id": pl.String, "order": pl.String, "verdict": pl.String})  # fmt: skip
 
     def other_revisions(self, identity: str, url_identity: str, model: str) -> list[str]:
-        """Identities under which this endpoint model was called before: other revisions, or none (its URL)."""
+        """Identities under which this endpoint model was called before, when `identity` never was: other
+        revisions, or none (its URL)."""
         sql = ("SELECT DISTINCT model FROM model_calls WHERE model <> $1 AND (model = $2 OR starts_with(model, $3)) "
-               "ORDER BY model")  # fmt: skip
+               "AND NOT EXISTS (SELECT 1 FROM model_calls WHERE model = $1) ORDER BY model")  # fmt: skip
         with self._lock:
             return [r[0] for r in self.con.execute(sql, [identity, url_identity, f"{model}@"]).fetchall()]
 
-    def has_run(self, run_id: str) -> bool:
-        """Whether `run_id` is a pipeline run (an eval run has no pairs to export)."""
-        sql = "SELECT count(*) FROM runs WHERE run_id = ? AND kind = 'synthesize'"
-        return self.con.execute(sql, [run_id]).fetchone()[0] > 0
+    def run_kind(self, run_id: str) -> str | None:
+        """`synthesize` or `eval` for a run of this warehouse, None for an unknown id."""
+        row = self.con.execute("SELECT kind FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        return row[0] if row else None
 
     def comparisons_among(self, response_ids: pl.Series, scorer_id: str) -> pl.DataFrame:
         """One pairwise scorer's comparisons whose two responses are both among these."""

@@ -104,7 +104,7 @@ class Scorer(ABC):
 
     def _full_identity(self) -> dict[str, Any]:
         models = {role: ep.identity for role, ep in sorted(self.endpoints.items())}
-        return {"kind": self.kind, "models": models, **self.identity()}
+        return {"kind": self.kind, "scorer_kind": self.spec.kind, "models": models, **self.identity()}
 
     @property
     def scorer_id(self) -> str:

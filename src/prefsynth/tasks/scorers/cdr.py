@@ -153,6 +153,14 @@ class CDRScorer(PointwiseScorer):
         self._unrouted: dict[str, str] = {}  # prompt_id -> why its router call failed (this run)
         self._router_calls: dict[str, ChatOutcome] = {}  # prompt_id -> router call not yet in a result
         self._known = Recent()  # log-probs computed this run, committed or not
+        self._render = self._render_id()  # once: scorer_id is read for every score
+
+    def _render_id(self) -> str:
+        """The chat template's rendering of placeholder turns: a changed template is a new scorer."""
+        turns = [m.model_dump() for m in placeholder_turns()]
+        strong = self.endpoints["strong"].template.split_turn(turns, "<response>")
+        weak = self.endpoints["weak"].template.split_turn(turns, "<response>") if self.spec.template == "own" else None
+        return template_id(strong, weak)
 
     def identity(self) -> dict[str, Any]:
         c = self.spec.customization
@@ -162,7 +170,8 @@ class CDRScorer(PointwiseScorer):
                     "domains": self.custom.domains, "default_domain": self.custom.default_domain,
                     "examples": self.custom.exemplars if c.exemplars else None}  # fmt: skip
             custom = content_id("cdr-customization", used, self._template_id())
-        return {"value": self.spec.value, "template": self.spec.template, "customization": custom, "method": 1}
+        return {"value": self.spec.value, "template": self.spec.template, "render": self._render,
+                "customization": custom, "method": 1}  # fmt: skip
 
     def _template_id(self) -> str:
         """The texts added to the data: the router's request for placeholder turns, and the formats of the
