@@ -110,9 +110,10 @@ def free_port() -> int:
 
 
 def die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the parent dies (Linux only)."""
+    """Runs in the child before exec: SIGKILL it when the parent dies (Linux only). Nobody is left to talk
+    to, and a busy server can take longer than a test's patience to honour SIGTERM (measured on CI)."""
     with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class ChildServer:
