@@ -47,9 +47,7 @@ class Warehouse:
 
     def pairs(self, run: str | None = None) -> pl.DataFrame:
         """The pairs a run selected (default: the newest completed run), with prompt and response texts."""
-        with Store(self.path, read_only=True) as store:
-            if run is not None and store.run_kind(run) is None:
-                raise WarehouseError(f"{self.path} has no run {run!r}")
+        with self._open(run) as store:
             _, rows = store.export_rows(run)
         return rows.drop("run_id") if "run_id" in rows.columns else rows
 
@@ -84,7 +82,13 @@ class Warehouse:
 
     def _select(self, sql: str, run: str | None, params: dict[str, Any] | None = None) -> pl.DataFrame:
         params = {**(params or {}), **({"run": run} if run else {})}
-        with Store(self.path, read_only=True) as store:
-            if run is not None and store.run_kind(run) is None:
-                raise WarehouseError(f"{self.path} has no run {run!r}")
+        with self._open(run) as store:
             return store.con.execute(sql, params).pl()
+
+    def _open(self, run: str | None) -> Store:
+        """The file, read-only; WarehouseError if `run` is given and is none of its runs."""
+        store = Store(self.path, read_only=True)
+        if run is not None and store.run_kind(run) is None:
+            store.close()
+            raise WarehouseError(f"{self.path} has no run {run!r}")
+        return store
