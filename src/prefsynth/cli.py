@@ -163,6 +163,39 @@ def run(
 
 
 @app.command()
+def loop(
+    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML) with a `loop` section.")],
+    db: DbOption = None,
+) -> None:
+    """Run a synthesis loop: rounds of the pipeline whose target system prompt and judge rubric an optimizer
+    rewrites until enough pairs pass a pair-quality check (or `loop.max_rounds`).
+
+    Example: prefsynth loop examples/synthesis-loop.yaml --db loop.duckdb
+
+    Prints one row per round: its prompt versions, pairs, accepted pairs and acceptance rate. A rerun makes
+    no model call; `prefsynth stats` shows each prompt version's acceptance rate.
+    """
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        from prefsynth.api import run_loop
+
+        with _Bars().shown():
+            summary, _ = run_loop(config, db=db)
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    table = Table(title=f"loop {summary.loop_id[:12]} → {summary.warehouse}")
+    for col in ("round", "target version", "judge version", "pairs", "accepted", "rate", "model calls", "stop"):
+        table.add_column(col, justify="right" if col in ("round", "pairs", "accepted", "rate", "model calls")
+                         else "left")  # fmt: skip
+    for r in summary.rounds:
+        table.add_row(*(_cell(v) for v in (r.round, r.target_version[:12], r.judge_version[:12], r.pairs,
+                                           r.accepted, r.acceptance_rate, r.model_calls, r.stop_reason)))  # fmt: skip
+    Console().print(table)
+    Console().print(f"{len(summary.rounds)} rounds, {summary.model_calls} new model calls, stopped: "
+                    f"{summary.stop_reason}, {summary.seconds:.1f} s")  # fmt: skip
+
+
+@app.command()
 def demo(db: DbOption = None) -> None:
     """Run the quickstart on the embedded default (SmolLM2-135M as policy and judge, on this machine).
 
