@@ -216,7 +216,8 @@ def stats(
     Diagnostics per scorer (its latest run): failure rate, length bias (Spearman correlation of score and
     response length in tokens), and for pairwise judges position consistency (share of comparisons whose
     verdict survives swapping the two responses) and first-position rate (share of decisive verdicts for
-    the response shown first). Panels: Krippendorff's alpha and mean Kendall tau of their members.
+    the response shown first). Panels: Krippendorff's alpha and mean Kendall tau of their members. Prompt
+    versions of synthesis loops (`prefsynth loop`): each one's rounds, pairs, accepted pairs and acceptance rate.
     """
     from prefsynth.warehouse.store import Store
 
@@ -261,6 +262,16 @@ def stats(
         for row in rows:
             table.add_row(*(_cell(row[k]) for k in keys))
         out.print(table)
+    if data["prompt_versions"]:
+        versions = Table(title="prompt versions (synthesis loops)")
+        for col in ("version", "role", "round", "parent", "rounds", "pairs", "accepted", "rate", "text"):
+            versions.add_column(col, justify="right" if col in ("round", "rounds", "pairs", "accepted", "rate")
+                                else "left")  # fmt: skip
+        for v in data["prompt_versions"]:
+            versions.add_row(*(_cell(x) for x in (v["version_id"][:12], v["role"], v["round"],
+                                                  (v["parent_id"] or "")[:12], v["rounds"], v["pairs"], v["accepted"],
+                                                  v["acceptance_rate"], v["text"][:60])))  # fmt: skip
+        out.print(versions)
 
 
 def _cell(value: object) -> str:

@@ -43,8 +43,9 @@ CREATE TABLE IF NOT EXISTS loop_pairs (
 -- Which prompt versions worked: each version's rounds, pairs, accepted pairs and acceptance rate.
 CREATE OR REPLACE VIEW v_prompt_versions AS
 SELECT v.version_id, v.role, v.round, v.parent_id, v.text,
-       count(r.round_id) AS rounds, coalesce(sum(r.pairs), 0) AS pairs, coalesce(sum(r.accepted), 0) AS accepted,
-       sum(r.accepted) / nullif(sum(r.pairs), 0) AS acceptance_rate
+       count(r.round_id) AS rounds, coalesce(sum(r.pairs), 0)::BIGINT AS pairs,
+       coalesce(sum(r.accepted), 0)::BIGINT AS accepted,
+       (sum(r.accepted) / nullif(sum(r.pairs), 0))::DOUBLE AS acceptance_rate
 FROM prompt_versions v
 LEFT JOIN loop_rounds r ON r.target_version = v.version_id OR r.judge_version = v.version_id
 GROUP BY ALL;
