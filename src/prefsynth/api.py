@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefsynth.errors import ConfigError
 from prefsynth.schemas.config import PipelineConfig, ScorerSpec, load_config, parse_config, parse_scorer
-from prefsynth.schemas.records import RunSummary, StageCounts
+from prefsynth.schemas.records import LoopSummary, RunSummary, StageCounts
 
 if TYPE_CHECKING:  # polars and datasets load when used: the CLI starts Prefect's API before
     import datasets
@@ -99,6 +99,32 @@ def run(
     temporary API (unless PREFECT_API_URL is set, or this is called inside a flow) start at once and stop
     when the run ends.
     """
+    cfg = _config(config, prompts, base_dir)
+    if cfg.loop is not None:
+        raise ConfigError("this config has a `loop` section: run it with `prefsynth loop` (or prefsynth.run_loop)")
+    summary, timings = _execute(cfg, prompts, db, loop=False)
+    return RunResult(summary=summary, config=cfg, pairs=_run_pairs(summary), timings=timings)
+
+
+def run_loop(config: ConfigLike, prompts: Any = None, *, db: str | Path | None = None,
+             base_dir: str | Path | None = None) -> tuple[LoopSummary, dict[str, float]]:  # fmt: skip
+    """Run a config with a `loop` section as a synthesis loop (arguments as for `run`); returns its summary
+    (one row per round) and timings. A rerun makes no model call."""
+    cfg = _config(config, prompts, base_dir)
+    if cfg.loop is None:
+        raise ConfigError("this config has no `loop` section: run it with `prefsynth run`")
+    return _execute(cfg, prompts, db, loop=True)
+
+
+def _config(config: ConfigLike, prompts: Any, base_dir: str | Path | None) -> PipelineConfig:
+    if prompts is not None and isinstance(config, Mapping) and "prompts" not in config:
+        config = {**config, "prompts": {"in_memory": "python"}}
+    cfg = as_config(config, base_dir)
+    return with_prompts(cfg) if prompts is not None else cfg
+
+
+def _execute(cfg: PipelineConfig, prompts: Any, db: str | Path | None, loop: bool) -> tuple[Any, dict[str, float]]:
+    """The pipeline flow (or the loop flow), with local models and Prefect's temporary API around it."""
     from prefsynth.flows.prefect_api import prefect_api, using
 
     timings: dict[str, float] = {}
@@ -106,15 +132,11 @@ def run(
         from prefsynth.backends.local import LocalServers, sharing
         from prefsynth.tasks.ingest import giving
 
-        if prompts is not None and isinstance(config, Mapping) and "prompts" not in config:
-            config = {**config, "prompts": {"in_memory": "python"}}
-        cfg = as_config(config, base_dir)
-        if prompts is not None:
-            cfg = with_prompts(cfg)
         with LocalServers() as servers, sharing(servers):
             for model in cfg.all_models():
                 servers.launch(model)  # they load while the rest is imported and Prefect's API starts
             started = time.monotonic()
+            from prefsynth.flows.loop import synthesis_loop
             from prefsynth.flows.synthesize import synthesize
 
             timings["imports"] = time.monotonic() - started
@@ -123,9 +145,9 @@ def run(
             with _using(using, api), giving(prompts):
                 timings["api"] = api.ready_after if api and api.ready_after else 0.0
                 flow_started = time.monotonic()
-                summary = synthesize(config=cfg, db=str(db) if db else None)
+                summary = (synthesis_loop if loop else synthesize)(config=cfg, db=str(db) if db else None)
                 timings["flow"] = time.monotonic() - flow_started
-    return RunResult(summary=summary, config=cfg, pairs=_run_pairs(summary), timings=timings)
+    return summary, timings
 
 
 def _inside_flow() -> bool:

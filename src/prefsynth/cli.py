@@ -163,6 +163,39 @@ def run(
 
 
 @app.command()
+def loop(
+    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML) with a `loop` section.")],
+    db: DbOption = None,
+) -> None:
+    """Run a synthesis loop: rounds of the pipeline whose target system prompt and judge rubric an optimizer
+    rewrites until enough pairs pass a pair-quality check (or `loop.max_rounds`).
+
+    Example: prefsynth loop examples/synthesis-loop.yaml --db loop.duckdb
+
+    Prints one row per round: its prompt versions, pairs, accepted pairs and acceptance rate. A rerun makes
+    no model call; `prefsynth stats` shows each prompt version's acceptance rate.
+    """
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        from prefsynth.api import run_loop
+
+        with _Bars().shown():
+            summary, _ = run_loop(config, db=db)
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    table = Table(title=f"loop {summary.loop_id[:12]} → {summary.warehouse}")
+    for col in ("round", "target version", "judge version", "pairs", "accepted", "rate", "model calls", "stop"):
+        table.add_column(col, justify="right" if col in ("round", "pairs", "accepted", "rate", "model calls")
+                         else "left")  # fmt: skip
+    for r in summary.rounds:
+        table.add_row(*(_cell(v) for v in (r.round, r.target_version[:12], r.judge_version[:12], r.pairs,
+                                           r.accepted, r.acceptance_rate, r.model_calls, r.stop_reason)))  # fmt: skip
+    Console().print(table)
+    Console().print(f"{len(summary.rounds)} rounds, {summary.model_calls} new model calls, stopped: "
+                    f"{summary.stop_reason}, {summary.seconds:.1f} s")  # fmt: skip
+
+
+@app.command()
 def demo(db: DbOption = None) -> None:
     """Run the quickstart on the embedded default (SmolLM2-135M as policy and judge, on this machine).
 
@@ -183,7 +216,8 @@ def stats(
     Diagnostics per scorer (its latest run): failure rate, length bias (Spearman correlation of score and
     response length in tokens), and for pairwise judges position consistency (share of comparisons whose
     verdict survives swapping the two responses) and first-position rate (share of decisive verdicts for
-    the response shown first). Panels: Krippendorff's alpha and mean Kendall tau of their members.
+    the response shown first). Panels: Krippendorff's alpha and mean Kendall tau of their members. Prompt
+    versions of synthesis loops (`prefsynth loop`): each one's rounds, pairs, accepted pairs and acceptance rate.
     """
     from prefsynth.warehouse.store import Store
 
@@ -228,6 +262,16 @@ def stats(
         for row in rows:
             table.add_row(*(_cell(row[k]) for k in keys))
         out.print(table)
+    if data["prompt_versions"]:
+        versions = Table(title="prompt versions (synthesis loops)")
+        for col in ("version", "role", "round", "parent", "rounds", "pairs", "accepted", "rate", "text"):
+            versions.add_column(col, justify="right" if col in ("round", "rounds", "pairs", "accepted", "rate")
+                                else "left")  # fmt: skip
+        for v in data["prompt_versions"]:
+            versions.add_row(*(_cell(x) for x in (v["version_id"][:12], v["role"], v["round"],
+                                                  (v["parent_id"] or "")[:12], v["rounds"], v["pairs"], v["accepted"],
+                                                  v["acceptance_rate"], v["text"][:60])))  # fmt: skip
+        out.print(versions)
 
 
 def _cell(value: object) -> str:

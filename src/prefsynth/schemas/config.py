@@ -257,6 +257,20 @@ class TeacherSpec(Strict):
     seed: int = Field(0, ge=0)
 
 
+class LoopSpec(Strict):
+    """An Anyprefer-style synthesis loop (flows/loop.py): rounds of generate, judge, check the pairs, and
+    rewrite the target's system prompt and the judge's rubric until enough pairs pass the check."""
+
+    max_rounds: int = Field(3, ge=1, le=50, description="Rounds at most (a round is one pipeline run).")
+    accept_threshold: float = Field(7.0, ge=1, le=10, description="A pair is accepted if its check scores >= this.")
+    target_rate: float = Field(0.8, gt=0, le=1, description="Stop once a round's acceptance rate reaches this.")
+    checker: ModelSpec | None = Field(None, description="Model of the pair-quality check (default: the judge's).")
+    optimizer: ModelSpec | None = Field(None, description="Model that rewrites the prompts (default: the judge's).")
+    max_tokens: int = Field(256, ge=16, le=32768, description="Of the optimizer's reply (the check's: 96).")
+    temperature: float = Field(0.0, ge=0, le=2)
+    seed: int = Field(0, ge=0)
+
+
 ExportFormat = Literal["trl", "jsonl", "openrlhf"]
 MarginMode = Literal["none", "raw", "scaled", "teacher"]
 
@@ -279,6 +293,7 @@ class PipelineConfig(Strict):
     warehouse: str = Field("prefsynth.duckdb", description="DuckDB file (relative to the current directory).")
     panel: PanelSpec | None = Field(None, description="Aggregate several scorers and measure their agreement.")
     teacher: TeacherSpec | None = Field(None, description="Refine responses and answer prompts with a teacher.")
+    loop: LoopSpec | None = Field(None, description="Run as a synthesis loop (`prefsynth loop`).")
     chunk_size: int | None = Field(None, ge=1, description="Ignored: runs stream (kept so older configs load).")
     failures_fatal: bool = Field(False, description="Exit non-zero when any item failed.")
 
@@ -310,7 +325,20 @@ class PipelineConfig(Strict):
         if missing:
             raise ValueError(f"curation.require_agreement {missing} are not scorer names; have {names}")
         self._teacher_rules()
+        self._loop_rules()
         return self
+
+    def _loop_rules(self) -> None:
+        """The loop rewrites a pointwise judge's rubric and pairs sampled responses."""
+        if self.loop is None:
+            return
+        by_name = {s.name: s for s in self.scorers}
+        if getattr(by_name.get(self.curation_scorer_name), "kind", None) != "pointwise_judge":
+            raise ValueError("`loop` rewrites the curation scorer's rubric: it must be a pointwise_judge")
+        if self.curation.rules != ["best_vs_worst"]:
+            raise ValueError("`loop` checks sampled best_vs_worst pairs: set curation.rule to best_vs_worst")
+        if self.generation.samples_per_prompt * len(self.generation.models) < 2:
+            raise ValueError("`loop` pairs the best and the worst sample: give samples_per_prompt >= 2")
 
     def _teacher_rules(self) -> None:
         """Teacher rules need a teacher that does their part; anchors are ranked by a pointwise scorer."""
@@ -345,7 +373,8 @@ class PipelineConfig(Strict):
 
     def all_models(self) -> list[ModelSpec]:
         teacher = [self.teacher.model] if self.teacher else []
-        return [*self.generation.models, *(m for s in self.scorers for m in s.models()), *teacher]
+        loop = [m for m in (self.loop.checker, self.loop.optimizer) if m] if self.loop else []
+        return [*self.generation.models, *(m for s in self.scorers for m in s.models()), *teacher, *loop]
 
 
 _INPUT_KEYS = ("gguf", "domains_file", "exemplars_file", "path")
@@ -378,6 +407,7 @@ def _resolve_inputs(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     walk(raw.get("generation"))
     walk(raw.get("scorers"))
     walk(raw.get("teacher"))
+    walk(raw.get("loop"))
     return raw
 
 

@@ -286,6 +286,54 @@ class EvalItem(Record):
     consistent: bool | None
 
 
+class PromptVersion(Record):
+    """One text of the target's system prompt or the judge's rubric, as a synthesis loop used it."""
+
+    table = "prompt_versions"
+    key = "version_id"
+
+    version_id: str  # H(role, text): the text's identity
+    role: str  # target | judge
+    text: str
+    parent_id: str | None  # the version the optimizer rewrote into this one (None: the config's)
+    loop_id: str  # the loop that first used it
+    round: int  # ... in this round
+
+
+class LoopRound(Record):
+    """One round of a synthesis loop: the prompt versions it ran with and how many of its pairs passed."""
+
+    table = "loop_rounds"
+    key = "round_id"
+
+    round_id: str  # H(loop_id, round)
+    loop_id: str  # H(the loop's config)
+    round: int  # 1, 2, ...
+    target_version: str
+    judge_version: str
+    pipeline_run_id: str  # the round's pipeline run (its pairs: run_pairs)
+    pairs: int
+    accepted: int
+    acceptance_rate: float | None  # accepted / pairs (None: no pairs)
+    stop_reason: str | None  # target_rate | max_rounds | unchanged | optimizer_failed (None: went on)
+
+
+class LoopPair(Record):
+    """The pair-quality check of one pair in one loop round."""
+
+    table = "loop_pairs"
+    key = "check_id"
+
+    check_id: str  # H(round, pair)
+    round_id: str
+    pair_id: str
+    score: float | None  # 1..10 (None: the check failed, see error)
+    rationale: str | None
+    accepted: bool
+    error: str | None
+    call_ids: list[str]
+
+
 R = TypeVar("R", bound=Record)
 
 
@@ -355,3 +403,34 @@ class RunSummary(BaseModel):
     @property
     def model_calls(self) -> int:
         return sum(s.model_calls for s in self.stages)
+
+
+class RoundSummary(BaseModel):
+    """One round of a synthesis loop as its summary shows it."""
+
+    round: int
+    target_version: str
+    judge_version: str
+    pipeline_run_id: str
+    pairs: int
+    accepted: int
+    acceptance_rate: float | None
+    model_calls: int  # new calls: the pipeline's, the check's and the optimizer's
+    stop_reason: str | None
+
+
+class LoopSummary(BaseModel):
+    loop_id: str
+    run_id: str
+    name: str
+    warehouse: str
+    rounds: list[RoundSummary] = []
+    seconds: float = 0.0
+
+    @property
+    def model_calls(self) -> int:
+        return sum(r.model_calls for r in self.rounds)
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.rounds[-1].stop_reason if self.rounds else None

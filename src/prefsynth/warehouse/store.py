@@ -26,7 +26,8 @@ from prefsynth.errors import PrefsynthError, WarehouseError
 from prefsynth.schemas.records import TABLES, Message, Pair, Prompt, StageResult, columns
 
 STATS_TABLES = ("runs", "prompts", "responses", "scores", "judgments", "comparisons", "failures", "pairs",
-                "refinements", "dataset_snapshots", "logprobs", "prompt_routes", "evals", "model_calls")
+                "refinements", "dataset_snapshots", "logprobs", "prompt_routes", "evals", "model_calls",
+                "prompt_versions", "loop_rounds")
 
 
 def frame(table: str, rows: Iterable[BaseModel | dict[str, Any]]) -> pl.DataFrame:
@@ -434,6 +435,19 @@ class Store:
         df = self._query("SELECT * FROM v_run_pairs WHERE run_id = $1 ORDER BY prompt_id, pair_id", [run_id])
         return run_id, df
 
+    def round_pairs(self, run_id: str) -> pl.DataFrame:
+        """A run's pairs with their prompt, texts, and the curation scorer's values and rationales (a loop round)."""
+        sql = ("SELECT v.pair_id, v.prompt_messages, v.chosen_text, v.rejected_text, v.score_chosen, "
+               "v.score_rejected, coalesce(sc.rationale, '') AS why_chosen, coalesce(sr.rationale, '') AS why_rejected "
+               "FROM v_run_pairs v LEFT JOIN scores sc ON sc.response_id = v.chosen_id AND sc.scorer_id = v.scorer_id "
+               "LEFT JOIN scores sr ON sr.response_id = v.rejected_id AND sr.scorer_id = v.scorer_id "
+               "WHERE v.run_id = $1 ORDER BY v.pair_id")  # fmt: skip
+        return self._query(sql, [run_id])
+
+    def prompt_versions(self) -> list[dict[str, Any]]:
+        """Every prompt version of the synthesis loops with its rounds, pairs, accepted pairs and rate."""
+        return self._dicts("SELECT * FROM v_prompt_versions ORDER BY role, round, version_id")
+
     def scorers_of(self, scorer_ids: Sequence[str] | pl.Series) -> pl.DataFrame:
         """scorer_id, name, kind and config (JSON) of these scorers: what an export's card says about units."""
         sql = ("SELECT s.scorer_id, s.name, s.kind, s.config FROM scorers s JOIN _ids ON s.scorer_id = _ids.id "
@@ -468,6 +482,7 @@ class Store:
         out["scorer_diagnostics"] = self._dicts(latest.format(key="scorer_id", table="scorer_diagnostics",
                                                               order="scorer"))  # fmt: skip
         out["panels"] = self._dicts(latest.format(key="panel_id", table="panel_runs", order="name"))
+        out["prompt_versions"] = self.prompt_versions()
         return out
 
     def _dicts(self, sql: str) -> list[dict[str, Any]]:
