@@ -128,8 +128,10 @@ def test_example_loop_on_the_embedded_model(tmp_path: Path, prefect_harness: Non
     summary, _ = run_loop(EXAMPLE, db=db)
     first = summary.rounds[0]
     with duckdb.connect(str(db), read_only=True) as con:
-        checks = con.sql("SELECT count(*) FROM loop_pairs JOIN loop_rounds USING (round_id) WHERE round = 1")
-        assert first.pairs > 0 and checks.fetchone() == (first.pairs,), "precondition: round 1's pairs were checked"
+        # fetched at once: a relation kept past `with` keeps the file's instance alive, and DuckDB's next
+        # connect to it in this process spins until it is gone
+        checks = con.sql("SELECT count(*) FROM loop_pairs JOIN loop_rounds USING (round_id) WHERE round = 1").fetchone()
+        assert first.pairs > 0 and checks == (first.pairs,), "precondition: round 1's pairs were checked"
         assert len(summary.rounds) <= 2 and summary.stop_reason in ("max_rounds", "target_rate", "unchanged")
         versions = con.sql("SELECT version_id, role, acceptance_rate FROM v_prompt_versions").fetchall()
     used = {r.target_version for r in summary.rounds} | {r.judge_version for r in summary.rounds}
