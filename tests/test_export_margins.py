@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import datasets
+import duckdb
 import polars as pl
 import pytest
 import yaml
@@ -205,6 +206,11 @@ def test_cli_margin_option_and_a_bad_value(tmp_path):
     result = runner.invoke(app, ["export", "--db", str(db), "--out", str(tmp_path / "o"), "--format", "openrlhf"])
     assert result.exit_code == 0 and "margin" not in json.loads((tmp_path / "o" / "openrlhf.jsonl").read_text(
         encoding="utf-8").splitlines()[0])  # fmt: skip
+    with duckdb.connect(str(db), read_only=True) as con:  # each snapshot records its margin mode
+        snaps = con.execute("SELECT format, margin FROM dataset_snapshots ORDER BY format").fetchall()
+    assert snaps == [("openrlhf", "none"), ("trl", "raw")]
+    empty = runner.invoke(app, ["export", "--db", str(db), "--out", str(tmp_path / "sft"), "--format", "sft"])
+    assert empty.exit_code == 0 and "no anchors (a run with `teacher.anchors: true` has them)" in empty.output
 
     bad = runner.invoke(app, ["export", "--db", str(db), "--out", str(tmp_path / "bad"), "--margin", "big"])
     assert bad.exit_code == 2 and "--margin must be one of none, raw, scaled, teacher, got 'big'" in bad.output

@@ -74,6 +74,9 @@ def test_a_single_rule_still_loads_and_teacher_rules_need_their_teacher(tmp_path
         ({"teacher": {**TEACHER, "reference": True}}, "teacher.anchors: true"),
         ({"teacher": TEACHER, "curation": {"rule": []}}, "empty list"),
         ({"teacher": {**TEACHER, "refine": "worst"}}, "teacher.refine"),
+        ({"teacher": TEACHER, "export": [{"format": "sft", "path": "out"}]}, "anchors: true"),
+        ({"teacher": {**TEACHER, "anchors": True}, "export": [{"format": "sft", "path": "o", "margin": "raw"}]},
+         "an sft export has none"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message.replace("`", ".")):
@@ -242,6 +245,7 @@ def test_stats_report_teacher_pairs_and_a_rerun_makes_no_call(taught, tmp_path):
     assert by_source["teacher_refinement"] >= 1
     again = synthesize(config=config)
     assert again.model_calls == 0 and again.pairs == sum(by_source.values())
+    assert _q(config.warehouse, f"SELECT count(*) FROM run_anchors WHERE run_id = '{again.run_id}'") == [(3,)]
     counts = {s.stage: s for s in again.stages}
     assert counts["refine[teacher]"].reused + counts["refine[teacher]"].failed == 6
 
@@ -257,6 +261,29 @@ def test_min_gap_filters_refinements_without_new_calls(taught):
     assert scored[0] >= 1 and scored[1] == 0  # a margin is at most 10 - 1 = 9: nothing is above 9
     assert not _q(config.warehouse, "SELECT * FROM run_pairs rp JOIN pairs USING (pair_id) WHERE "
                                     f"rp.run_id = '{summary.run_id}' AND source = 'teacher_refinement'")  # fmt: skip
+
+
+@pytest.mark.model
+def test_sft_export_writes_the_runs_anchors_with_their_prompts(taught, tmp_path):
+    config, summary = taught
+    anchors = _q(config.warehouse, "SELECT r.text, r.prompt_id FROM responses r WHERE source = 'teacher_anchor' "
+                                   "ORDER BY prompt_id")  # fmt: skip
+    assert len(anchors) == 3, "precondition: the run stored one anchor per prompt"
+    out = tmp_path / "sft"
+    result = CliRunner().invoke(app, ["export", "--db", config.warehouse, "--out", str(out), "--format", "sft",
+                                      "--run", summary.run_id])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+    assert [(r["completion"], r["prompt_id"]) for r in rows] == [
+        ([{"role": "assistant", "content": text}], pid) for text, pid in anchors]
+    assert sorted(r["prompt"][-1]["content"] for r in rows) == sorted(PROMPTS)
+    assert {r["source"] for r in rows} == {"teacher_anchor"} and all(r["finish_reason"] for r in rows)
+    assert "TRL's SFTTrainer" in (out / "README.md").read_text()
+    snap = _q(config.warehouse, "SELECT format, n_pairs, margin FROM dataset_snapshots WHERE format = 'sft'")
+    assert snap == [("sft", 3, "none")]
+    refused = CliRunner().invoke(app, ["export", "--db", config.warehouse, "--out", str(tmp_path / "x"),
+                                       "--format", "sft", "--margin", "raw"])  # fmt: skip
+    assert refused.exit_code != 0 and "an sft export has none" in refused.output
 
 
 def test_without_its_anchor_a_reference_refinement_waits_for_a_later_run(tmp_path, prefect_harness):

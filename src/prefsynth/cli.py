@@ -284,7 +284,8 @@ def _cell(value: object) -> str:
     return escape(str(value))  # names like score[judge] are text, not rich markup
 
 
-FORMAT_HELP = "trl (train.parquet), jsonl (train.jsonl) or openrlhf (openrlhf.jsonl)."
+FORMAT_HELP = ("trl (train.parquet), jsonl (train.jsonl), openrlhf (openrlhf.jsonl), "
+               "or sft (sft.jsonl: the teacher's anchors).")
 MARGIN_HELP = "Write a `margin` column, which TRL's RewardTrainer trains with: none (default), raw, scaled, teacher."
 
 
@@ -306,10 +307,13 @@ def export(
     raw (= score_gap, in the scorer's units), scaled (score_gap / the largest gap of the same source and scorer:
     0-1), teacher (refinement pairs' calibrated gap, other rows 0). The card states each source's unit.
 
+    --format sft writes no pairs but the run's teacher anchors (`teacher.anchors: true`) as SFT targets:
+    `prompt` and `completion` message lists, which TRL's SFTTrainer reads, and their `finish_reason`.
+
     A folder that already holds this format's file is left alone unless --overwrite is given. The warehouse
     must exist, and --run must name one of its runs.
     """
-    from prefsynth.tasks.export import FILES, write_dataset
+    from prefsynth.tasks.export import FILES, SCORERS, write_dataset
     from prefsynth.tasks.margins import MARGIN_MODES
     from prefsynth.warehouse.store import Store
 
@@ -324,17 +328,19 @@ def export(
                 raise PrefsynthError(f"{db} has no run {run_id!r} (--run)")
             if kind != "synthesize":
                 raise PrefsynthError(f"run {run_id!r} is a `prefsynth {kind}` run: it has no pairs to export (--run)")
-            chosen_run, rows = store.export_rows(run_id)
+            chosen_run, rows = store.export_rows(run_id, fmt)
             if chosen_run is None:
                 raise PrefsynthError(f"{db} has no completed run to export")
-            scorers = store.scorers_of(rows["scorer_id"])
+            scorers = store.scorers_of(rows["scorer_id"]) if fmt != "sft" else SCORERS
             done = write_dataset(rows, out, fmt, overwrite, margin, scorers, chosen_run)
-            store.record_snapshot(done.snapshot_id, chosen_run, fmt, str(done.path), done.n_pairs)
+            store.record_snapshot(done.snapshot_id, chosen_run, fmt, str(done.path), done.n_pairs, margin)
     except PrefsynthError as err:
         raise _fail(err) from None
+    what = "anchors" if fmt == "sft" else "pairs"
     if done.n_pairs == 0:
-        console.print(f"[yellow]warning:[/] run {chosen_run} has no pairs; wrote an empty dataset")
-    print(f"{done.n_pairs} pairs from run {chosen_run} -> {done.path} (margin: {margin})")
+        hint = " (a run with `teacher.anchors: true` has them)" if fmt == "sft" else ""
+        console.print(f"[yellow]warning:[/] run {chosen_run} has no {what}{hint}; wrote an empty dataset")
+    print(f"{done.n_pairs} {what} from run {chosen_run} -> {done.path} (margin: {margin})")
 
 
 @app.command("eval")

@@ -31,7 +31,7 @@ from prefsynth.tasks._async import run_async
 from prefsynth.tasks.compare import pairwise_values
 from prefsynth.tasks.curate import anchor_vs_sampled, curate, refined_vs_original
 from prefsynth.tasks.diagnostics import diagnostics
-from prefsynth.tasks.export import export
+from prefsynth.tasks.export import SCORERS, export
 from prefsynth.tasks.ingest import no_prompts, read_prompts
 from prefsynth.tasks.panel import panel_id, run_panel
 from prefsynth.tasks.scorers import PairwiseScorer, Scorer, build_scorer
@@ -158,16 +158,17 @@ def _run(
     logger.info(f"curate: {len(pairs)} pairs {by_source} from {values[name]['prompt_id'].n_unique()} scored prompts")
 
     for target in config.export:
-        _, rows = store.export_rows(run_id)
+        _, rows = store.export_rows(run_id, target.format)
+        what = "anchors" if target.format == "sft" else "pairs"
         if rows.is_empty():
-            logger.warning(f"export: this run made no pairs; {target.path} is left as it was")
+            logger.warning(f"export: this run made no {what}; {target.path} is left as it was")
             continue
-        scorers = store.scorers_of(rows["scorer_id"])  # the card's units
+        scorers = store.scorers_of(rows["scorer_id"]) if "scorer_id" in rows.columns else SCORERS  # the card's units
         # the config owns its paths: overwrite
         done = export(rows, target.path, target.format, target.margin, scorers, run_id, overwrite=True)
-        store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), done.n_pairs)
+        store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), done.n_pairs, target.margin)
         summary.exports.append(str(done.path))
-        logger.info(f"export: {done.n_pairs} pairs -> {done.path} (margin: {target.margin})")
+        logger.info(f"export: {done.n_pairs} {what} -> {done.path} (margin: {target.margin})")
 
 
 def teacher_stage(

@@ -26,6 +26,7 @@ from prefsynth.schemas.records import (
     ModelCall,
     Refinement,
     Response,
+    RunAnchor,
     Score,
     StageCounts,
     StageResult,
@@ -104,6 +105,7 @@ def teach(
             result = await teacher.answer(client, pid, messages[pid])
             for anchor in result.of(Response):
                 reference = (anchor.response_id, anchor.text)
+                result.add(RunAnchor(response_id=anchor.response_id, prompt_id=pid))
                 if score_anchors and judge is not None:
                     item = ScoreItem(score_id(anchor.response_id, judge.scorer_id), anchor.response_id, pid,
                                      messages[pid], anchor.text)  # fmt: skip

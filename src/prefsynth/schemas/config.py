@@ -271,7 +271,7 @@ class LoopSpec(Strict):
     seed: int = Field(0, ge=0)
 
 
-ExportFormat = Literal["trl", "jsonl", "openrlhf"]
+ExportFormat = Literal["trl", "jsonl", "openrlhf", "sft"]
 MarginMode = Literal["none", "raw", "scaled", "teacher"]
 
 
@@ -348,6 +348,10 @@ class PipelineConfig(Strict):
         if "refined_vs_original" in rules and (teacher is None or teacher.refine == "none"):
             raise ValueError("curation rule refined_vs_original needs a `teacher` whose `refine` is not none")
         for i, target in enumerate(self.export):
+            if target.format == "sft" and (teacher is None or not teacher.anchors):
+                raise ValueError(f"export.{i}.format sft exports the teacher's anchors: set teacher.anchors: true")
+            if target.format == "sft" and target.margin != "none":
+                raise ValueError(f"export.{i}.margin is for preference pairs; an sft export has none")
             if target.margin == "teacher" and "refined_vs_original" not in rules:
                 raise ValueError(f"export.{i}.margin teacher exports the teacher's calibrated gaps: add the curation "
                                  "rule refined_vs_original (with a `teacher`), or choose margin raw, scaled or none")

@@ -221,6 +221,16 @@ class Pair(Record):
     source: str  # sampled | teacher_refinement | teacher_anchor
 
 
+class RunAnchor(Record):
+    """A teacher's anchor (its own answer to a prompt) that a run used: the rows of an SFT export."""
+
+    table = "run_anchors"
+    key = "response_id"  # one per run: the table's key is (run_id, response_id)
+
+    response_id: str
+    prompt_id: str
+
+
 class Refinement(Record):
     """A teacher's minimally edited version of a response (y*_w of its parent y_l), scored by the teacher
     against the parent's score: the lineage and the self-calibrated margin of a teacher_refinement pair."""

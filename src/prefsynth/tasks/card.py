@@ -71,9 +71,7 @@ def dataset_card(rows: pl.DataFrame, run_id: str | None, fmt: str, file: str, mo
              f"# Preference pairs from prefsynth run `{run_id or '–'}`", "",
              f"`{file}` holds {len(rows)} pairs of run `{run_id or '–'}` in the `{fmt}` format: {FORMATS[fmt]}.",
              ""]  # fmt: skip
-    if others:
-        lines += [f"Other files here ({', '.join(f'`{o}`' for o in others)}) come from other exports; "
-                  "this card does not describe them.", ""]  # fmt: skip
+    lines += _others(others)
     lines += ["## Pairs per source", "", "| source | pairs | scorer | unit of `score_gap` | `margin` |",
               "|---|---|---|---|---|"]  # fmt: skip
     groups = rows.group_by(GROUP).agg(pl.len().alias("n"), pl.col("score_gap").max().alias("top")).sort(GROUP)
@@ -100,6 +98,31 @@ def dataset_card(rows: pl.DataFrame, run_id: str | None, fmt: str, file: str, mo
                   "with `--model.margin_loss_enable`: the reward model must separate each pair by at least its "
                   "margin, in reward units."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def sft_card(rows: pl.DataFrame, run_id: str | None, file: str, others: list[str]) -> str:
+    """The card of an `sft` export: `rows` are v_run_anchors rows (model, finish_reason)."""
+    cut = rows.filter(pl.col("finish_reason") == "length").height if len(rows) else 0
+    models = ", ".join(f"`{m}`" for m in sorted(set(rows["model"].to_list()))) if len(rows) else "–"
+    lines = ["---", "tags:", "- prefsynth", "- sft", "---", "",
+             f"# SFT targets from prefsynth run `{run_id or '–'}`", "",
+             f"`{file}` holds {len(rows)} answers of the run's teacher ({models}) to the run's prompts, in TRL's "
+             "conversational prompt-completion format: `prompt` is a message list and `completion` one assistant "
+             "message. TRL's SFTTrainer reads it and by default trains on the completion only.", ""]  # fmt: skip
+    lines += _others(others)
+    lines += ["## Columns", "",
+              "- `source`: `teacher_anchor`, the teacher's own answer to the prompt (`model`).",
+              f"- `finish_reason`: `length` means the answer was cut off at the teacher's `max_tokens` ({cut} of "
+              f"{len(rows)} here); filter them out, or raise `teacher.max_tokens`.",
+              "- `prompt_id`, `response_id`, `run_id` trace each row back to the warehouse."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _others(others: list[str]) -> list[str]:
+    if not others:
+        return []
+    return [f"Other files here ({', '.join(f'`{o}`' for o in others)}) come from other exports; "
+            "this card does not describe them.", ""]  # fmt: skip
 
 
 def _margin_cell(mode: str, source: str, top: float | None) -> str:

@@ -8,6 +8,9 @@ Formats (file):
 Then, in all three: `margin` (only with a margin mode, see margins.py), `source`, `score_gap`, `score_chosen`,
 `score_rejected` and provenance (`pair_id`, `prompt_id`, `chosen_id`, `rejected_id`, `chosen_model`,
 `rejected_model`, `scorer_id`, `run_id`).
+- `sft` (sft.jsonl): not pairs but the teacher's anchors (its own answers) as SFT targets, in TRL's
+  conversational prompt-completion format: `prompt` (message list), `completion` (one assistant message),
+  then `source`, `finish_reason`, `model`, `prompt_id`, `response_id`, `run_id`.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from prefsynth.errors import ExportError
-from prefsynth.tasks.card import dataset_card
+from prefsynth.tasks.card import dataset_card, sft_card
 from prefsynth.tasks.margins import with_margins
 from prefsynth.warehouse.ids import content_id
 
 MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
-FILES = {"trl": "train.parquet", "jsonl": "train.jsonl", "openrlhf": "openrlhf.jsonl"}
+FILES = {"trl": "train.parquet", "jsonl": "train.jsonl", "openrlhf": "openrlhf.jsonl", "sft": "sft.jsonl"}
 CARD = "README.md"
 PROVENANCE = ["pair_id", "prompt_id", "chosen_id", "rejected_id", "chosen_model", "rejected_model",
               "scorer_id", "run_id"]  # fmt: skip
@@ -65,7 +68,13 @@ def _openrlhf(rows: pl.DataFrame) -> pl.DataFrame:
     return rows.select(chosen.alias("chosen"), rejected.alias("rejected"), *_tail(rows))
 
 
-SHAPES: dict[str, Callable[[pl.DataFrame], pl.DataFrame]] = {"trl": _trl, "jsonl": _trl, "openrlhf": _openrlhf}
+def _sft(rows: pl.DataFrame) -> pl.DataFrame:
+    return rows.select(_prompt().alias("prompt"), _assistant("text").alias("completion"), "source", "finish_reason",
+                       "model", "prompt_id", "response_id", "run_id")  # fmt: skip
+
+
+SHAPES: dict[str, Callable[[pl.DataFrame], pl.DataFrame]] = {"trl": _trl, "jsonl": _trl, "openrlhf": _openrlhf,
+                                                             "sft": _sft}  # fmt: skip
 
 
 def to_trl(rows: pl.DataFrame, margin: str = "none") -> pl.DataFrame:
@@ -75,17 +84,21 @@ def to_trl(rows: pl.DataFrame, margin: str = "none") -> pl.DataFrame:
 
 def write_dataset(rows: pl.DataFrame, out_dir: str | Path, fmt: str, overwrite: bool = False, margin: str = "none",
                   scorers: pl.DataFrame = SCORERS, run_id: str | None = None) -> Exported:  # fmt: skip
-    """Write `rows` (run `run_id`'s v_run_pairs) to out_dir/FILES[fmt], an existing one only if `overwrite`, and
-    the folder's card (README.md), whose units come from `scorers` (rows of the scorers table)."""
+    """Write `rows` (run `run_id`'s v_run_pairs, or v_run_anchors for `sft`) to out_dir/FILES[fmt], an existing
+    one only if `overwrite`, and the folder's card (README.md), whose units come from `scorers` (rows of the
+    scorers table)."""
     import datasets
 
     if fmt not in FILES:
         raise ValueError(f"unknown export format {fmt!r}; use one of {sorted(FILES)}")
-    margined = with_margins(rows, margin).sort("prompt_id", "pair_id")  # before any file is touched
-    out = Path(out_dir)
+    key = "response_id" if fmt == "sft" else "pair_id"
+    if fmt == "sft" and margin != "none":
+        raise ExportError(f"margin {margin!r} is for preference pairs; an sft export has none")
+    shaped = rows.sort("prompt_id", key) if fmt == "sft" else with_margins(rows, margin).sort("prompt_id", key)
+    out = Path(out_dir)  # the rows are checked above, before any file is touched
     path = _target(out, FILES[fmt], overwrite)
     datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_polars(SHAPES[fmt](margined))
+    ds = datasets.Dataset.from_polars(SHAPES[fmt](shaped))
     tmp = path.with_name(path.name + ".tmp")
     if fmt == "trl":
         ds.to_parquet(str(tmp))
@@ -93,10 +106,12 @@ def write_dataset(rows: pl.DataFrame, out_dir: str | Path, fmt: str, overwrite: 
         ds.to_json(str(tmp), lines=True, force_ascii=False)
     tmp.replace(path)  # a reader never sees a half-written file
     others = sorted(f for f in FILES.values() if f != path.name and (out / f).exists())
+    text = (sft_card(shaped, run_id, path.name, others) if fmt == "sft"
+            else dataset_card(shaped, run_id, fmt, path.name, margin, scorers, others))  # fmt: skip
     card = out / (CARD + ".tmp")
-    card.write_text(dataset_card(margined, run_id, fmt, path.name, margin, scorers, others), encoding="utf-8")
+    card.write_text(text, encoding="utf-8")
     card.replace(out / CARD)
-    snapshot = content_id("snapshot", sorted(rows["pair_id"].to_list()) if len(rows) else [], fmt, margin)
+    snapshot = content_id("snapshot", sorted(rows[key].to_list()) if len(rows) else [], fmt, margin)
     return Exported(path=path, format=fmt, n_pairs=len(ds), snapshot_id=snapshot)
 
 

@@ -26,8 +26,8 @@ from prefsynth.errors import PrefsynthError, WarehouseError
 from prefsynth.schemas.records import TABLES, Message, Pair, Prompt, StageResult, columns
 
 STATS_TABLES = ("runs", "prompts", "responses", "scores", "judgments", "comparisons", "failures", "pairs",
-                "refinements", "dataset_snapshots", "logprobs", "prompt_routes", "evals", "model_calls",
-                "prompt_versions", "loop_rounds")
+                "refinements", "run_anchors", "dataset_snapshots", "logprobs", "prompt_routes", "evals",
+                "model_calls", "prompt_versions", "loop_rounds")
 
 
 def frame(table: str, rows: Iterable[BaseModel | dict[str, Any]]) -> pl.DataFrame:
@@ -286,12 +286,14 @@ class Store:
 
         return self._transaction(write)
 
-    def record_snapshot(self, snapshot_id: str, run_id: str | None, fmt: str, path: str, n_pairs: int) -> None:
+    def record_snapshot(self, snapshot_id: str, run_id: str | None, fmt: str, path: str, n_rows: int,
+                        margin: str) -> None:  # fmt: skip
+        """One exported file: its rows (pairs, or anchors for `sft`) and margin mode."""
         with self._lock:  # the writer thread may be inside a transaction on this connection
             self.con.execute(
-                "INSERT INTO dataset_snapshots (snapshot_id, run_id, format, path, n_pairs) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT DO NOTHING",
-                [snapshot_id, run_id, fmt, path, n_pairs],
+                "INSERT INTO dataset_snapshots (snapshot_id, run_id, format, path, n_pairs, margin) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [snapshot_id, run_id, fmt, path, n_rows, margin],
             )
 
     # ---- reads --------------------------------------------------------------------------------
@@ -425,15 +427,16 @@ class Store:
                "JOIN _ids b ON c.response_b_id = b.id WHERE c.scorer_id = $1")  # fmt: skip
         return self._rows(sql, response_ids, columns("comparisons"), [scorer_id])
 
-    def export_rows(self, run_id: str | None = None) -> tuple[str | None, pl.DataFrame]:
-        """Pairs of `run_id`, or of the newest completed run, joined with their texts."""
+    def export_rows(self, run_id: str | None = None, fmt: str = "trl") -> tuple[str | None, pl.DataFrame]:
+        """What an export of `run_id` (or of the newest completed run) writes: its pairs joined with their
+        texts, or for `sft` its teacher anchors with their prompts."""
         if run_id is None:
             row = self.con.execute("SELECT run_id FROM v_latest_run").fetchone()
             if row is None:
                 return None, pl.DataFrame()
             run_id = row[0]
-        df = self._query("SELECT * FROM v_run_pairs WHERE run_id = $1 ORDER BY prompt_id, pair_id", [run_id])
-        return run_id, df
+        view, key = ("v_run_anchors", "response_id") if fmt == "sft" else ("v_run_pairs", "pair_id")
+        return run_id, self._query(f"SELECT * FROM {view} WHERE run_id = $1 ORDER BY prompt_id, {key}", [run_id])
 
     def round_pairs(self, run_id: str) -> pl.DataFrame:
         """A run's pairs with their prompt, texts, and the curation scorer's values and rationales (a loop round)."""
