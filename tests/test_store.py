@@ -66,9 +66,14 @@ def test_read_only_open_of_a_missing_warehouse_is_a_clear_error(tmp_path):
         Store(tmp_path / "none.duckdb", read_only=True)
 
 
-def test_second_writer_gets_a_clear_error(tmp_path):
+def test_a_file_held_without_a_server_gives_a_clear_error_after_a_wait(tmp_path, monkeypatch):
+    """A process that holds the file and serves nothing (not a run: e.g. a user's own duckdb session)."""
     import subprocess
     import sys
+
+    from prefsynth.warehouse import store as store_module
+
+    monkeypatch.setattr(store_module, "READER_WAIT_S", 0.5)
 
     path = tmp_path / "w.duckdb"
     Store(path).close()

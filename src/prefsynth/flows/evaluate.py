@@ -83,7 +83,7 @@ def evaluate(
         scorers = [build_scorer(s, servers.endpoint) for s in config.scorers]
         check_endpoints([e for s in scorers for e in s.endpoints.values()])
         check_keys(pairs, scorers)
-        with Store(db or config.warehouse) as store:
+        with Store(db or config.warehouse, wait_s=config.warehouse_wait_s, notify=logger.warning) as store:
             store.begin_run(eval_id, config.name, canonical_json(config.model_dump()), flow_run_id(), kind="eval")
             try:
                 for scorer in scorers:

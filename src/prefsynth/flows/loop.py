@@ -115,7 +115,7 @@ def synthesis_loop(config: PipelineConfig, db: str | None = None) -> LoopSummary
         for round_no in range(1, spec.max_rounds + 1):
             run = synthesize(config=round_config(config, target.text, judge.text, round_no), db=warehouse)
             round_id = content_id("loop_round", loop_id, round_no)
-            with Store(warehouse) as store:
+            with Store(warehouse, wait_s=config.warehouse_wait_s, notify=logger.warning) as store:
                 pairs = round_pairs(store, run.run_id)
                 checked = check_pairs(store, judges, round_id, pairs)
                 rows = checked.of(LoopPair)

@@ -67,7 +67,7 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
         check_endpoints([*policies, *(e for s in scorers for e in s.endpoints.values()),
                          *([teacher.endpoint] if teacher else [])])  # fmt: skip
 
-        with Store(warehouse) as store:
+        with Store(warehouse, wait_s=config.warehouse_wait_s, notify=get_run_logger().warning) as store:
             announce_revisions(store, config)
             ingest(store, config, summary)
             store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), flow_run_id())

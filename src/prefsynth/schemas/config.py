@@ -291,6 +291,8 @@ class PipelineConfig(Strict):
     curation: CurationSpec = CurationSpec()
     export: list[ExportTarget] = []
     warehouse: str = Field("prefsynth.duckdb", description="DuckDB file (relative to the current directory).")
+    warehouse_wait_s: float = Field(600, ge=0, description="How long a run waits for another process to let "
+                                    "go of the warehouse file before it gives up.")  # fmt: skip
     panel: PanelSpec | None = Field(None, description="Aggregate several scorers and measure their agreement.")
     teacher: TeacherSpec | None = Field(None, description="Refine responses and answer prompts with a teacher.")
     loop: LoopSpec | None = Field(None, description="Run as a synthesis loop (`prefsynth loop`).")

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
+import re
 import shlex
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,10 @@ from pydantic import BaseModel
 
 from prefsynth.errors import PrefsynthError, WarehouseError
 from prefsynth.schemas.records import TABLES, Message, Pair, Prompt, StageResult, columns
+from prefsynth.warehouse.sharing import QueryServer, RemoteConnection, serving
 
+_log = logging.getLogger(__name__)
+READER_WAIT_S = 15.0  # how long a reader waits for a file that a process holds without serving it
 STATS_TABLES = ("runs", "prompts", "responses", "scores", "judgments", "comparisons", "failures", "pairs",
                 "refinements", "run_anchors", "dataset_snapshots", "logprobs", "prompt_routes", "evals",
                 "model_calls", "prompt_versions", "loop_rounds")
@@ -61,12 +66,49 @@ def _make_folder(path: Path) -> None:
                              "choose another --db (or `warehouse:` path)") from None
 
 
-def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
-    """duckdb.connect, with a WarehouseError naming the file, what happened and the way out."""
-    try:
-        return duckdb.connect(str(path), read_only=read_only)
-    except duckdb.Error as err:
-        raise WarehouseError(_open_failure(path, err)) from None
+def _connect(path: Path, read_only: bool, wait_s: float | None, notify: Callable[[str], None]
+             ) -> duckdb.DuckDBPyConnection | RemoteConnection:  # fmt: skip
+    """duckdb.connect, with a WarehouseError naming the file, what happened and the way out.
+
+    While another process holds the file: a run (`wait_s` given) waits for it up to `wait_s` seconds, saying
+    so; any other opener goes through the run that serves the file (sharing.py), waiting up to READER_WAIT_S
+    for the file or a server (a run serves once it has migrated the file; an export holds it briefly).
+    """
+    started, said = time.monotonic(), 0.0
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.Error as err:
+            if not _held(err):
+                raise WarehouseError(_open_failure(path, err)) from None
+            waited = time.monotonic() - started
+            if wait_s is None:
+                if (info := serving(path)) is not None:
+                    return RemoteConnection(path, info)
+                if waited >= READER_WAIT_S:
+                    raise WarehouseError(_open_failure(path, err)) from None
+                time.sleep(0.2)
+                continue
+            if waited >= wait_s:
+                raise WarehouseError(f"warehouse {path} is still in use by another process after {wait_s:g} s "
+                                     f"({_holder(err)}); try again when it has finished, or raise "
+                                     "warehouse_wait_s") from None  # fmt: skip
+            if waited >= said:
+                notify(f"warehouse {path} is in use by another process ({_holder(err)}): waiting for it, at most "
+                       f"{wait_s - waited:.0f} s more (warehouse_wait_s)")  # fmt: skip
+                said = waited + 30
+            time.sleep(0.5)
+
+
+def _held(err: duckdb.Error) -> bool:
+    """Whether duckdb could not open the file because another process holds its lock."""
+    return isinstance(err, duckdb.IOException) and "lock" in str(err).lower()
+
+
+def _holder(err: duckdb.Error) -> str:
+    """`pid N` from duckdb's 'Conflicting lock is held in <program> (PID N)'."""
+    found = re.search(r"PID (\d+)", str(err))
+    return f"pid {found.group(1)}" if found else "a process duckdb does not name"
 
 
 def _open_failure(path: Path, err: duckdb.Error) -> str:
@@ -96,23 +138,36 @@ def _open_failure(path: Path, err: duckdb.Error) -> str:
 class Store:
     """A DuckDB warehouse file: migrations on open, batched writes, the reads the pipeline needs."""
 
-    def __init__(self, path: str | Path, read_only: bool = False, create: bool = True) -> None:
-        """Open (and unless `read_only`, migrate) the warehouse; `create=False` refuses to make a new file."""
+    def __init__(self, path: str | Path, read_only: bool = False, create: bool = True, wait_s: float | None = None,
+                 notify: Callable[[str], None] = _log.warning) -> None:  # fmt: skip
+        """Open (and unless `read_only`, migrate) the warehouse; `create=False` refuses to make a new file.
+
+        `wait_s` makes this a run's store: it waits up to `wait_s` seconds for another process to let go of
+        the file (`notify` says so), and serves other processes' queries while it is open (sharing.py).
+        Without it, a file a run holds is read (and written, e.g. an export's snapshot row) through that run.
+        """
         self.path = Path(path)
         if (read_only or not create) and not self.path.exists():
             raise WarehouseError(f"warehouse not found: {self.path}")
         if not read_only:
             _make_folder(self.path)
-        self.con = _connect(self.path, read_only)
+        self.con: Any = _connect(self.path, read_only, wait_s, notify)
         self._lock = threading.Lock()
-        if not read_only:
+        self._server: QueryServer | None = None
+        remote = isinstance(self.con, RemoteConnection)
+        if not read_only and not remote:
             self.migrate()
         elif (version := self.schema_version()) < len(_migrations()):
             self.close()
             raise WarehouseError(f"warehouse {self.path} has schema version {version}, this prefsynth needs "
                                  f"{len(_migrations())}: open it once read-write (e.g. `prefsynth run`) to migrate it")
+        if wait_s is not None:
+            self._server = QueryServer(self.path, self.con, self._lock).start()
 
     def close(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
         self.con.close()
 
     def __enter__(self) -> Store:
