@@ -85,7 +85,8 @@ class QueryServer:
 
         self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.http.daemon_threads = True
-        self.thread = threading.Thread(target=self.http.serve_forever, name="warehouse-queries", daemon=True)
+        self.thread = threading.Thread(target=self.http.serve_forever, args=(0.05,), name="warehouse-queries",
+                                       daemon=True)  # polls every 50 ms: `stop` returns that fast
 
     def query(self, body: dict[str, Any]) -> pa.Table:
         with self.lock:  # the run's threads use `con`; a cursor is a connection of its own
