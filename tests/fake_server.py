@@ -117,3 +117,106 @@ class CountingServer(FakeOpenAI):
     def keep(self, path: str, body: dict[str, Any]) -> None:
         with self.lock:
             super().keep(path, body)
+
+
+class BatchServer:
+    """The files and batches API of OpenAI on 127.0.0.1, in a thread: uploads (`purpose=batch`), batches on
+    them, and their output files, answered by `deterministic_reply`. A batch stays `in_progress` until
+    `release` is set; `uploads` and `creates` keep what arrived. Chat completions sent directly are refused."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.uploads: list[list[str]] = []  # custom_ids of each uploaded file
+        self.creates: list[str] = []  # input file id of each batch created
+        self.direct = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, status: int, body: Any, raw: bytes | None = None) -> None:
+                data = raw if raw is not None else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/octet-stream" if raw is not None else "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                path = self.path.split("?")[0].removeprefix("/v1")
+                if path.startswith("/files/") and path.endswith("/content"):
+                    return self._send(200, None, fake.files[path.split("/")[2]])
+                if path.startswith("/batches/"):
+                    return self._send(200, fake.batch(path.split("/")[2]))
+                if path == "/batches":
+                    data = [fake.batch(b) for b in reversed(list(fake.batches))]
+                    return self._send(200, {"object": "list", "data": data, "has_more": False})
+                self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
+            def do_POST(self) -> None:  # noqa: N802
+                raw = self.rfile.read(int(self.headers["content-length"]))
+                path = self.path.removeprefix("/v1")
+                if path == "/files":
+                    return self._send(200, fake.upload(self.headers["content-type"], raw))
+                if path == "/batches":
+                    return self._send(200, fake.create(json.loads(raw)["input_file_id"]))
+                fake.direct += 1
+                self._send(400, {"error": {"message": "this server only takes batches"}})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def upload(self, content_type: str, raw: bytes) -> dict[str, Any]:
+        from email.parser import BytesParser
+
+        message = BytesParser().parsebytes(f"content-type: {content_type}\r\n\r\n".encode() + raw)
+        parts = {p.get_param("name", header="content-disposition"): p.get_payload(decode=True)
+                 for p in message.get_payload()}  # fmt: skip
+        assert parts["purpose"] == b"batch"
+        with self.lock:
+            file_id = f"file-{len(self.files) + 1}"
+            self.files[file_id] = parts["file"]
+            self.uploads.append([json.loads(line)["custom_id"] for line in parts["file"].splitlines() if line])
+        return {"id": file_id, "object": "file", "bytes": len(parts["file"]), "created_at": 0,
+                "filename": "batch.jsonl", "purpose": "batch", "status": "processed"}  # fmt: skip
+
+    def create(self, input_file_id: str) -> dict[str, Any]:
+        with self.lock:
+            batch_id = f"batch-{len(self.batches) + 1}"
+            self.batches[batch_id] = {"input_file_id": input_file_id, "output_file_id": None}
+            self.creates.append(input_file_id)
+        return self.batch(batch_id)
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        with self.lock:
+            state = self.batches[batch_id]
+            if self.release.is_set() and state["output_file_id"] is None:
+                lines = []
+                for line in self.files[state["input_file_id"]].splitlines():
+                    request = json.loads(line)
+                    status, body = deterministic_reply(request["body"])
+                    lines.append(json.dumps({"custom_id": request["custom_id"], "error": None,
+                                             "response": {"status_code": status, "body": body}}))
+                state["output_file_id"] = f"file-out-{batch_id}"
+                self.files[state["output_file_id"]] = "\n".join(lines).encode() + b"\n"
+            done = state["output_file_id"] is not None
+        return {"id": batch_id, "object": "batch", "endpoint": "/v1/chat/completions", "completion_window": "24h",
+                "created_at": 0, "input_file_id": state["input_file_id"], "error_file_id": None,
+                "status": "completed" if done else "in_progress", "output_file_id": state["output_file_id"]}
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()

@@ -26,6 +26,7 @@ import httpx2
 import openai
 
 from prefsynth.backends import quirks
+from prefsynth.backends.batch import Batcher, BatchLedger, chat_answer
 from prefsynth.backends.templates import PLAIN_TEMPLATE, ChatTemplate
 from prefsynth.schemas.records import ModelCall
 from prefsynth.warehouse.ids import call_id, canonical_json
@@ -47,6 +48,7 @@ class Endpoint:
     server: str = "openai"  # openai | vllm | llama-cpp: which quirks apply (see quirks.py)
     logprobs: str = "echo"  # how to ask for prompt log-probs: echo | prompt_logprobs
     template: ChatTemplate = PLAIN_TEMPLATE  # renders chat turns as text for log-prob scoring
+    batch: bool = False  # chat requests go out as batch jobs (batch.py)
 
     @property
     def public_url(self) -> str:
@@ -177,6 +179,7 @@ class ModelClient:
         endpoint: Endpoint,
         cache: Cache | CacheReader | None = None,
         limiter: asyncio.Semaphore | None = None,
+        ledger: BatchLedger | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._reader = CacheReader(cache) if cache is not None and not isinstance(cache, CacheReader) else cache
@@ -195,6 +198,11 @@ class ModelClient:
             max_retries=endpoint.max_retries,
             http_client=http,
         )
+        self._batcher = None
+        if endpoint.batch:
+            if ledger is None:
+                raise ValueError(f"{endpoint.label}: batch requests need a warehouse to keep their batches in")
+            self._batcher = Batcher(self._client, endpoint.model, endpoint.identity, ledger)
 
     async def __aenter__(self) -> ModelClient:
         return self
@@ -259,17 +267,12 @@ class ModelClient:
                 call = self._record(cid, kind, request, "ok", known, None, 0.0)
                 future.set_result((call, True))
                 return call, True
-            async with self._sem:
+            if self._batcher is not None and kind == "chat":
                 start = time.perf_counter()
-                try:
-                    response, error = await send(body), None
-                except openai.APIError as err:
-                    response, error = None, describe_error(err)
-                except (ValueError, TypeError, AttributeError) as err:  # a response we cannot read
-                    response, error = None, f"unreadable response: {err}"
-                except Exception as err:  # noqa: BLE001 - e.g. malformed HTTP the transport does not map: one call fails
-                    response, error = None, f"request failed: {type(err).__name__}: {str(err)[:300]}"
+                response, error = await self._batcher.call(cid, body)
                 latency = (time.perf_counter() - start) * 1000
+            else:
+                response, error, latency = await self._send(body, send)
             status = "ok" if error is None else "error"
             call = self._record(cid, kind, request, status, response, error, latency)
             if status == "ok":
@@ -281,27 +284,26 @@ class ModelClient:
                 future.cancel()
             del self._inflight[cid]
 
+    async def _send(self, body: dict[str, Any], send: Callable[[dict[str, Any]], Any]
+                    ) -> tuple[str | None, str | None, float]:  # fmt: skip
+        """One request through the server's limiter: (response, error, latency in ms)."""
+        async with self._sem:
+            start = time.perf_counter()
+            try:
+                response, error = await send(body), None
+            except openai.APIError as err:
+                response, error = None, describe_error(err)
+            except (ValueError, TypeError, AttributeError) as err:  # a response we cannot read
+                response, error = None, f"unreadable response: {err}"
+            except Exception as err:  # noqa: BLE001 - e.g. malformed HTTP the transport does not map: one call fails
+                response, error = None, f"request failed: {type(err).__name__}: {str(err)[:300]}"
+            return response, error, (time.perf_counter() - start) * 1000
+
     async def _send_chat(self, body: dict[str, Any]) -> str:
         # a plain POST on the SDK's client: its retries, backoff, Retry-After and timeouts, without building
         # typed request and response models (measured: most of a call's CPU at hundreds of calls a second)
         data = await self._client.post("/chat/completions", cast_to=object, body={"model": self.endpoint.model, **body})
-        choices = data.get("choices") if isinstance(data, dict) else None
-        choice = choices[0] if isinstance(choices, list) and choices else None
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if not isinstance(message, dict):
-            raise ValueError("response has no choices")
-        content = message.get("content")
-        if content is not None and not isinstance(content, str):
-            raise ValueError(f"message content is a {type(content).__name__}, not text")
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        return canonical_json(
-            {
-                "text": content or "",
-                "finish_reason": choice.get("finish_reason"),  # type: ignore[union-attr]
-                "prompt_tokens": usage.get("prompt_tokens"),
-                "completion_tokens": usage.get("completion_tokens"),
-            }
-        )
+        return chat_answer(data)
 
     async def _send_logprob(self, body: dict[str, Any]) -> str:
         standard = {k: v for k, v in body.items() if k not in quirks.NONSTANDARD}
@@ -359,7 +361,9 @@ class ClientPool:
             if endpoint.base_url not in self._limiters:
                 limit = min(e.concurrency for e in [endpoint, *self._endpoints] if e.base_url == endpoint.base_url)
                 self._limiters[endpoint.base_url] = asyncio.Semaphore(limit)
-            self._clients[key] = ModelClient(endpoint, self._reader, self._limiters[endpoint.base_url])
+            ledger = self._cache if hasattr(self._cache, "open_batches") else None
+            self._clients[key] = ModelClient(endpoint, self._reader, self._limiters[endpoint.base_url],
+                                             ledger)  # type: ignore[arg-type]  # fmt: skip
         return self._clients[key]
 
     def clients(self, endpoints: dict[str, Endpoint]) -> dict[str, ModelClient]:

@@ -261,6 +261,7 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
                 server=spec.server,
                 logprobs=_logprob_method(spec, spec.server == "vllm"),
                 template=configured_template(spec.chat_template),
+                batch=spec.batch,
                 **limits,
             )
         server = self._server(spec)

@@ -58,7 +58,10 @@ class ModelSpec(Strict):
     )
     n_ctx: int = Field(2048, ge=256, description="Context length of a local server.")
     n_threads: int | None = Field(None, ge=1, description="CPU threads of a local server (default: all).")
-    max_concurrency: int | None = Field(None, ge=1, le=1024, description="Requests in flight at once.")
+    max_concurrency: int | None = Field(None, ge=1, le=50_000, description="Requests in flight at once (at "
+                                        "most 1024; with `batch`, the requests one batch job can hold).")  # fmt: skip
+    batch: bool = Field(False, description="Send chat requests as OpenAI-style batch jobs (files + batches API): "
+                        "cheaper and slower; set max_concurrency to the batch size.")  # fmt: skip
     timeout_s: float = Field(300.0, gt=0, description="Timeout of one request, queueing included.")
     max_retries: int = Field(3, ge=0, le=20, description="Retries of one request (backoff, Retry-After).")
 
@@ -66,6 +69,10 @@ class ModelSpec(Strict):
     def _one_kind(self) -> ModelSpec:
         if self.gguf and (self.base_url or self.model):
             raise ValueError("give either `gguf` (a local model) or `base_url` + `model` (an endpoint), not both")
+        if self.gguf and self.batch:
+            raise ValueError("`batch` is for endpoint models: a local model has no batch API")
+        if not self.batch and (self.max_concurrency or 0) > 1024:
+            raise ValueError("max_concurrency is at most 1024 (more only with `batch: true`)")
         if self.gguf and self.revision:
             raise ValueError("`revision` is for endpoint models; a local model is known by its file's hash")
         if not self.gguf:

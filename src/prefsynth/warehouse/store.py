@@ -362,6 +362,32 @@ class Store:
                "WHERE status = 'ok' GROUP BY call_id")  # fmt: skip
         return dict(self._lookup(sql, call_ids))
 
+    def open_batches(self, model: str) -> dict[str, tuple[str, str | None]]:
+        """{call_id: (input_file_id, batch_id)} of `model`'s calls waiting on a batch: no result recorded for
+        them since their batch's file was (batch.py). Thread-safe."""
+        sql = ("SELECT c.call_id, b.input_file_id, b.batch_id FROM batch_calls c JOIN batches b USING (input_file_id) "
+               "WHERE b.model = $1 AND NOT EXISTS (SELECT 1 FROM model_calls m WHERE m.call_id = c.call_id "
+               "AND m.created_at >= b.created_at)")  # fmt: skip
+        with self._lock:
+            cur = self.con.cursor()
+        try:
+            return {cid: (fid, bid) for cid, fid, bid in cur.execute(sql, [model]).fetchall()}
+        finally:
+            cur.close()
+
+    def record_batch_file(self, input_file_id: str, model: str, call_ids: list[str]) -> None:
+        """An uploaded batch file and its calls, committed before the batch is created. Thread-safe."""
+
+        def write() -> None:
+            self.con.execute("INSERT INTO batches (input_file_id, model) VALUES (?, ?)", [input_file_id, model])
+            self._insert_rows("batch_calls", pl.DataFrame({"input_file_id": input_file_id, "call_id": call_ids}))
+
+        self._transaction(write)
+
+    def record_batch_id(self, input_file_id: str, batch_id: str) -> None:
+        with self._lock:
+            self.con.execute("UPDATE batches SET batch_id = ? WHERE input_file_id = ?", [batch_id, input_file_id])
+
     def cached_logprobs(self, lp_ids: list[str]) -> dict[str, tuple[float, int]]:
         """{lp_id: (log-prob, tokens)} for continuations scored before (the CDR cache). Thread-safe."""
         rows = self._lookup("SELECT lp_id, logprob, tokens FROM logprobs JOIN _ids ON lp_id = _ids.id", lp_ids)
