@@ -93,3 +93,50 @@ def test_a_batch_run_reruns_free(tmp_path: Path, prefect_harness: Any, monkeypat
         assert len(first.pairs) > 0 and len(_all_ids(server)) == 16, "precondition: a run made of batches"
         again = prefsynth.run(_config(tmp_path, server.base_url, db))
         assert again.summary.model_calls == 0 and len(server.uploads) == 2 and len(again.pairs) == len(first.pairs)
+
+
+class Ledger:
+    """A warehouse's batch rows in memory: a run killed after its upload (and maybe after the batch's
+    creation) but before the batch's id was recorded."""
+
+    def __init__(self, open_calls: dict[str, tuple[str, str | None]]) -> None:
+        self.open, self.ids = open_calls, {}
+
+    def open_batches(self, model: str) -> dict[str, tuple[str, str | None]]:
+        return dict(self.open)
+
+    def record_batch_file(self, input_file_id: str, model: str, call_ids: list[str]) -> None:
+        raise AssertionError("nothing may be uploaded again")
+
+    def record_batch_id(self, input_file_id: str, batch_id: str) -> None:
+        self.ids[input_file_id] = batch_id
+
+
+@pytest.mark.parametrize("created_before_the_kill", [True, False])
+def test_a_file_uploaded_before_a_kill_gets_one_batch(created_before_the_kill: bool) -> None:
+    import asyncio
+    import json
+
+    import openai
+
+    from prefsynth.backends.batch import Batcher
+
+    body = {"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 8}
+    with BatchServer() as server:
+        line = json.dumps({"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
+                           "body": {"model": "m", **body}})  # fmt: skip
+        file_id = server.upload("multipart/form-data; boundary=b", (
+            f'--b\r\ncontent-disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--b\r\ncontent-disposition: '
+            f'form-data; name="file"; filename="x.jsonl"\r\n\r\n{line}\n\r\n--b--\r\n').encode())["id"]  # fmt: skip
+        if created_before_the_kill:
+            server.create(file_id)
+        server.release.set()
+        ledger = Ledger({"c1": (file_id, None)})
+
+        async def ask() -> tuple[str | None, str | None]:
+            async with openai.AsyncOpenAI(base_url=server.base_url, api_key="x") as client:
+                return await Batcher(client, "m", "identity", ledger).call("c1", body)
+
+        response, error = asyncio.run(ask())
+    assert error is None and response is not None and json.loads(response)["text"].startswith("answer")
+    assert server.creates == [file_id] and len(server.uploads) == 1 and list(ledger.ids) == [file_id]
