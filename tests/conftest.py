@@ -56,7 +56,8 @@ def prefect_harness():
 
 
 def small_config(tmp_path: Path, prompts: Path, **overrides) -> PipelineConfig:
-    """A fast pipeline on the embedded default: short answers, short judgments."""
+    """A fast pipeline on the embedded default: short answers, short judgments (cut off at max_tokens, so
+    curation allows truncated replies; a `curation` override is merged into that)."""
     raw = {
         "name": "test",
         "prompts": {"path": str(prompts)},
@@ -66,11 +67,11 @@ def small_config(tmp_path: Path, prompts: Path, **overrides) -> PipelineConfig:
             "sampling": {"temperature": 1.0, "max_tokens": 12, "seed": 1},
         },
         "scorers": [{"kind": "pointwise_judge", "model": {"gguf": "smollm2-135m-instruct"}, "max_tokens": 64}],
-        "curation": {"min_margin": 1},
+        "curation": {"min_margin": 1, "allow_truncated": True},
         "warehouse": str(tmp_path / "w.duckdb"),
     }
     for key, value in overrides.items():
-        raw[key] = value
+        raw[key] = {**raw["curation"], **value} if key == "curation" else value
     return parse_config(raw)
 
 
@@ -89,7 +90,7 @@ def local_job(tmp_path: Path, name: str, prompts: list[str]) -> Path:
            "generation": {"models": [{"gguf": "smollm2-135m-instruct"}], "samples_per_prompt": 2,
                           "sampling": {"temperature": 1.0, "max_tokens": 12, "seed": 1}},
            "scorers": [{"kind": "pointwise_judge", "model": {"gguf": "smollm2-135m-instruct"}, "max_tokens": 48}],
-           "curation": {"min_margin": 1}, "warehouse": str(tmp_path / "w.duckdb")}  # fmt: skip
+           "curation": {"min_margin": 1, "allow_truncated": True}, "warehouse": str(tmp_path / "w.duckdb")}  # fmt: skip
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

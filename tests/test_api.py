@@ -20,7 +20,7 @@ def _config(tmp_path: Path) -> dict:
         "generation": {"models": [{"gguf": "smollm2-135m-instruct"}], "samples_per_prompt": 3,
                        "sampling": {"temperature": 1.0, "max_tokens": 12, "seed": 3}},
         "scorers": [{"kind": "pointwise_judge", "model": {"gguf": "smollm2-135m-instruct"}, "max_tokens": 48}],
-        "curation": {"min_margin": 0},
+        "curation": {"min_margin": 0, "allow_truncated": True},
         "warehouse": str(tmp_path / "nb.duckdb"),
     }  # fmt: skip
 

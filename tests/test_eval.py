@@ -111,7 +111,8 @@ def test_eval_rejects_bad_data_before_any_model_call(tmp_path):
 @pytest.mark.model
 def test_pipeline_with_cdr_as_its_scorer(tmp_path, prefect_harness):
     prompts = write_jsonl(tmp_path / "p.jsonl", ["Name a fruit.", "What is 5 - 2?", "Say hello in Spanish."])
-    config = small_config(tmp_path, prompts, scorers=[{**CDR, "name": "cdr"}], curation={"min_margin": 0.0})
+    # the default margin (auto): any positive gap, since CDR values are log-ratios, not points on a scale
+    config = small_config(tmp_path, prompts, scorers=[{**CDR, "name": "cdr"}], curation={"min_margin": "auto"})
     summary = synthesize(config=config)
     assert summary.failures == 0
     with duckdb.connect(config.warehouse, read_only=True) as con:
@@ -119,7 +120,7 @@ def test_pipeline_with_cdr_as_its_scorer(tmp_path, prefect_harness):
         assert len(details) == 6 and all(d["strong_tokens"] > 0 and d["weak_tokens"] > 0 for d in details)
         assert con.execute("SELECT count(*) FROM logprobs").fetchone()[0] == 12
         pairs = con.execute("SELECT count(*) FROM pairs").fetchone()[0]
-        assert pairs == con.execute(
+        assert pairs > 0 and pairs == con.execute(
             "SELECT count(*) FROM (SELECT r.prompt_id FROM scores s JOIN responses r USING (response_id) "
             "GROUP BY 1 HAVING max(value) > min(value))").fetchone()[0]
         calls = con.execute("SELECT count(*) FROM model_calls").fetchone()[0]

@@ -28,6 +28,8 @@ ROWS = pl.DataFrame(
         "scorer_id": ["s", "s"],
         "rule": ["{}", "{}"],
         "source": ["sampled", "sampled"],
+        "chosen_finish_reason": ["stop", "stop"],
+        "rejected_finish_reason": ["length", "stop"],
     }
 )
 
@@ -52,6 +54,7 @@ def test_trl_parquet_loads_back_with_message_lists(tmp_path):
                 "run_id"):
         assert col in ds.column_names
     assert "margin" not in ds.column_names  # TRL would train with it: only a chosen margin mode writes one
+    assert ds["rejected_finish_reason"] == ["stop", "length"]  # a reply cut off at max_tokens says so
 
 
 def test_jsonl_export_and_snapshot_ids(tmp_path):

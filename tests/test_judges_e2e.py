@@ -90,6 +90,12 @@ def test_pipeline_with_a_calibrated_pairwise_judge_a_rubric_judge_and_a_panel(tm
     assert "position consistency" in text.stdout and "alpha" in text.stdout
     rerun = synthesize(config=config)
     assert rerun.model_calls == 0 and rerun.pairs == summary.pairs
+    # the one-order pairwise judge as the curation scorer, with the default margin (auto: its win shares are
+    # unitless, so any win): a pair per prompt it decided, from the same (cached) verdicts
+    by_pairwise = config.model_copy(update={"curation": config.curation.model_copy(
+        update={"scorer": "one_order", "min_margin": "auto", "require_agreement": []})})  # fmt: skip
+    again = synthesize(config=by_pairwise)
+    assert again.model_calls == 0 and again.pairs == decided > 0
 
 
 def test_eval_of_a_pairwise_judge_with_and_without_calibration(tmp_path, prefect_harness):

@@ -22,7 +22,8 @@ def _config(tmp_path: Path, base_url: str, revision: str) -> dict:
     return {"generation": {"models": [model], "samples_per_prompt": 2,
                            "sampling": {"temperature": 1.0, "max_tokens": 8, "seed": 5}},
             "scorers": [{"kind": "pointwise_judge", "model": model, "max_tokens": 40}],
-            "curation": {"min_margin": 0}, "warehouse": str(tmp_path / "w.duckdb")}  # fmt: skip
+            "curation": {"min_margin": 0, "allow_truncated": True},
+            "warehouse": str(tmp_path / "w.duckdb")}  # fmt: skip
 
 
 def test_a_new_revision_is_called_again_and_a_moved_server_is_not(tmp_path: Path, prefect_harness) -> None:

@@ -17,7 +17,7 @@ from prefsynth.backends.client import Endpoint, ModelClient
 from prefsynth.cli import app
 from prefsynth.errors import ConfigError
 from prefsynth.flows.synthesize import synthesize
-from prefsynth.schemas.config import CurationSpec, TeacherSpec
+from prefsynth.schemas.config import TeacherSpec
 from prefsynth.schemas.records import Failure, Message, ModelCall, Refinement, Response
 from prefsynth.tasks.curate import anchor_vs_sampled, refined_vs_original
 from prefsynth.tasks.teacher import RefineItem, Teacher, parse_revision, parse_revision_json
@@ -102,7 +102,7 @@ def test_anchor_vs_sampled_pairs_the_anchor_with_each_lower_scored_sample():
     anchors = pl.DataFrame({"prompt_id": ["p", "q"], "response_id": ["A", "B"], "value": [7.0, 2.0]})
     samples = pl.DataFrame({"prompt_id": ["p", "p", "p", "q"], "response_id": ["x", "y", "z", "w"],
                             "value": [2.0, 6.5, 9.0, 5.0]})  # fmt: skip
-    pairs = anchor_vs_sampled(anchors, samples, "judge-id", CurationSpec(min_margin=1))
+    pairs = anchor_vs_sampled(anchors, samples, "judge-id", 1.0)
     assert pairs.select("chosen_id", "rejected_id", "margin", "source").rows() == [("A", "x", 5.0, "teacher_anchor")]
 
 
@@ -110,7 +110,7 @@ def test_anchor_vs_sampled_skips_values_that_are_not_numbers():
     anchors = pl.DataFrame({"prompt_id": ["p", "q"], "response_id": ["A", "B"], "value": [7.0, float("nan")]})
     samples = pl.DataFrame({"prompt_id": ["p", "p", "q"], "response_id": ["x", "y", "w"],
                             "value": [float("nan"), 2.0, 1.0]})  # fmt: skip
-    pairs = anchor_vs_sampled(anchors, samples, "judge-id", CurationSpec(min_margin=1))
+    pairs = anchor_vs_sampled(anchors, samples, "judge-id", 1.0)
     assert pairs.select("chosen_id", "rejected_id", "margin").rows() == [("A", "y", 5.0)]
 
 

@@ -252,13 +252,14 @@ def stats(
         out.print(sources)
     for title, rows, skip in (("scorer diagnostics (latest run of each scorer)", data["scorer_diagnostics"],
                                ("scorer_id", "run_id")),
-                              ("panels (latest run of each)", data["panels"], ("panel_id", "run_id"))):  # fmt: skip
+                              ("panels (latest run of each)", data["panels"], ("panel_id", "run_id")),
+                              ("replies cut off at max_tokens", data["truncation"], ())):  # fmt: skip
         if not rows:
             continue
         table = Table(title=title)
         keys = [k for k in rows[0] if k not in skip]
         for key in keys:
-            table.add_column(key.replace("_", " "), justify="left" if key in ("scorer", "name") else "right")
+            table.add_column(key.replace("_", " "), justify="left" if key in ("scorer", "name", "model") else "right")
         for row in rows:
             table.add_row(*(_cell(row[k]) for k in keys))
         out.print(table)

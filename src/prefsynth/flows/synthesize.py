@@ -29,7 +29,7 @@ from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import RunSummary, StageCounts
 from prefsynth.tasks._async import run_async
 from prefsynth.tasks.compare import pairwise_values
-from prefsynth.tasks.curate import anchor_vs_sampled, curate, refined_vs_original
+from prefsynth.tasks.curate import anchor_vs_sampled, curate, refined_vs_original, threshold
 from prefsynth.tasks.diagnostics import diagnostics
 from prefsynth.tasks.export import SCORERS, export
 from prefsynth.tasks.ingest import no_prompts, read_prompts
@@ -150,7 +150,7 @@ def _run(
     if taught is not None:
         summary.stages += taught.counts
     agree = {ids[n]: values[n] for n in config.curation.require_agreement}
-    pairs = pl.concat(curation(config, values[name], ids[name], agree, teacher, taught))
+    pairs = pl.concat(curation(config, values[name], responses, ids[name], agree, teacher, taught, summary))
     new_pairs = store.write_pairs(run_id, pairs)
     summary.pairs = len(pairs)
     summary.stages.append(StageCounts(stage="curate", total=len(pairs), new=new_pairs, reused=len(pairs) - new_pairs))
@@ -185,19 +185,36 @@ def teacher_stage(
 
 
 def curation(
-    config: PipelineConfig, values: pl.DataFrame, scorer_id: str, agree: dict[str, pl.DataFrame],
-    teacher: Teacher | None, taught: Taught | None,
+    config: PipelineConfig, values: pl.DataFrame, responses: pl.DataFrame, scorer_id: str,
+    agree: dict[str, pl.DataFrame], teacher: Teacher | None, taught: Taught | None, summary: RunSummary,
 ) -> list[pl.DataFrame]:  # fmt: skip
     """The pairs of each configured rule (a config is validated to have a teacher for the teacher rules)."""
-    rules = config.curation.rules
-    out = [curate(values, scorer_id, config.curation, agree)] if "best_vs_worst" in rules else []
+    spec, logger = config.curation, get_run_logger()
+    margin = threshold(spec, values, scaled=_scaled(config, config.curation_scorer_name))
+    out = []
+    if spec.sampled_rule is not None:
+        curated = curate(values, responses, scorer_id, spec, margin, agree)
+        summary.curation = curated.counts
+        out.append(curated.pairs)
+        steps = ", ".join(f"{k} {v}" for k, v in curated.counts.items())
+        logger.info(f"curate[{spec.sampled_rule}]: margin >= {margin:g}; {steps}")
+        if (why := curated.empty_because()) is not None:
+            logger.warning(f"curate: 0 pairs from {curated.counts['prompts_scored']} scored prompts; `{why}` removed "
+                           f"the most ({curated.counts[why]}): see curation.min_margin, allow_truncated, "
+                           "max_length_ratio, require_agreement")  # fmt: skip
     if teacher is not None and taught is not None and config.teacher is not None:
-        if "refined_vs_original" in rules:
+        if "refined_vs_original" in spec.rules:
             out.append(refined_vs_original(taught.refinements, teacher.scorer_id, config.teacher.min_gap))
-        if "anchor_vs_sampled" in rules:
+        if "anchor_vs_sampled" in spec.rules:
             anchors = pl.DataFrame(taught.anchor_values, schema=values.schema)
-            out.append(anchor_vs_sampled(anchors, values, scorer_id, config.curation))
+            out.append(anchor_vs_sampled(anchors, values, scorer_id, margin))
     return out
+
+
+def _scaled(config: PipelineConfig, name: str) -> bool:
+    """Whether the scorer (or panel) `name` gives values on a fixed scale, such as a judge's 1-10."""
+    spec = {s.name: s for s in config.scorers}.get(name)
+    return spec is not None and hasattr(spec, "scale_min") and not spec.compares
 
 
 def finish(writer: Writer, patience_s: float = 30.0) -> None:

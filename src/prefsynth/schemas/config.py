@@ -227,16 +227,43 @@ class PanelSpec(Strict):
     )
 
 
-CurationRule = Literal["best_vs_worst", "refined_vs_original", "anchor_vs_sampled"]
+SampledRule = Literal["best_vs_worst", "best_vs_random", "above_margin", "top_k_vs_bottom_k"]
+CurationRule = Literal["best_vs_worst", "best_vs_random", "above_margin", "top_k_vs_bottom_k",
+                       "refined_vs_original", "anchor_vs_sampled"]  # fmt: skip
+SAMPLED_RULES: tuple[str, ...] = SampledRule.__args__  # type: ignore[attr-defined]
+
+
+class ZMargin(Strict):
+    z: float = Field(..., ge=0, description="Margin in standard deviations of the scorer's values over the run.")
+
+
+class QuantileMargin(Strict):
+    quantile: float = Field(..., ge=0, le=1, description="Margin at this quantile of the run's positive gaps "
+                            "(each prompt's best - worst).")  # fmt: skip
 
 
 class CurationSpec(Strict):
     rule: CurationRule | list[CurationRule] = Field(
-        "best_vs_worst", description="best_vs_worst (sampled responses), refined_vs_original (a teacher's "
-        "refinement against its parent), anchor_vs_sampled (the teacher's own answer against lower-scored "
-        "samples); one rule or a list of them.")  # fmt: skip
+        "best_vs_worst", description="Over sampled responses (one of): best_vs_worst, best_vs_random (the best "
+        "against a seeded random lower one), above_margin (every pair above the margin), top_k_vs_bottom_k. "
+        "With a teacher: refined_vs_original (a refinement against its parent), anchor_vs_sampled (the "
+        "teacher's own answer against lower-scored samples). One rule or a list of them.")  # fmt: skip
     scorer: str | None = Field(None, description="Name of the scorer whose values rank responses (default: first).")
-    min_margin: float = Field(1.0, ge=0, description="Pairs need chosen - rejected >= this (and > 0).")
+    min_margin: float | Literal["auto"] | ZMargin | QuantileMargin = Field(
+        "auto", description="Pairs need chosen - rejected >= this (and > 0): a number in the scorer's units, "
+        "{z: x} standard deviations of its values, {quantile: q} of the run's gaps, or auto (1 point on a "
+        "judge's scale; any positive gap for unitless scorers: CDR, pairwise win shares, reward models, "
+        "panels).")  # fmt: skip
+    max_pairs_per_prompt: int | None = Field(None, ge=1, description="Keep at most this many pairs per prompt "
+                                             "(the largest margins first).")  # fmt: skip
+    k: int = Field(1, ge=1, description="top_k_vs_bottom_k: the k best against the k worst of each prompt.")
+    seed: int = Field(0, description="best_vs_random: the seed of the draw (the same seed, the same pairs).")
+    allow_truncated: bool = Field(False, description="Pair replies cut off at max_tokens (finish_reason length).")
+    max_length_ratio: float | None = Field(None, ge=1, description="Drop pairs whose longer reply is more than "
+                                           "this many times the shorter (in completion tokens).")  # fmt: skip
+    length_matched: bool = Field(False, description="Prefer pairs of similar length: each prompt's candidates "
+                                 "ranked by length ratio first, margin second (keeps max_pairs_per_prompt, "
+                                 "default 1).")  # fmt: skip
     require_agreement: list[str] = Field(
         [], description="Scorers that must each score the chosen response strictly above the rejected one."
     )
@@ -244,6 +271,18 @@ class CurationSpec(Strict):
     @property
     def rules(self) -> list[str]:
         return [self.rule] if isinstance(self.rule, str) else list(dict.fromkeys(self.rule))
+
+    @property
+    def sampled_rule(self) -> str | None:
+        """The one rule over sampled responses, if any."""
+        return next((r for r in self.rules if r in SAMPLED_RULES), None)
+
+    @model_validator(mode="after")
+    def _one_sampled_rule(self) -> CurationSpec:
+        sampled = [r for r in self.rules if r in SAMPLED_RULES]
+        if len(sampled) > 1:
+            raise ValueError(f"curation.rule: give one rule over sampled responses, not {sampled}")
+        return self
 
 
 class TeacherSpec(Strict):

@@ -403,6 +403,7 @@ class RunSummary(BaseModel):
     duplicates_dropped: int = 0
     stages: list[StageCounts] = []
     pairs: int = 0
+    curation: dict[str, int] = {}  # what each curation step removed (tasks/curate.py STEPS)
     exports: list[str] = []
     seconds: float = 0.0
 

@@ -88,6 +88,8 @@ def dataset_card(rows: pl.DataFrame, run_id: str | None, fmt: str, file: str, mo
               "TRL and OpenRLHF do not read it; use it to filter or weight pairs.",
               "- `source`: where the pair comes from: "
               + "; ".join(f"`{s}`, {text}" for s, text in SOURCES.items()) + ".",
+              "- `chosen_finish_reason`, `rejected_finish_reason`: `length` means the reply was cut off at "
+              "max_tokens (curation pairs such replies only with `allow_truncated: true`).",
               "- `score_chosen`, `score_rejected`: the scorer's values of the two responses; the other columns "
               "(`pair_id`, `prompt_id`, `chosen_id`, `rejected_id`, `chosen_model`, `rejected_model`, "
               "`scorer_id`, `run_id`) trace each pair back to the warehouse.", "",

@@ -6,8 +6,9 @@ Formats (file):
 - `openrlhf` (openrlhf.jsonl): what OpenRLHF's RewardDataset reads with `--data.apply_chat_template` and no
   prompt key: `chosen` and `rejected` are whole conversations (prompt messages + the answer).
 Then, in all three: `margin` (only with a margin mode, see margins.py), `source`, `score_gap`, `score_chosen`,
-`score_rejected` and provenance (`pair_id`, `prompt_id`, `chosen_id`, `rejected_id`, `chosen_model`,
-`rejected_model`, `scorer_id`, `run_id`).
+`score_rejected`, `chosen_finish_reason`, `rejected_finish_reason` (`length`: cut off at max_tokens) and
+provenance (`pair_id`, `prompt_id`, `chosen_id`, `rejected_id`, `chosen_model`, `rejected_model`, `scorer_id`,
+`run_id`).
 - `sft` (sft.jsonl): not pairs but the teacher's anchors (its own answers) as SFT targets, in TRL's
   conversational prompt-completion format: `prompt` (message list), `completion` (one assistant message),
   then `source`, `finish_reason`, `model`, `prompt_id`, `response_id`, `run_id`.
@@ -33,6 +34,7 @@ FILES = {"trl": "train.parquet", "jsonl": "train.jsonl", "openrlhf": "openrlhf.j
 CARD = "README.md"
 PROVENANCE = ["pair_id", "prompt_id", "chosen_id", "rejected_id", "chosen_model", "rejected_model",
               "scorer_id", "run_id"]  # fmt: skip
+FINISH = ["chosen_finish_reason", "rejected_finish_reason"]  # `length`: the reply was cut off at max_tokens
 SCORERS = pl.DataFrame(schema={"scorer_id": pl.String, "name": pl.String, "kind": pl.String, "config": pl.String})
 
 
@@ -55,7 +57,7 @@ def _assistant(col: str) -> pl.Expr:
 def _tail(rows: pl.DataFrame) -> list[str]:
     """The columns after the texts: `margin` where with_margins wrote one, then the gap, scores, provenance."""
     margin = ["margin"] if "margin" in rows.columns else []
-    return [*margin, "source", "score_gap", "score_chosen", "score_rejected", *PROVENANCE]
+    return [*margin, "source", "score_gap", "score_chosen", "score_rejected", *FINISH, *PROVENANCE]
 
 
 def _trl(rows: pl.DataFrame) -> pl.DataFrame:

@@ -467,13 +467,14 @@ class Store:
         return self._rows(sql, response_ids, schema)
 
     def run_responses(self, run_id: str, identities: list[str], sampling: str, samples: int) -> pl.DataFrame:
-        """response_id, prompt_id, tokens of a run's samples that exist: its prompts answered by these models
-        with these sampling params (canonical JSON), sample index below `samples` (never a teacher's rows)."""
-        sql = ("SELECT r.response_id, r.prompt_id, r.completion_tokens AS tokens FROM responses r "
+        """response_id, prompt_id, tokens, finish_reason of a run's samples that exist: its prompts answered by
+        these models with these sampling params (canonical JSON), sample index below `samples` (never a
+        teacher's rows)."""
+        sql = ("SELECT r.response_id, r.prompt_id, r.completion_tokens AS tokens, r.finish_reason FROM responses r "
                "JOIN run_prompts rp ON rp.prompt_id = r.prompt_id AND rp.run_id = $1 "
                "WHERE list_contains($2, r.model_identity) AND r.sampling = $3 AND r.sample_index < $4 "
                "AND r.source = 'sampled'")  # fmt: skip
-        schema = {"response_id": pl.String, "prompt_id": pl.String, "tokens": pl.Int32}
+        schema = {"response_id": pl.String, "prompt_id": pl.String, "tokens": pl.Int32, "finish_reason": pl.String}
         return self._rows(sql, [], schema, [run_id, identities, sampling, samples])
 
     def scores_of(self, response_ids: pl.Series, scorer_id: str) -> pl.DataFrame:
@@ -567,6 +568,7 @@ class Store:
                                                               order="scorer"))  # fmt: skip
         out["panels"] = self._dicts(latest.format(key="panel_id", table="panel_runs", order="name"))
         out["prompt_versions"] = self.prompt_versions()
+        out["truncation"] = self._dicts("SELECT * FROM v_truncation ORDER BY model")
         return out
 
     def _dicts(self, sql: str) -> list[dict[str, Any]]:
