@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 import polars as pl
@@ -26,7 +27,7 @@ from prefsynth.flows.engine import Writer, writer_for
 from prefsynth.flows.stream import Streaming
 from prefsynth.flows.teach import Taught, teach
 from prefsynth.schemas.config import PipelineConfig
-from prefsynth.schemas.records import RunSummary, StageCounts
+from prefsynth.schemas.records import RunSummary, StageCounts, StageResult
 from prefsynth.tasks._async import run_async
 from prefsynth.tasks.compare import pairwise_values
 from prefsynth.tasks.curate import anchor_vs_sampled, curate, refined_vs_original, threshold
@@ -35,6 +36,7 @@ from prefsynth.tasks.export import SCORERS, export
 from prefsynth.tasks.ingest import no_prompts, read_prompts
 from prefsynth.tasks.panel import panel_id, run_panel
 from prefsynth.tasks.scorers import PairwiseScorer, Scorer, build_scorer
+from prefsynth.tasks.screen import same_text, screen
 from prefsynth.tasks.teacher import Teacher
 from prefsynth.warehouse.ids import canonical_json
 from prefsynth.warehouse.store import Store
@@ -146,11 +148,23 @@ def _run(
     diagnose(store, run_id, scorers, scored, responses)
 
     name = config.curation_scorer_name
+    flags = screen(store.prompt_messages(run_id), config.curation)
+    store.write(run_id, StageResult(*flags))
+    if flags:  # duplicates and contaminated prompts are left out of the teacher's work and of curation
+        left_out = sorted({f.prompt_id for f in flags})
+        values = {n: v.filter(~pl.col("prompt_id").is_in(left_out)) for n, v in values.items()}
+        kinds = dict(sorted(Counter(f.kind for f in flags).items()))
+        logger.info(f"screen: {len(left_out)} prompts left out of curation {kinds} (table prompt_flags)")
     taught = teacher_stage(store, run_id, config, teacher, scorers, values[name]) if teacher else None
     if taught is not None:
         summary.stages += taught.counts
     agree = {ids[n]: values[n] for n in config.curation.require_agreement}
     pairs = pl.concat(curation(config, values[name], responses, ids[name], agree, teacher, taught, summary))
+    texts = store.responses_by_ids(pl.concat([pairs["chosen_id"], pairs["rejected_id"]]).unique())
+    same = same_text(pairs, texts.select("response_id", "text"), config.curation)
+    pairs = pairs.filter(~same)
+    summary.curation = {**summary.curation, "left_out_prompts": len({f.prompt_id for f in flags}),
+                        "same_text": int(same.sum())}  # fmt: skip
     new_pairs = store.write_pairs(run_id, pairs)
     summary.pairs = len(pairs)
     summary.stages.append(StageCounts(stage="curate", total=len(pairs), new=new_pairs, reused=len(pairs) - new_pairs))

@@ -233,6 +233,14 @@ CurationRule = Literal["best_vs_worst", "best_vs_random", "above_margin", "top_k
 SAMPLED_RULES: tuple[str, ...] = SampledRule.__args__  # type: ignore[attr-defined]
 
 
+class EvalSet(Strict):
+    """An evaluation set whose items must not be among the prompts (decontamination)."""
+
+    path: str = Field(..., description="A .jsonl/.json/.csv/.parquet file, or a folder of a saved HF dataset.")
+    field: str = Field("prompt", description="The field holding each item's text.")
+    name: str | None = Field(None, description="The benchmark's name in prompt_flags (default: the file's stem).")
+
+
 class ZMargin(Strict):
     z: float = Field(..., ge=0, description="Margin in standard deviations of the scorer's values over the run.")
 
@@ -267,6 +275,13 @@ class CurationSpec(Strict):
     require_agreement: list[str] = Field(
         [], description="Scorers that must each score the chosen response strictly above the rejected one."
     )
+    dedup: Literal["none", "exact", "near"] = Field(
+        "exact", description="Leave out duplicate prompts (the smallest id of a group stays) and pairs of the same "
+        "text: exact (after normalization) or near (MinHash LSH at near_threshold) as well.")  # fmt: skip
+    near_threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity of near duplicates.")
+    decontaminate: list[EvalSet] = Field([], description="Evaluation sets: prompts sharing an n-gram with one of "
+                                         "their items are left out and listed in prompt_flags.")  # fmt: skip
+    ngram: int = Field(13, ge=3, description="Words per n-gram of the contamination check.")
 
     @property
     def rules(self) -> list[str]:
@@ -460,6 +475,7 @@ def _resolve_inputs(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     walk(raw.get("scorers"))
     walk(raw.get("teacher"))
     walk(raw.get("loop"))
+    walk(raw.get("curation"))  # evaluation sets to decontaminate against
     return raw
 
 

@@ -221,6 +221,19 @@ class Pair(Record):
     source: str  # sampled | teacher_refinement | teacher_anchor
 
 
+class PromptFlag(Record):
+    """A prompt a run's curation left out: a duplicate of another, or found in an evaluation set."""
+
+    table = "prompt_flags"
+
+    prompt_id: str
+    kind: str  # exact_duplicate | near_duplicate | contaminated
+    of_id: str | None  # the prompt it duplicates (the one that stays)
+    benchmark: str | None  # the evaluation set it was found in
+    item: str | None  # the matching item's text (first 1000 characters)
+    similarity: float | None  # estimated Jaccard similarity of a near duplicate (1.0: exact)
+
+
 class RunAnchor(Record):
     """A teacher's anchor (its own answer to a prompt) that a run used: the rows of an SFT export."""
 

@@ -31,7 +31,7 @@ from prefsynth.warehouse.sharing import QueryServer, RemoteConnection, serving
 _log = logging.getLogger(__name__)
 READER_WAIT_S = 15.0  # how long a reader waits for a file that a process holds without serving it
 STATS_TABLES = ("runs", "prompts", "responses", "scores", "judgments", "comparisons", "failures", "pairs",
-                "refinements", "run_anchors", "dataset_snapshots", "logprobs", "prompt_routes", "evals",
+                "refinements", "run_anchors", "prompt_flags", "dataset_snapshots", "logprobs", "prompt_routes", "evals",
                 "model_calls", "prompt_versions", "loop_rounds")
 
 
@@ -457,6 +457,12 @@ class Store:
             return self.con.execute(f"SELECT * FROM {quoted}").pl()
         except duckdb.CatalogException:
             raise PrefsynthError(f"warehouse {self.path} has no table or view named {table!r}") from None
+
+    def prompt_messages(self, run_id: str) -> pl.DataFrame:
+        """prompt_id, messages (JSON) of a run's prompts."""
+        sql = ("SELECT p.prompt_id, p.messages FROM run_prompts rp JOIN prompts p USING (prompt_id) "
+               "WHERE rp.run_id = $1 ORDER BY p.prompt_id")  # fmt: skip
+        return self._rows(sql, [], {"prompt_id": pl.String, "messages": pl.String}, [run_id])
 
     def responses_by_ids(self, response_ids: Sequence[str]) -> pl.DataFrame:
         """These responses (those that exist) with their prompt's messages: what a scorer works on."""

@@ -1,0 +1,164 @@
+"""Screening before curation: duplicate prompts, prompts found in evaluation sets, pairs of the same text.
+
+- **Exact duplicates**: texts equal after normalization (NFKC, lower case, punctuation dropped, whitespace
+  collapsed), by hash.
+- **Near duplicates**: MinHash LSH (datasketch) over word 3-grams, at an estimated Jaccard similarity of at
+  least `near_threshold`. Of a group, the prompt with the smallest id stays.
+- **Contamination**: a prompt sharing a word n-gram (default 13, as in GPT-3's decontamination) with an item
+  of a user-given evaluation set is left out; a prompt shorter than n words matches an item equal to it.
+  The match is kept (`prompt_flags`: the benchmark and the item).
+- **Same text**: a pair whose two replies are duplicates (exactly, or near with `dedup: near`) teaches
+  nothing and is dropped.
+The n-gram join is polars; MinHash is the library's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from prefsynth.errors import InputError
+from prefsynth.schemas.config import CurationSpec, EvalSet
+from prefsynth.schemas.records import PromptFlag
+
+SHINGLE = 3  # words per MinHash shingle
+NUM_PERM = 128
+
+
+def normalized(text: pl.Expr) -> pl.Expr:
+    """NFKC, lower case, punctuation dropped, whitespace collapsed."""
+    folded = text.str.normalize("NFKC").str.to_lowercase().str.replace_all(r"[^\w\s]", "")
+    return folded.str.replace_all(r"\s+", " ").str.strip_chars()
+
+
+def prompt_texts(prompts: pl.DataFrame) -> pl.DataFrame:
+    """prompt_id, text (the prompt's non-system turns) of prompt_id, messages (JSON) rows."""
+    texts = ["\n".join(m["content"] for m in json.loads(raw) if m["role"] != "system") for raw in prompts["messages"]]
+    return pl.DataFrame({"prompt_id": prompts["prompt_id"], "text": texts}, schema={"prompt_id": pl.String,
+                                                                                    "text": pl.String})  # fmt: skip
+
+
+def duplicates(texts: pl.DataFrame, near_threshold: float | None) -> pl.DataFrame:
+    """prompt_id, duplicate_of, kind (exact | near), similarity of every duplicate among `texts` (id, text)."""
+    keyed = texts.with_columns(key=normalized(pl.col("text")).hash()).sort("prompt_id")
+    first = keyed.group_by("key").agg(duplicate_of=pl.col("prompt_id").min())
+    exact = (keyed.join(first, on="key").filter(pl.col("prompt_id") != pl.col("duplicate_of"))
+             .select("prompt_id", "duplicate_of", kind=pl.lit("exact"), similarity=pl.lit(1.0)))  # fmt: skip
+    if near_threshold is None:
+        return exact.sort("prompt_id")
+    kept = keyed.join(exact.select("prompt_id"), on="prompt_id", how="anti").sort("prompt_id")
+    near = _near(kept["prompt_id"].to_list(), [_words(t) for t in kept["text"]], near_threshold)
+    return pl.concat([exact, near]).sort("prompt_id")
+
+
+def _words(text: str) -> list[str]:
+    return " ".join(text.lower().split()).split(" ")
+
+
+def _near(ids: list[str], words: list[list[str]], threshold: float) -> pl.DataFrame:
+    from datasketch import MinHash, MinHashLSH
+
+    shingles = [{" ".join(w[i : i + SHINGLE]).encode() for i in range(max(1, len(w) - SHINGLE + 1))} for w in words]
+    hashes = dict(zip(ids, MinHash.bulk(shingles, num_perm=NUM_PERM), strict=True))
+    lsh = MinHashLSH(threshold=min(threshold, 0.9), num_perm=NUM_PERM)  # candidates; each is checked below
+    rows = []
+    for pid, mh in hashes.items():  # in id order: the smallest id of a group stays
+        found = [(other, mh.jaccard(hashes[other])) for other in lsh.query(mh)]
+        found = [(o, s) for o, s in found if s >= threshold]
+        if found:
+            other, similarity = min(found)
+            rows.append({"prompt_id": pid, "duplicate_of": other, "kind": "near", "similarity": similarity})
+        else:
+            lsh.insert(pid, mh)
+    return pl.DataFrame(rows, schema={"prompt_id": pl.String, "duplicate_of": pl.String, "kind": pl.String,
+                                      "similarity": pl.Float64})  # fmt: skip
+
+
+def _ngrams(texts: pl.DataFrame, n: int) -> pl.DataFrame:
+    """id, gram: every word n-gram of each text (a text shorter than n words: the whole text)."""
+    words = texts.with_columns(words=normalized(pl.col("text")).str.split(" "))
+    window = pl.concat_str([pl.element().shift(-i) for i in range(n)], separator=" ").drop_nulls()
+    whole = pl.concat_list(pl.col("words").list.join(" "))
+    grams = words.with_columns(gram=pl.when(pl.col("words").list.len() >= n).then(
+        pl.col("words").list.eval(window)).otherwise(whole))  # fmt: skip
+    return grams.select("id", "gram").explode("gram").drop_nulls("gram")
+
+
+def read_eval_set(spec: EvalSet) -> pl.DataFrame:
+    """benchmark, item (text) of an evaluation set: a JSONL/JSON/CSV/Parquet file or a saved HF dataset."""
+    path = Path(spec.path)
+    try:
+        if path.is_dir():
+            import datasets
+
+            frame = pl.from_arrow(datasets.load_from_disk(str(path)).data.table)
+        else:
+            reader = {".jsonl": pl.read_ndjson, ".json": pl.read_json, ".csv": pl.read_csv,
+                      ".parquet": pl.read_parquet}.get(path.suffix)  # fmt: skip
+            if reader is None:
+                raise InputError(f"evaluation set {path}: use .jsonl, .json, .csv, .parquet or a saved HF dataset")
+            frame = reader(path)
+    except (OSError, pl.exceptions.PolarsError, ValueError) as err:
+        raise InputError(f"cannot read evaluation set {path}: {err}") from None
+    assert isinstance(frame, pl.DataFrame)
+    if spec.field not in frame.columns:
+        raise InputError(f"evaluation set {path} has no field {spec.field!r}; it has {frame.columns}")
+    return frame.select(benchmark=pl.lit(spec.name or path.stem), item=pl.col(spec.field).cast(pl.String)).drop_nulls()
+
+
+def contaminated(texts: pl.DataFrame, items: pl.DataFrame, n: int) -> pl.DataFrame:
+    """prompt_id, benchmark, item, gram: each prompt that shares an n-gram with an evaluation item (the first
+    match by benchmark and item)."""
+    if items.is_empty() or texts.is_empty():
+        return pl.DataFrame(schema={"prompt_id": pl.String, "benchmark": pl.String, "item": pl.String,
+                                    "gram": pl.String})  # fmt: skip
+    indexed = items.with_row_index("id").with_columns(pl.col("id").cast(pl.String))
+    item_grams = _ngrams(indexed.select("id", text="item"), n).join(indexed, on="id").drop("id")
+    prompt_grams = _ngrams(texts.rename({"prompt_id": "id"}), n).rename({"id": "prompt_id"})
+    hits = prompt_grams.join(item_grams, on="gram").sort("prompt_id", "benchmark", "item", "gram")
+    return hits.group_by("prompt_id", maintain_order=True).first().select("prompt_id", "benchmark", "item", "gram")
+
+
+@task(name="screen", cache_policy=NO_CACHE)
+def screen(prompts: pl.DataFrame, spec: CurationSpec) -> list[PromptFlag]:
+    """Prefect task: the flags of a run's prompts (prompt_id, messages JSON) that curation leaves out."""
+    texts = prompt_texts(prompts)
+    flags = []
+    if spec.dedup != "none":
+        dups = duplicates(texts, spec.near_threshold if spec.dedup == "near" else None)
+        flags += [PromptFlag(prompt_id=r["prompt_id"], kind=f"{r['kind']}_duplicate", of_id=r["duplicate_of"],
+                             benchmark=None, item=None, similarity=r["similarity"])
+                  for r in dups.iter_rows(named=True)]  # fmt: skip
+    if spec.decontaminate:
+        items = pl.concat([read_eval_set(e) for e in spec.decontaminate])
+        flags += [PromptFlag(prompt_id=r["prompt_id"], kind="contaminated", of_id=None, benchmark=r["benchmark"],
+                             item=r["item"][:1000], similarity=None) for r in
+                  contaminated(texts, items, spec.ngram).iter_rows(named=True)]  # fmt: skip
+    return flags
+
+
+def same_text(pairs: pl.DataFrame, texts: pl.DataFrame, spec: CurationSpec) -> pl.Series:
+    """A mask of the pairs whose two replies are duplicates (texts: response_id, text)."""
+    if pairs.is_empty() or spec.dedup == "none":
+        return pl.Series([False] * len(pairs), dtype=pl.Boolean)
+    both = (pairs.select("chosen_id", "rejected_id")
+            .join(texts.rename({"response_id": "chosen_id", "text": "c"}), on="chosen_id", how="left")
+            .join(texts.rename({"response_id": "rejected_id", "text": "r"}), on="rejected_id", how="left"))  # fmt: skip
+    mask = both.select((normalized(pl.col("c")) == normalized(pl.col("r"))).fill_null(False).alias("same"))["same"]
+    if spec.dedup == "near":
+        pairs_texts = both.select("c", "r").to_dicts()
+        words = [(_words(p["c"] or ""), _words(p["r"] or "")) for p in pairs_texts]
+        mask = mask | pl.Series([_similar(a, b, spec.near_threshold) for a, b in words], dtype=pl.Boolean)
+    return mask
+
+
+def _similar(a: list[str], b: list[str], threshold: float) -> bool:
+    from datasketch import MinHash
+
+    one, two = (MinHash.bulk([{" ".join(w[i : i + SHINGLE]).encode() for i in range(max(1, len(w) - SHINGLE + 1))}],
+                             num_perm=NUM_PERM)[0] for w in (a, b))  # fmt: skip
+    return one.jaccard(two) >= threshold
