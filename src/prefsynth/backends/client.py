@@ -39,7 +39,7 @@ class Endpoint:
     identity: str  # what the cache key uses: never a port or a key
     base_url: str
     model: str  # the name sent in the request body
-    api_key: str
+    api_key: str = field(repr=False)  # never in a repr: endpoints appear in logs, tracebacks and artifacts
     concurrency: int
     timeout_s: float
     max_retries: int

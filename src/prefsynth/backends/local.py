@@ -171,9 +171,12 @@ class LocalServer(ChildServer):
 
     def launch(self) -> None:
         """Start the process; `wait_ready` waits until it answers (the model loads meanwhile)."""
-        if self.proc is not None:
-            return
-        cmd = [
+        if self.proc is None:
+            self._spawn(self.command())
+
+    def command(self) -> list[str]:
+        """The server's command line: it listens on loopback only (llama_server refuses any other host)."""
+        return [
             sys.executable, "-m", "prefsynth.backends.llama_server",
             "--model", str(self.path),
             "--host", "127.0.0.1", "--port", str(self.port),
@@ -182,7 +185,6 @@ class LocalServer(ChildServer):
             "--n_threads_batch", str(self.n_threads),
             "--verbose", "False",
         ]  # fmt: skip
-        self._spawn(cmd)
 
     def wait_ready(self, ready_timeout_s: float = 180.0) -> None:
         self.launch()

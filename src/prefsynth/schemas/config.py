@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import (
@@ -30,9 +31,10 @@ PACKAGED_MODELS = ("smollm2-135m-instruct", "gemma3-270m-base")
 
 
 class Strict(BaseModel):
-    """Config models: unknown keys are errors, values are immutable."""
+    """Config models: unknown keys are errors, values are immutable, and errors never quote the input (a value
+    refused for holding a secret must not be printed by the error that refuses it)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class ModelSpec(Strict):
@@ -73,6 +75,7 @@ class ModelSpec(Strict):
                 raise ValueError("an endpoint model needs both `base_url` and `model` (or give `gguf`)")
             if not self.base_url.startswith(("http://", "https://")):
                 raise ValueError(f"`base_url` must start with http:// or https://, got {self.base_url!r}")
+            _no_credentials(self.base_url)
         if self.api_key_env is not None and not self.api_key_env.isidentifier():
             raise ValueError("`api_key_env` is the *name* of an environment variable, e.g. OPENAI_API_KEY")
         return self
@@ -109,6 +112,30 @@ class ModelSpec(Strict):
         if not value:
             raise ConfigError(f"environment variable {self.api_key_env} (api_key_env) is not set")
         return value
+
+
+def _no_credentials(url: str) -> None:
+    """Refuse a base_url that could carry a secret (user:password@, a query string or a fragment): it would be
+    stored in the warehouse (model identities, run configs), shown by `stats` and kept in Prefect's database.
+    The message names the URL without those parts."""
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        what = "credentials (user:password@)"
+    elif parts.query or parts.fragment or "?" in url or "#" in url:
+        what = "a query string or fragment (it may hold a key)"
+    else:
+        return
+    host = parts.hostname or ""
+    safe = f"{parts.scheme}://{host}{f':{parts.port}' if _port(parts) else ''}{parts.path}"
+    raise ValueError(f"`base_url` must not contain {what}: it would be stored and printed in clear. Give "
+                     f"{safe} and put the key in an environment variable named by `api_key_env`")
+
+
+def _port(parts: SplitResult) -> int | None:
+    try:
+        return parts.port
+    except ValueError:
+        return None
 
 
 class SamplingParams(Strict):
