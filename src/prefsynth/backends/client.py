@@ -6,7 +6,8 @@ with status "ok" in the warehouse is served from the cache and makes no request.
 (and Retry-After) are the OpenAI SDK's. A `ClientPool` gives every stage of a run the same client per
 endpoint and one limiter per server, so requests flow continuously up to each server's `max_concurrency`
 and a slow or retrying request holds one slot, never a batch. Cache look-ups of concurrent requests are
-batched into one warehouse read, off the event loop (`CacheReader`).
+batched into one warehouse read, off the event loop (`CacheReader`). A run's budget (budget.py) is
+checked just before a request is sent and charged when it returns; cached answers are free.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx2
 import openai
 
-from prefsynth.backends import quirks
+from prefsynth.backends import budget, quirks
 from prefsynth.backends.templates import PLAIN_TEMPLATE, ChatTemplate
 from prefsynth.schemas.records import ModelCall
 from prefsynth.warehouse.ids import call_id, canonical_json
@@ -47,6 +48,7 @@ class Endpoint:
     server: str = "openai"  # openai | vllm | llama-cpp: which quirks apply (see quirks.py)
     logprobs: str = "echo"  # how to ask for prompt log-probs: echo | prompt_logprobs
     template: ChatTemplate = PLAIN_TEMPLATE  # renders chat turns as text for log-prob scoring
+    price: tuple[float, float] | None = None  # per 1M input and output tokens, recorded with each call
 
     @property
     def public_url(self) -> str:
@@ -138,7 +140,8 @@ class Recent(OrderedDict[str, Any]):
 
 @dataclass
 class Outcome:
-    """One request's ledger record, and whether it was answered from the cache."""
+    """One request's ledger record, and whether it was answered from the cache (or refused by the run's budget:
+    then no request was made either, and there is nothing to record)."""
 
     call: ModelCall
     cached: bool = False
@@ -183,6 +186,7 @@ class ModelClient:
         self._recent = Recent()
         self._inflight: dict[str, asyncio.Future[tuple[ModelCall, bool]]] = {}
         self._sem = limiter or asyncio.Semaphore(endpoint.concurrency)
+        self._budget = budget.active()  # the run's, checked before each request (see budget.py)
         # as many kept-alive connections as requests in flight: the SDK's default keeps 100, so at higher
         # concurrency every response would close a connection and the next request open a new one
         limit = max(endpoint.concurrency, 1)
@@ -260,6 +264,10 @@ class ModelClient:
                 future.set_result((call, True))
                 return call, True
             async with self._sem:
+                if self._budget is not None and (refused := self._budget.refusal()) is not None:
+                    call = self._record(cid, kind, request, "error", None, refused, 0.0)
+                    future.set_result((call, True))
+                    return call, True
                 start = time.perf_counter()
                 try:
                     response, error = await send(body), None
@@ -272,6 +280,8 @@ class ModelClient:
                 latency = (time.perf_counter() - start) * 1000
             status = "ok" if error is None else "error"
             call = self._record(cid, kind, request, status, response, error, latency)
+            if self._budget is not None:
+                self._budget.charge(call.prompt_tokens, call.completion_tokens, self.endpoint.price)
             if status == "ok":
                 self._recent.put(cid, response)
             future.set_result((call, False))
@@ -337,6 +347,8 @@ class ModelClient:
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             latency_ms=latency,
+            input_per_mtok=self.endpoint.price[0] if self.endpoint.price else None,
+            output_per_mtok=self.endpoint.price[1] if self.endpoint.price else None,
         )
 
 

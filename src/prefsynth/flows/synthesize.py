@@ -20,6 +20,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
+from prefsynth.backends import budget
+from prefsynth.backends.budget import spending
 from prefsynth.backends.client import Endpoint, check_reachable
 from prefsynth.backends.local import local_servers
 from prefsynth.flows.engine import Writer, writer_for
@@ -67,7 +69,7 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
         check_endpoints([*policies, *(e for s in scorers for e in s.endpoints.values()),
                          *([teacher.endpoint] if teacher else [])])  # fmt: skip
 
-        with Store(warehouse) as store:
+        with Store(warehouse) as store, spending(config.budget) as run_budget:
             announce_revisions(store, config)
             ingest(store, config, summary)
             store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), flow_run_id())
@@ -79,6 +81,7 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
                 store.end_run(summary.run_id, summary.status, summary.model_dump())
                 raise
             summary.seconds = time.monotonic() - started
+            summary.budget = run_budget.spent() if run_budget is not None else None
             store.end_run(summary.run_id, summary.status, summary.model_dump())
     _publish(summary)
     return summary
@@ -129,6 +132,7 @@ def _run(
     counts = {s.counts.stage: s.counts for s in streaming.stages}
     generated = _merge("generate", [counts[f"generate[{ep.label}]"] for ep in policies])
     summary.stages.append(generated)
+    check_budget(summary)
 
     gen = config.generation
     responses = store.run_responses(run_id, [ep.identity for ep in policies],  # this run's samples only,
@@ -136,7 +140,7 @@ def _run(
     scored = {s.name: collect_scores(store, run_id, s, counts[f"score[{s.name}]"], responses) for s in scorers}
     summary.stages += [s.counts for s in scored.values()]
     if responses.is_empty() or any(s.items and s.values.is_empty() for s in scored.values()):
-        summary.status = "failed"
+        summary.status = "failed" if summary.status == "completed" else summary.status
         logger.error("this run produced no responses or no scores (see the failures table); no export replaced")
         return
     values = {name: s.values for name, s in scored.items()}
@@ -146,9 +150,11 @@ def _run(
     diagnose(store, run_id, scorers, scored, responses)
 
     name = config.curation_scorer_name
-    taught = teacher_stage(store, run_id, config, teacher, scorers, values[name]) if teacher else None
+    on_budget = summary.status != "budget_exhausted"  # a spent budget makes no teacher call
+    taught = teacher_stage(store, run_id, config, teacher, scorers, values[name]) if teacher and on_budget else None
     if taught is not None:
         summary.stages += taught.counts
+        check_budget(summary)
     agree = {ids[n]: values[n] for n in config.curation.require_agreement}
     pairs = pl.concat(curation(config, values[name], ids[name], agree, teacher, taught))
     new_pairs = store.write_pairs(run_id, pairs)
@@ -157,6 +163,10 @@ def _run(
     by_source = dict(pairs.group_by("source").len().sort("source").iter_rows())
     logger.info(f"curate: {len(pairs)} pairs {by_source} from {values[name]['prompt_id'].n_unique()} scored prompts")
 
+    if summary.status == "budget_exhausted" and config.export:
+        logger.warning(f"budget reached: no export replaced; `prefsynth export --run {run_id}` writes this run's "
+                       f"{len(pairs)} pairs, and a rerun continues where it stopped")  # fmt: skip
+        return
     for target in config.export:
         _, rows = store.export_rows(run_id, target.format)
         what = "anchors" if target.format == "sft" else "pairs"
@@ -169,6 +179,15 @@ def _run(
         store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), done.n_pairs, target.margin)
         summary.exports.append(str(done.path))
         logger.info(f"export: {done.n_pairs} {what} -> {done.path} (margin: {target.margin})")
+
+
+def check_budget(summary: RunSummary) -> None:
+    """Mark the run budget_exhausted (once, with a log line) when its budget held work back."""
+    spent = budget.active()
+    if spent is not None and spent.stopped and summary.status == "completed":
+        summary.status = "budget_exhausted"
+        get_run_logger().warning(f"budget reached: {spent.spent()}. No new call is sent after it; what finished "
+                                 "is kept, and a rerun continues where this run stopped (cached calls are free)")
 
 
 def teacher_stage(

@@ -37,6 +37,34 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
+class Price(Strict):
+    """What an endpoint charges, in money units (e.g. USD) per million tokens."""
+
+    input_per_mtok: float = Field(0.0, ge=0, description="Per 1M prompt (input) tokens.")
+    output_per_mtok: float = Field(0.0, ge=0, description="Per 1M completion (output) tokens.")
+
+
+class Budget(Strict):
+    """A run's limit on model calls: once its calls have used this many tokens or cost this much, no new call
+    is made and the run ends with status budget_exhausted (a rerun resumes; cached calls are free)."""
+
+    max_tokens: int | None = Field(None, ge=1, description="Prompt + completion tokens of the run's new calls.")
+    max_cost: float | None = Field(None, gt=0, description="Cost of the run's new calls (needs a `price` on "
+                                   "every endpoint model).")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> Budget:
+        if self.max_tokens is None and self.max_cost is None:
+            raise ValueError("give `max_tokens`, `max_cost` or both")
+        return self
+
+
+def _unset(value: Any) -> bool:
+    """Optional sections left out are left out of dumps too: a config's stored form (and the ids made from it,
+    e.g. a loop's) stays what it was before the section existed."""
+    return value is None
+
+
 class ModelSpec(Strict):
     """A model: an OpenAI-compatible endpoint (`base_url` + `model`) or a local GGUF file (`gguf`)."""
 
@@ -63,6 +91,8 @@ class ModelSpec(Strict):
     max_concurrency: int | None = Field(None, ge=1, le=1024, description="Requests in flight at once.")
     timeout_s: float = Field(300.0, gt=0, description="Timeout of one request, queueing included.")
     max_retries: int = Field(3, ge=0, le=20, description="Retries of one request (backoff, Retry-After).")
+    price: Price | None = Field(None, exclude_if=_unset, description="What the endpoint charges per 1M tokens; "
+                                "`prefsynth stats` then shows costs, and a budget's max_cost counts them.")  # fmt: skip
 
     @model_validator(mode="after")
     def _one_kind(self) -> ModelSpec:
@@ -323,6 +353,8 @@ class PipelineConfig(Strict):
     loop: LoopSpec | None = Field(None, description="Run as a synthesis loop (`prefsynth loop`).")
     chunk_size: int | None = Field(None, ge=1, description="Ignored: runs stream (kept so older configs load).")
     failures_fatal: bool = Field(False, description="Exit non-zero when any item failed.")
+    budget: Budget | None = Field(None, exclude_if=_unset, description="Stop making new calls at this many "
+                                  "tokens or this cost (per run; a loop's budget covers all its rounds).")  # fmt: skip
 
     @model_validator(mode="after")
     def _names(self) -> PipelineConfig:
@@ -353,6 +385,11 @@ class PipelineConfig(Strict):
             raise ValueError(f"curation.require_agreement {missing} are not scorer names; have {names}")
         self._teacher_rules()
         self._loop_rules()
+        if self.budget is not None and self.budget.max_cost is not None:
+            unpriced = sorted({m.label for m in self.all_models() if m.price is None and not m.is_local})
+            if unpriced:
+                raise ValueError(f"budget.max_cost counts money, but these endpoint models have no `price`: "
+                                 f"{', '.join(unpriced)}")  # fmt: skip
         return self
 
     def _loop_rules(self) -> None:

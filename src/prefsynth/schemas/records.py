@@ -87,6 +87,10 @@ class ModelCall(Record):
     prompt_tokens: int | None
     completion_tokens: int | None
     latency_ms: float
+    # migration 011: the stage that made it (e.g. generate[m], score[judge]) and its endpoint's price then
+    stage: str | None = None
+    input_per_mtok: float | None = None
+    output_per_mtok: float | None = None
 
 
 class Response(Record):
@@ -405,6 +409,7 @@ class RunSummary(BaseModel):
     pairs: int = 0
     exports: list[str] = []
     seconds: float = 0.0
+    budget: str | None = None  # what the run's new calls spent against its budget, if it has one
 
     @property
     def failures(self) -> int:

@@ -486,7 +486,17 @@ class Store:
                                                               order="scorer"))  # fmt: skip
         out["panels"] = self._dicts(latest.format(key="panel_id", table="panel_runs", order="name"))
         out["prompt_versions"] = self.prompt_versions()
+        out["costs"] = self.costs()
         return out
+
+    def costs(self) -> list[dict[str, Any]]:
+        """Calls, tokens and cost (None without a price) per run, stage and model, oldest run first. Cached
+        answers are not calls: they cost nothing."""
+        return self._dicts(
+            "SELECT c.run_id, c.stage, c.model, sum(c.calls)::BIGINT AS calls, sum(c.errors)::BIGINT AS errors, "
+            "sum(c.prompt_tokens)::BIGINT AS prompt_tokens, sum(c.completion_tokens)::BIGINT AS completion_tokens, "
+            "sum(c.cost) AS cost FROM v_model_costs c LEFT JOIN runs r USING (run_id) "
+            "GROUP BY c.run_id, c.stage, c.model ORDER BY min(r.started_at), c.run_id, c.stage, c.model")
 
     def _dicts(self, sql: str) -> list[dict[str, Any]]:
         return self.con.execute(sql).pl().to_dicts()
