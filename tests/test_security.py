@@ -91,6 +91,18 @@ def test_a_hostile_table_name_is_an_identifier_never_sql(tmp_path, name):
         assert store.con.execute("SELECT count(*) FROM runs").fetchone() == (0,)
 
 
+def test_sql_built_from_table_names_takes_only_the_warehouses_own(tmp_path):
+    import polars as pl
+
+    with Store(tmp_path / "w.duckdb") as store:
+        for call in (lambda: store._count("runs; DROP TABLE prompts"),
+                     lambda: store.existing_ids("prompts t; DROP TABLE runs; --", ["x"]),
+                     lambda: store._insert_rows("pairs; DROP TABLE runs", pl.DataFrame({"a": [1]}))):  # fmt: skip
+            with pytest.raises((ValueError, KeyError)):
+                call()
+        assert store._count("runs") == 0 and store.existing_ids("prompts", ["x"]) == set()
+
+
 def test_a_config_table_name_with_a_quote_is_refused():
     raw = {**_config_with("generation", "http://h:8000/v1"), "prompts": {"warehouse_table": 'x"; DROP TABLE runs'}}
     with pytest.raises(ConfigError, match="warehouse_table"):
