@@ -208,3 +208,28 @@ def test_a_planted_api_key_is_used_but_stored_printed_and_logged_nowhere(tmp_pat
     assert not any(key in out for out in outputs)
     assert _rows_with(db, key) == {} and _rows_with(db, "PLANTED") == {}
     assert _files_with(tmp_path, key) == [] and _files_with(tmp_path, "PLANTED") == []
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp{,6} write them) of sockets listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.rsplit(":", 1)
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.add(address)
+    return found
+
+
+@pytest.mark.model
+def test_the_real_local_server_listens_on_loopback_even_with_host_set(monkeypatch):
+    from prefsynth.backends.local import LocalServers
+    from prefsynth.schemas.config import ModelSpec
+
+    monkeypatch.setenv("HOST", "0.0.0.0")  # llama-cpp-python's own entry point would bind to this
+    with LocalServers() as servers:
+        ep = servers.endpoint(ModelSpec(gguf="smollm2-135m-instruct"))
+        port = int(ep.base_url.split(":")[2].split("/")[0])
+        assert _listening(port) == {"0100007F"}  # 127.0.0.1 only
