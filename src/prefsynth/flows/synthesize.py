@@ -316,8 +316,11 @@ def _publish(summary: RunSummary) -> None:
         description=(
             f"run {summary.run_id}: {summary.pairs} pairs, {summary.model_calls} model calls, "
             f"{summary.failures} failures, {summary.seconds:.1f} s -> {summary.warehouse}"
+            + (f"; {summary.status}" if summary.status != "completed" else "")
+            + (f"; budget: {summary.budget}" if summary.budget else "")
         ),
     )
     get_run_logger().info(
-        f"done: {summary.pairs} pairs, {summary.model_calls} new model calls, {summary.failures} failures"
+        f"done ({summary.status}): {summary.pairs} pairs, {summary.model_calls} new model calls, "
+        f"{summary.failures} failures" + (f"; budget: {summary.budget}" if summary.budget else "")
     )
