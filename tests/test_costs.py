@@ -117,6 +117,8 @@ def test_a_budget_stops_the_run_cleanly_and_a_rerun_makes_only_the_missing_calls
         assert LIMIT_CALLS <= calls[0] <= LIMIT_CALLS + slots - 1 and calls[0] == first_requests < JOB_CALLS
         assert refused >= 1  # items in flight when it stopped are recorded as not done
         assert not (tmp_path / "export").exists()  # no partial export replaced anything
+        with duckdb.connect(str(db), read_only=True) as con:  # nor made the judge look unreliable
+            assert con.execute("SELECT count(*) FROM scorer_diagnostics").fetchone() == (0,)
 
         stats = _cli(["stats", "--db", str(db), "--json"], env)
         costs = json.loads(stats.stdout)["costs"]

@@ -147,7 +147,8 @@ def _run(
     ids = {s.name: s.scorer_id for s in scorers}
     if config.panel is not None:
         ids[config.panel.name], values[config.panel.name] = panel_stage(store, run_id, config, ids, values)
-    diagnose(store, run_id, scorers, scored, responses)
+    if summary.status != "budget_exhausted":  # a stopped run's unfinished items would read as scorer failures
+        diagnose(store, run_id, scorers, scored, responses)
 
     name = config.curation_scorer_name
     on_budget = summary.status != "budget_exhausted"  # a spent budget makes no teacher call
