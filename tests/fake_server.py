@@ -38,6 +38,7 @@ class LoopbackServer:
 
     def __init__(self, respond: Callable[[str, dict[str, Any]], Reply]) -> None:
         fake = self
+        self.authorizations: list[str | None] = []  # the Authorization header of every request, in order
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:
@@ -53,10 +54,12 @@ class LoopbackServer:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:  # noqa: N802
+                fake.authorizations.append(self.headers.get("authorization"))
                 self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
 
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                fake.authorizations.append(self.headers.get("authorization"))
                 fake.keep(self.path, body)
                 self._send(*respond(self.path, body))
 

@@ -140,3 +140,23 @@ def test_example_loop_on_the_embedded_model(tmp_path: Path, prefect_harness: Non
     again, _ = run_loop(EXAMPLE, db=db)
     assert again.model_calls == 0 and [r.model_dump(exclude={"model_calls", "pipeline_run_id"}) for r in again.rounds] \
         == [r.model_dump(exclude={"model_calls", "pipeline_run_id"}) for r in summary.rounds]
+
+
+def test_a_loop_budget_covers_its_rounds_and_a_rerun_goes_on_without_paying_twice(
+    tmp_path: Path, prefect_harness: None
+) -> None:
+    config = _config("", tmp_path, {"max_rounds": 2, "accept_threshold": 7, "target_rate": 0.9})
+    with _replying(check_score=3) as fake:
+        for m in (config["generation"]["models"][0], config["scorers"][0]["model"]):
+            m["base_url"], m["max_concurrency"] = fake.base_url, 1
+        stopped, _ = run_loop({**config, "budget": {"max_tokens": 10 * 40}})  # 10 calls of round 1's 18
+        assert [r.stop_reason for r in stopped.rounds] == ["budget_exhausted"]
+        assert len(fake.requests) == 10 and stopped.model_calls == 10
+        with duckdb.connect(config["warehouse"], read_only=True) as con:
+            assert con.sql("SELECT count(*) FROM loop_rounds").fetchone() == (0,)  # an unfinished round is not kept
+
+        done, _ = run_loop(config)
+        assert [r.stop_reason for r in done.rounds] == [None, "max_rounds"] and done.rounds[0].pairs > 0
+    with duckdb.connect(config["warehouse"], read_only=True) as con:
+        calls, distinct = con.sql("SELECT count(*), count(DISTINCT call_id) FROM model_calls").fetchone()
+    assert calls == distinct == len(fake.requests)  # every request recorded once: nothing was paid twice

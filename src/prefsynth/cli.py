@@ -120,6 +120,13 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
     )
     timings["total"] = _process_seconds()
     print("timings: " + " ".join(f"{k}={v:.2f}" for k, v in timings.items()))
+    if summary.budget:
+        Console().print(f"budget: {summary.budget}")
+    if summary.status == "budget_exhausted":
+        console.print(f"[yellow]run {summary.run_id} stopped: its budget is spent[/] ({escape(summary.budget or '')}). "
+                      "What finished is in the warehouse and no export was replaced; run it again (with a larger "
+                      "budget) to continue: cached calls are free")  # fmt: skip
+        raise typer.Exit(3)
     if summary.status != "completed":
         console.print(f"[red]run {summary.run_id} {summary.status}:[/] it produced no responses or no scores "
                       "(see `prefsynth stats` and the failures table); no export was replaced")  # fmt: skip
@@ -157,7 +164,9 @@ def run(
 
     Example: prefsynth run examples/quickstart.yaml --db my.duckdb
 
-    A rerun of the same config makes no new model calls; new prompts compute only what is missing.
+    A rerun of the same config makes no new model calls; new prompts compute only what is missing. With a
+    `budget` in the config, the run stops making calls when it is spent and exits 3 (status
+    budget_exhausted); run it again to continue.
     """
     _run_config(config, db)
 
@@ -193,6 +202,10 @@ def loop(
     Console().print(table)
     Console().print(f"{len(summary.rounds)} rounds, {summary.model_calls} new model calls, stopped: "
                     f"{summary.stop_reason}, {summary.seconds:.1f} s")  # fmt: skip
+    if summary.stop_reason == "budget_exhausted":
+        console.print("[yellow]the loop's budget is spent:[/] run it again (with a larger budget) to continue; "
+                      "cached calls are free")  # fmt: skip
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -209,7 +222,8 @@ def stats(
     db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("prefsynth.duckdb"),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Row counts per table, model calls per model, scorer diagnostics and panel agreement.
+    """Row counts per table, model calls per model, tokens and cost per run, stage and model, scorer
+    diagnostics and panel agreement.
 
     Example: prefsynth stats --db prefsynth.duckdb --json
 
@@ -243,6 +257,15 @@ def stats(
     for row in data["calls_by_model"]:
         calls.add_row(*(_cell(v) for v in row.values()))
     out.print(calls)
+    if data["costs"]:
+        costs = Table(title="tokens and cost per run, stage and model (cost: with a `price`; cached answers are free)")
+        for col in ("run", "stage", "model", "calls", "errors", "prompt tokens", "completion tokens", "cost"):
+            costs.add_column(col, justify="left" if col in ("run", "stage", "model") else "right")
+        for row in data["costs"]:
+            cost = row["cost"]
+            costs.add_row(row["run_id"][:12], *(_cell(row[k]) for k in ("stage", "model", "calls", "errors",
+                          "prompt_tokens", "completion_tokens")), "–" if cost is None else f"{cost:.4f}")  # fmt: skip
+        out.print(costs)
     if data["pairs_by_source"]:
         sources = Table(title="pairs by source")
         sources.add_column("source")

@@ -6,7 +6,8 @@ with status "ok" in the warehouse is served from the cache and makes no request.
 (and Retry-After) are the OpenAI SDK's. A `ClientPool` gives every stage of a run the same client per
 endpoint and one limiter per server, so requests flow continuously up to each server's `max_concurrency`
 and a slow or retrying request holds one slot, never a batch. Cache look-ups of concurrent requests are
-batched into one warehouse read, off the event loop (`CacheReader`).
+batched into one warehouse read, off the event loop (`CacheReader`). A run's budget (budget.py) is
+checked just before a request is sent and charged when it returns; cached answers are free.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx2
 import openai
 
-from prefsynth.backends import quirks
+from prefsynth.backends import budget, quirks
 from prefsynth.backends.batch import Batcher, BatchLedger, chat_answer
 from prefsynth.backends.templates import PLAIN_TEMPLATE, ChatTemplate
 from prefsynth.schemas.records import ModelCall
@@ -40,7 +41,7 @@ class Endpoint:
     identity: str  # what the cache key uses: never a port or a key
     base_url: str
     model: str  # the name sent in the request body
-    api_key: str
+    api_key: str = field(repr=False)  # never in a repr: endpoints appear in logs, tracebacks and artifacts
     concurrency: int
     timeout_s: float
     max_retries: int
@@ -49,6 +50,7 @@ class Endpoint:
     logprobs: str = "echo"  # how to ask for prompt log-probs: echo | prompt_logprobs
     template: ChatTemplate = PLAIN_TEMPLATE  # renders chat turns as text for log-prob scoring
     batch: bool = False  # chat requests go out as batch jobs (batch.py)
+    price: tuple[float, float] | None = None  # per 1M input and output tokens, recorded with each call
 
     @property
     def public_url(self) -> str:
@@ -140,7 +142,8 @@ class Recent(OrderedDict[str, Any]):
 
 @dataclass
 class Outcome:
-    """One request's ledger record, and whether it was answered from the cache."""
+    """One request's ledger record, and whether it was answered from the cache (or refused by the run's budget:
+    then no request was made either, and there is nothing to record)."""
 
     call: ModelCall
     cached: bool = False
@@ -186,6 +189,7 @@ class ModelClient:
         self._recent = Recent()
         self._inflight: dict[str, asyncio.Future[tuple[ModelCall, bool]]] = {}
         self._sem = limiter or asyncio.Semaphore(endpoint.concurrency)
+        self._budget = budget.active()  # the run's, checked before each request (see budget.py)
         # as many kept-alive connections as requests in flight: the SDK's default keeps 100, so at higher
         # concurrency every response would close a connection and the next request open a new one
         limit = max(endpoint.concurrency, 1)
@@ -267,14 +271,24 @@ class ModelClient:
                 call = self._record(cid, kind, request, "ok", known, None, 0.0)
                 future.set_result((call, True))
                 return call, True
-            if self._batcher is not None and kind == "chat":
+            refused = self._budget.refusal() if self._budget is not None and self._batcher is not None else None
+            if self._batcher is not None and kind == "chat" and refused is None:
                 start = time.perf_counter()
                 response, error = await self._batcher.call(cid, body)
                 latency = (time.perf_counter() - start) * 1000
             else:
-                response, error, latency = await self._send(body, send)
+                async with self._sem:  # the budget is checked once a slot is held: at most a slot per call over it
+                    if refused is None and self._budget is not None:
+                        refused = self._budget.refusal()
+                    if refused is not None:  # not sent, and not recorded as a call
+                        call = self._record(cid, kind, request, "error", None, refused, 0.0)
+                        future.set_result((call, True))
+                        return call, True
+                    response, error, latency = await self._send(body, send)
             status = "ok" if error is None else "error"
             call = self._record(cid, kind, request, status, response, error, latency)
+            if self._budget is not None:
+                self._budget.charge(call.prompt_tokens, call.completion_tokens, self.endpoint.price)
             if status == "ok":
                 self._recent.put(cid, response)
             future.set_result((call, False))
@@ -284,20 +298,20 @@ class ModelClient:
                 future.cancel()
             del self._inflight[cid]
 
-    async def _send(self, body: dict[str, Any], send: Callable[[dict[str, Any]], Any]
+    @staticmethod
+    async def _send(body: dict[str, Any], send: Callable[[dict[str, Any]], Any]
                     ) -> tuple[str | None, str | None, float]:  # fmt: skip
-        """One request through the server's limiter: (response, error, latency in ms)."""
-        async with self._sem:
-            start = time.perf_counter()
-            try:
-                response, error = await send(body), None
-            except openai.APIError as err:
-                response, error = None, describe_error(err)
-            except (ValueError, TypeError, AttributeError) as err:  # a response we cannot read
-                response, error = None, f"unreadable response: {err}"
-            except Exception as err:  # noqa: BLE001 - e.g. malformed HTTP the transport does not map: one call fails
-                response, error = None, f"request failed: {type(err).__name__}: {str(err)[:300]}"
-            return response, error, (time.perf_counter() - start) * 1000
+        """One request (its caller holds the server's slot): (response, error, latency in ms)."""
+        start = time.perf_counter()
+        try:
+            response, error = await send(body), None
+        except openai.APIError as err:
+            response, error = None, describe_error(err)
+        except (ValueError, TypeError, AttributeError) as err:  # a response we cannot read
+            response, error = None, f"unreadable response: {err}"
+        except Exception as err:  # noqa: BLE001 - e.g. malformed HTTP the transport does not map: one call fails
+            response, error = None, f"request failed: {type(err).__name__}: {str(err)[:300]}"
+        return response, error, (time.perf_counter() - start) * 1000
 
     async def _send_chat(self, body: dict[str, Any]) -> str:
         # a plain POST on the SDK's client: its retries, backoff, Retry-After and timeouts, without building
@@ -339,6 +353,8 @@ class ModelClient:
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             latency_ms=latency,
+            input_per_mtok=self.endpoint.price[0] if self.endpoint.price else None,
+            output_per_mtok=self.endpoint.price[1] if self.endpoint.price else None,
         )
 
 

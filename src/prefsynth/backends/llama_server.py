@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import time
 import uuid
 
@@ -111,8 +110,18 @@ def main() -> None:
     route = APIRoute("/v1/completions", completions, methods=["POST"],
                      dependencies=[Depends(llama_app.authenticate)])  # fmt: skip
     app.router.routes.insert(0, route)
-    uvicorn.run(app, host=os.getenv("HOST", server.host), port=int(os.getenv("PORT", server.port)),
-                log_level="warning")  # fmt: skip
+    uvicorn.run(app, host=loopback(server.host), port=server.port, log_level="warning")
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def loopback(host: str) -> str:
+    """The host to bind: loopback only. llama-cpp-python's own `main` lets the HOST variable override the
+    argument, which in a container (HOST=0.0.0.0 is common) would serve the model to the network."""
+    if host not in LOOPBACK:
+        raise SystemExit(f"the embedded model server binds to loopback only ({', '.join(LOOPBACK)}), not {host!r}")
+    return host
 
 
 if __name__ == "__main__":

@@ -171,9 +171,12 @@ class LocalServer(ChildServer):
 
     def launch(self) -> None:
         """Start the process; `wait_ready` waits until it answers (the model loads meanwhile)."""
-        if self.proc is not None:
-            return
-        cmd = [
+        if self.proc is None:
+            self._spawn(self.command())
+
+    def command(self) -> list[str]:
+        """The server's command line: it listens on loopback only (llama_server refuses any other host)."""
+        return [
             sys.executable, "-m", "prefsynth.backends.llama_server",
             "--model", str(self.path),
             "--host", "127.0.0.1", "--port", str(self.port),
@@ -182,7 +185,6 @@ class LocalServer(ChildServer):
             "--n_threads_batch", str(self.n_threads),
             "--verbose", "False",
         ]  # fmt: skip
-        self._spawn(cmd)
 
     def wait_ready(self, ready_timeout_s: float = 180.0) -> None:
         self.launch()
@@ -250,7 +252,8 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
     def endpoint(self, spec: ModelSpec) -> Endpoint:
         """A ready endpoint for `spec`: the remote one it names, or a local server for its GGUF file."""
         limits = {"label": spec.label, "concurrency": spec.concurrency, "timeout_s": spec.timeout_s,
-                  "max_retries": spec.max_retries}  # fmt: skip
+                  "max_retries": spec.max_retries,
+                  "price": (spec.price.input_per_mtok, spec.price.output_per_mtok) if spec.price else None}  # fmt: skip
         if spec.gguf is None:
             return Endpoint(
                 identity=spec.identity,

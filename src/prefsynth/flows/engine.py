@@ -19,6 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
+from prefsynth.backends import budget
 from prefsynth.backends.client import ClientPool
 from prefsynth.flows.progress import StageProgress
 from prefsynth.schemas.records import (
@@ -135,10 +136,13 @@ class Stage:
             self.progress.advance(n)
 
     def record(self, result: StageResult, written: StageResult | None = None) -> None:
-        """Count `result` and commit it (or `written`, what of it belongs in the warehouse)."""
+        """Count `result` and commit it (or `written`, what of it belongs in the warehouse); its calls are
+        marked with this stage (their costs are shown per stage)."""
+        calls = result.of(ModelCall)
+        for call in [*calls, *(written.of(ModelCall) if written is not None else [])]:
+            call.stage = call.stage or self.counts.stage
         self._writer.add(result if written is None else written)
         c = self.counts
-        calls = result.of(ModelCall)
         c.new += len(result.of(Response)) + len(result.of(Score)) + len(result.of(Comparison))
         c.failed += len(result.of(Failure))
         c.model_calls += len(calls)
@@ -150,7 +154,9 @@ async def run_bounded(jobs: AsyncIterator[Coroutine[Any, Any, None]], window: in
     """Run the jobs with at most `window` at once, starting the next the moment any finishes.
 
     A job that raises (a bug, not a failed model call: those are results) cancels the rest and re-raises.
+    Once the run's budget is spent, no new job starts; those running finish (their unsent calls are refused).
     """
+    spent = budget.active()
     slots = asyncio.Semaphore(window)
     running: set[asyncio.Task[None]] = set()
     failed: list[BaseException] = []
@@ -164,7 +170,7 @@ async def run_bounded(jobs: AsyncIterator[Coroutine[Any, Any, None]], window: in
     try:
         async for job in jobs:
             await slots.acquire()
-            if failed:
+            if failed or (spent is not None and spent.refusal() is not None):
                 job.close()
                 break
             task = asyncio.create_task(job)

@@ -22,6 +22,7 @@ import uuid
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from prefsynth.backends.budget import spending
 from prefsynth.backends.client import ClientPool
 from prefsynth.backends.local import local_servers, sharing
 from prefsynth.backends.templates import conversation_text
@@ -103,7 +104,8 @@ def synthesis_loop(config: PipelineConfig, db: str | None = None) -> LoopSummary
     logger = get_run_logger()
     warehouse = str(db or config.warehouse)
     judge_spec = {s.name: s for s in config.scorers}[config.curation_scorer_name]
-    with local_servers() as servers, sharing(servers):  # the rounds' pipelines use these servers
+    # the rounds' pipelines use these servers, and spend from this one budget
+    with local_servers() as servers, sharing(servers), spending(config.budget):
         checker, optimizer = spec.checker or judge_spec.model, spec.optimizer or judge_spec.model  # type: ignore[attr-defined]
         for model in (checker, optimizer):
             servers.check(model)
@@ -114,10 +116,19 @@ def synthesis_loop(config: PipelineConfig, db: str | None = None) -> LoopSummary
         judge = version("judge", judge_spec.rubric, None, loop_id, 1)  # type: ignore[attr-defined]
         for round_no in range(1, spec.max_rounds + 1):
             run = synthesize(config=round_config(config, target.text, judge.text, round_no), db=warehouse)
+            if run.status == "budget_exhausted":  # the round is not written: a rerun replays it and goes on
+                summary.rounds.append(RoundSummary(round=round_no, target_version=target.version_id,
+                                                   judge_version=judge.version_id, pipeline_run_id=run.run_id,
+                                                   pairs=run.pairs, accepted=0, acceptance_rate=None,
+                                                   model_calls=run.model_calls, stop_reason="budget_exhausted"))
+                logger.warning(f"loop round {round_no}: budget reached ({run.budget}); the loop stops here")
+                break
             round_id = content_id("loop_round", loop_id, round_no)
             with Store(warehouse, wait_s=config.warehouse_wait_s, notify=logger.warning) as store:
                 pairs = round_pairs(store, run.run_id)
                 checked = check_pairs(store, judges, round_id, pairs)
+                for call in checked.of(ModelCall):
+                    call.stage = "loop[check]"
                 rows = checked.of(LoopPair)
                 accepted = sum(r.accepted for r in rows)
                 rate = accepted / len(rows) if rows else None
@@ -127,7 +138,8 @@ def synthesis_loop(config: PipelineConfig, db: str | None = None) -> LoopSummary
                 if reason is None:
                     rejected = [(p, c) for p, c in zip(pairs, rows, strict=True) if not c.accepted]
                     proposal = optimize(store, judges, target.text, judge.text, rejected)
-                    result.add(*(o.call for o in proposal.outcomes if not o.cached))
+                    result.add(*(o.call.model_copy(update={"stage": "loop[optimize]"})
+                                 for o in proposal.outcomes if not o.cached))
                     if proposal.value is None:
                         reason = "optimizer_failed"
                         error = proposal.error or "no proposal"

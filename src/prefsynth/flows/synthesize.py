@@ -21,6 +21,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
+from prefsynth.backends import budget
+from prefsynth.backends.budget import spending
 from prefsynth.backends.client import Endpoint, check_reachable
 from prefsynth.backends.local import local_servers
 from prefsynth.flows.engine import Writer, writer_for
@@ -69,7 +71,8 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
         check_endpoints([*policies, *(e for s in scorers for e in s.endpoints.values()),
                          *([teacher.endpoint] if teacher else [])])  # fmt: skip
 
-        with Store(warehouse, wait_s=config.warehouse_wait_s, notify=get_run_logger().warning) as store:
+        with (Store(warehouse, wait_s=config.warehouse_wait_s, notify=get_run_logger().warning) as store,
+              spending(config.budget) as run_budget):
             announce_revisions(store, config)
             ingest(store, config, summary)
             store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), flow_run_id())
@@ -81,6 +84,7 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
                 store.end_run(summary.run_id, summary.status, summary.model_dump())
                 raise
             summary.seconds = time.monotonic() - started
+            summary.budget = run_budget.spent() if run_budget is not None else None
             store.end_run(summary.run_id, summary.status, summary.model_dump())
     _publish(summary)
     return summary
@@ -131,6 +135,7 @@ def _run(
     counts = {s.counts.stage: s.counts for s in streaming.stages}
     generated = _merge("generate", [counts[f"generate[{ep.label}]"] for ep in policies])
     summary.stages.append(generated)
+    check_budget(summary)
 
     gen = config.generation
     responses = store.run_responses(run_id, [ep.identity for ep in policies],  # this run's samples only,
@@ -138,14 +143,15 @@ def _run(
     scored = {s.name: collect_scores(store, run_id, s, counts[f"score[{s.name}]"], responses) for s in scorers}
     summary.stages += [s.counts for s in scored.values()]
     if responses.is_empty() or any(s.items and s.values.is_empty() for s in scored.values()):
-        summary.status = "failed"
+        summary.status = "failed" if summary.status == "completed" else summary.status
         logger.error("this run produced no responses or no scores (see the failures table); no export replaced")
         return
     values = {name: s.values for name, s in scored.items()}
     ids = {s.name: s.scorer_id for s in scorers}
     if config.panel is not None:
         ids[config.panel.name], values[config.panel.name] = panel_stage(store, run_id, config, ids, values)
-    diagnose(store, run_id, scorers, scored, responses)
+    if summary.status != "budget_exhausted":  # a stopped run's unfinished items would read as scorer failures
+        diagnose(store, run_id, scorers, scored, responses)
 
     name = config.curation_scorer_name
     flags = screen(store.prompt_messages(run_id), config.curation)
@@ -155,9 +161,11 @@ def _run(
         values = {n: v.filter(~pl.col("prompt_id").is_in(left_out)) for n, v in values.items()}
         kinds = dict(sorted(Counter(f.kind for f in flags).items()))
         logger.info(f"screen: {len(left_out)} prompts left out of curation {kinds} (table prompt_flags)")
-    taught = teacher_stage(store, run_id, config, teacher, scorers, values[name]) if teacher else None
+    on_budget = summary.status != "budget_exhausted"  # a spent budget makes no teacher call
+    taught = teacher_stage(store, run_id, config, teacher, scorers, values[name]) if teacher and on_budget else None
     if taught is not None:
         summary.stages += taught.counts
+        check_budget(summary)
     agree = {ids[n]: values[n] for n in config.curation.require_agreement}
     pairs = pl.concat(curation(config, values[name], responses, ids[name], agree, teacher, taught, summary))
     texts = store.responses_by_ids(pl.concat([pairs["chosen_id"], pairs["rejected_id"]]).unique())
@@ -171,6 +179,10 @@ def _run(
     by_source = dict(pairs.group_by("source").len().sort("source").iter_rows())
     logger.info(f"curate: {len(pairs)} pairs {by_source} from {values[name]['prompt_id'].n_unique()} scored prompts")
 
+    if summary.status == "budget_exhausted" and config.export:
+        logger.warning(f"budget reached: no export replaced; `prefsynth export --run {run_id}` writes this run's "
+                       f"{len(pairs)} pairs, and a rerun continues where it stopped")  # fmt: skip
+        return
     for target in config.export:
         _, rows = store.export_rows(run_id, target.format)
         what = "anchors" if target.format == "sft" else "pairs"
@@ -183,6 +195,15 @@ def _run(
         store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), done.n_pairs, target.margin)
         summary.exports.append(str(done.path))
         logger.info(f"export: {done.n_pairs} {what} -> {done.path} (margin: {target.margin})")
+
+
+def check_budget(summary: RunSummary) -> None:
+    """Mark the run budget_exhausted (once, with a log line) when its budget held work back."""
+    spent = budget.active()
+    if spent is not None and spent.stopped and summary.status == "completed":
+        summary.status = "budget_exhausted"
+        get_run_logger().warning(f"budget reached: {spent.spent()}. No new call is sent after it; what finished "
+                                 "is kept, and a rerun continues where this run stopped (cached calls are free)")
 
 
 def teacher_stage(
@@ -328,8 +349,11 @@ def _publish(summary: RunSummary) -> None:
         description=(
             f"run {summary.run_id}: {summary.pairs} pairs, {summary.model_calls} model calls, "
             f"{summary.failures} failures, {summary.seconds:.1f} s -> {summary.warehouse}"
+            + (f"; {summary.status}" if summary.status != "completed" else "")
+            + (f"; budget: {summary.budget}" if summary.budget else "")
         ),
     )
     get_run_logger().info(
-        f"done: {summary.pairs} pairs, {summary.model_calls} new model calls, {summary.failures} failures"
+        f"done ({summary.status}): {summary.pairs} pairs, {summary.model_calls} new model calls, "
+        f"{summary.failures} failures" + (f"; budget: {summary.budget}" if summary.budget else "")
     )

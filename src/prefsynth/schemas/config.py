@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import (
@@ -30,9 +31,38 @@ PACKAGED_MODELS = ("smollm2-135m-instruct", "gemma3-270m-base")
 
 
 class Strict(BaseModel):
-    """Config models: unknown keys are errors, values are immutable."""
+    """Config models: unknown keys are errors, values are immutable, and errors never quote the input (a value
+    refused for holding a secret must not be printed by the error that refuses it)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+
+class Price(Strict):
+    """What an endpoint charges, in money units (e.g. USD) per million tokens."""
+
+    input_per_mtok: float = Field(0.0, ge=0, description="Per 1M prompt (input) tokens.")
+    output_per_mtok: float = Field(0.0, ge=0, description="Per 1M completion (output) tokens.")
+
+
+class Budget(Strict):
+    """A run's limit on model calls: once its calls have used this many tokens or cost this much, no new call
+    is made and the run ends with status budget_exhausted (a rerun resumes; cached calls are free)."""
+
+    max_tokens: int | None = Field(None, ge=1, description="Prompt + completion tokens of the run's new calls.")
+    max_cost: float | None = Field(None, gt=0, description="Cost of the run's new calls (needs a `price` on "
+                                   "every endpoint model).")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> Budget:
+        if self.max_tokens is None and self.max_cost is None:
+            raise ValueError("give `max_tokens`, `max_cost` or both")
+        return self
+
+
+def _unset(value: Any) -> bool:
+    """Optional sections left out are left out of dumps too: a config's stored form (and the ids made from it,
+    e.g. a loop's) stays what it was before the section existed."""
+    return value is None
 
 
 class ModelSpec(Strict):
@@ -64,6 +94,8 @@ class ModelSpec(Strict):
                         "cheaper and slower; set max_concurrency to the batch size.")  # fmt: skip
     timeout_s: float = Field(300.0, gt=0, description="Timeout of one request, queueing included.")
     max_retries: int = Field(3, ge=0, le=20, description="Retries of one request (backoff, Retry-After).")
+    price: Price | None = Field(None, exclude_if=_unset, description="What the endpoint charges per 1M tokens; "
+                                "`prefsynth stats` then shows costs, and a budget's max_cost counts them.")  # fmt: skip
 
     @model_validator(mode="after")
     def _one_kind(self) -> ModelSpec:
@@ -80,6 +112,7 @@ class ModelSpec(Strict):
                 raise ValueError("an endpoint model needs both `base_url` and `model` (or give `gguf`)")
             if not self.base_url.startswith(("http://", "https://")):
                 raise ValueError(f"`base_url` must start with http:// or https://, got {self.base_url!r}")
+            _no_credentials(self.base_url)
         if self.api_key_env is not None and not self.api_key_env.isidentifier():
             raise ValueError("`api_key_env` is the *name* of an environment variable, e.g. OPENAI_API_KEY")
         return self
@@ -116,6 +149,30 @@ class ModelSpec(Strict):
         if not value:
             raise ConfigError(f"environment variable {self.api_key_env} (api_key_env) is not set")
         return value
+
+
+def _no_credentials(url: str) -> None:
+    """Refuse a base_url that could carry a secret (user:password@, a query string or a fragment): it would be
+    stored in the warehouse (model identities, run configs), shown by `stats` and kept in Prefect's database.
+    The message names the URL without those parts."""
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        what = "credentials (user:password@)"
+    elif parts.query or parts.fragment or "?" in url or "#" in url:
+        what = "a query string or fragment (it may hold a key)"
+    else:
+        return
+    host = parts.hostname or ""
+    safe = f"{parts.scheme}://{host}{f':{parts.port}' if _port(parts) else ''}{parts.path}"
+    raise ValueError(f"`base_url` must not contain {what}: it would be stored and printed in clear. Give "
+                     f"{safe} and put the key in an environment variable named by `api_key_env`")
+
+
+def _port(parts: SplitResult) -> int | None:
+    try:
+        return parts.port
+    except ValueError:
+        return None
 
 
 class SamplingParams(Strict):
@@ -359,6 +416,8 @@ class PipelineConfig(Strict):
     loop: LoopSpec | None = Field(None, description="Run as a synthesis loop (`prefsynth loop`).")
     chunk_size: int | None = Field(None, ge=1, description="Ignored: runs stream (kept so older configs load).")
     failures_fatal: bool = Field(False, description="Exit non-zero when any item failed.")
+    budget: Budget | None = Field(None, exclude_if=_unset, description="Stop making new calls at this many "
+                                  "tokens or this cost (per run; a loop's budget covers all its rounds).")  # fmt: skip
 
     @model_validator(mode="after")
     def _names(self) -> PipelineConfig:
@@ -389,6 +448,11 @@ class PipelineConfig(Strict):
             raise ValueError(f"curation.require_agreement {missing} are not scorer names; have {names}")
         self._teacher_rules()
         self._loop_rules()
+        if self.budget is not None and self.budget.max_cost is not None:
+            unpriced = sorted({m.label for m in self.all_models() if m.price is None and not m.is_local})
+            if unpriced:
+                raise ValueError(f"budget.max_cost counts money, but these endpoint models have no `price`: "
+                                 f"{', '.join(unpriced)}")  # fmt: skip
         return self
 
     def _loop_rules(self) -> None:

@@ -87,6 +87,10 @@ class ModelCall(Record):
     prompt_tokens: int | None
     completion_tokens: int | None
     latency_ms: float
+    # migration 011: the stage that made it (e.g. generate[m], score[judge]) and its endpoint's price then
+    stage: str | None = None
+    input_per_mtok: float | None = None
+    output_per_mtok: float | None = None
 
 
 class Response(Record):
@@ -419,6 +423,7 @@ class RunSummary(BaseModel):
     curation: dict[str, int] = {}  # what each curation step removed (tasks/curate.py STEPS)
     exports: list[str] = []
     seconds: float = 0.0
+    budget: str | None = None  # what the run's new calls spent against its budget, if it has one
 
     @property
     def failures(self) -> int:

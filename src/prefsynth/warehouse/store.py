@@ -35,6 +35,17 @@ STATS_TABLES = ("runs", "prompts", "responses", "scores", "judgments", "comparis
                 "model_calls", "prompt_versions", "loop_rounds")
 
 
+_LINK_TABLES = ("run_prompts", "run_pairs", "scorer_diagnostics")
+
+
+def _table(name: str) -> str:
+    """A table name for SQL built here: one of the warehouse's own, never text from a config or a caller
+    (a config's `warehouse_table` is quoted as an identifier instead: `prompts_from_table`)."""
+    if name not in TABLES and name not in STATS_TABLES and name not in _LINK_TABLES:
+        raise ValueError(f"not a warehouse table: {name!r}")
+    return name
+
+
 def frame(table: str, rows: Iterable[BaseModel | dict[str, Any]]) -> pl.DataFrame:
     """Records -> a polars frame with the table's column types (nested models as JSON text)."""
     schema = columns(table)
@@ -229,13 +240,14 @@ class Store:
         conflict = " ON CONFLICT DO NOTHING" if key else ""
         self.con.register("_batch", df.to_arrow())
         try:
-            row = self.con.execute(f"INSERT INTO {table} ({', '.join(cols)}) SELECT {select} FROM _batch{conflict}")
+            row = self.con.execute(
+                f"INSERT INTO {_table(table)} ({', '.join(cols)}) SELECT {select} FROM _batch{conflict}")
             return int(row.fetchone()[0])
         finally:
             self.con.unregister("_batch")
 
     def _count(self, table: str) -> int:
-        return self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        return self.con.execute(f"SELECT count(*) FROM {_table(table)}").fetchone()[0]
 
     def _transaction(self, fn: Any) -> Any:
         with self._lock:
@@ -272,7 +284,8 @@ class Store:
         self.con.register("_links", df.unique().to_arrow())
         cols = ", ".join(f'"{c}"' for c in df.columns)
         try:
-            row = self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _links ON CONFLICT DO NOTHING")
+            sql = f"INSERT INTO {_table(table)} ({cols}) SELECT {cols} FROM _links ON CONFLICT DO NOTHING"
+            row = self.con.execute(sql)
             return int(row.fetchone()[0])
         finally:
             self.con.unregister("_links")
@@ -353,7 +366,7 @@ class Store:
 
     # ---- reads --------------------------------------------------------------------------------
     def existing_ids(self, table: str, ids: Sequence[str]) -> set[str]:
-        key = TABLES[table].key
+        key = TABLES[_table(table)].key
         return {r[0] for r in self._lookup(f"SELECT t.{key} FROM {table} t JOIN _ids ON t.{key} = _ids.id", ids)}
 
     def cached_calls(self, call_ids: list[str]) -> dict[str, str]:
@@ -575,7 +588,17 @@ class Store:
         out["panels"] = self._dicts(latest.format(key="panel_id", table="panel_runs", order="name"))
         out["prompt_versions"] = self.prompt_versions()
         out["truncation"] = self._dicts("SELECT * FROM v_truncation ORDER BY model")
+        out["costs"] = self.costs()
         return out
+
+    def costs(self) -> list[dict[str, Any]]:
+        """Calls, tokens and cost (None without a price) per run, stage and model, oldest run first. Cached
+        answers are not calls: they cost nothing."""
+        return self._dicts(
+            "SELECT c.run_id, c.stage, c.model, sum(c.calls)::BIGINT AS calls, sum(c.errors)::BIGINT AS errors, "
+            "sum(c.prompt_tokens)::BIGINT AS prompt_tokens, sum(c.completion_tokens)::BIGINT AS completion_tokens, "
+            "sum(c.cost) AS cost FROM v_model_costs c LEFT JOIN runs r USING (run_id) "
+            "GROUP BY c.run_id, c.stage, c.model ORDER BY min(r.started_at), c.run_id, c.stage, c.model")
 
     def _dicts(self, sql: str) -> list[dict[str, Any]]:
         return self.con.execute(sql).pl().to_dicts()
