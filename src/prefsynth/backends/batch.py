@@ -102,10 +102,11 @@ class Batcher:
         queued, self.queue = self.queue, {}
         items = list(queued.items())
         for i in range(0, len(items), MAX_REQUESTS):
+            chunk = items[i : i + MAX_REQUESTS]
             try:
-                await self._submit(items[i : i + MAX_REQUESTS])
-            except openai.APIError as err:
-                self._answer((cid for cid, _ in items[i : i + MAX_REQUESTS]), None, f"batch not submitted: {err}")
+                await self._submit(chunk)
+            except Exception as err:  # noqa: BLE001 - its requests fail (and are retried next run); none waits forever
+                self._answer((cid for cid, _ in chunk), None, f"batch not submitted: {type(err).__name__}: {err}")
 
     async def _submit(self, items: list[tuple[str, dict[str, Any]]]) -> None:
         lines = [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
@@ -128,7 +129,7 @@ class Batcher:
                 await asyncio.sleep(POLL_S)
                 batch = await self.client.batches.retrieve(batch.id)
             answers = await self._results(batch)
-        except openai.APIError as err:  # the batch stays open: the next run looks at it again
+        except Exception as err:  # noqa: BLE001 - the batch stays open: the next run looks at it again
             self._answer(self.members[input_file_id], None, f"batch {batch_id or input_file_id} unreachable: {err}")
             return
         for cid in self.members[input_file_id]:

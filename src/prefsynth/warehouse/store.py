@@ -35,7 +35,7 @@ STATS_TABLES = ("runs", "prompts", "responses", "scores", "judgments", "comparis
                 "model_calls", "prompt_versions", "loop_rounds")
 
 
-_LINK_TABLES = ("run_prompts", "run_pairs", "scorer_diagnostics")
+_LINK_TABLES = ("run_prompts", "run_pairs", "scorer_diagnostics", "batch_calls")
 
 
 def _table(name: str) -> str:
