@@ -477,6 +477,7 @@ class Store:
             {"model": m, "kind": k, "calls": c, "errors": e, "prompt_tokens": pt, "completion_tokens": ct}
             for m, k, c, e, pt, ct in per_model
         ]
+        out["retries_by_endpoint"] = self.retries_by_endpoint()
         latest = ("SELECT * EXCLUDE (created_at, rn) FROM (SELECT *, row_number() OVER "
                   "(PARTITION BY {key} ORDER BY created_at DESC, run_id) AS rn FROM {table}) WHERE rn = 1 "
                   "ORDER BY {order}")  # fmt: skip
@@ -487,6 +488,20 @@ class Store:
         out["panels"] = self._dicts(latest.format(key="panel_id", table="panel_runs", order="name"))
         out["prompt_versions"] = self.prompt_versions()
         return out
+
+    def retries_by_endpoint(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Per endpoint and model (of one run, or all): calls, HTTP requests, retries and their causes, waits.
+        Calls recorded before migration 010 have no attempt counts and add nothing to them."""
+        where, params = ("WHERE run_id = ?", [run_id]) if run_id else ("", [])
+        sql = ("SELECT endpoint, model, count(*) AS calls, count(*) FILTER (WHERE status = 'error') AS errors, "
+               "coalesce(sum(attempts), 0) AS requests, coalesce(sum(greatest(attempts - 1, 0)), 0) AS retries, "
+               "coalesce(sum(rate_limited), 0) AS rate_limited, coalesce(sum(server_errors), 0) AS server_errors, "
+               "coalesce(sum(timeouts), 0) AS timeouts, coalesce(sum(dropped), 0) AS dropped, "
+               "round(coalesce(sum(wait_ms), 0) / 1000, 3) AS retry_wait_s, "
+               f"round(coalesce(sum(throttle_ms), 0) / 1000, 3) AS throttle_wait_s FROM model_calls {where} "
+               "GROUP BY ALL ORDER BY ALL")  # fmt: skip
+        with self._lock:
+            return self.con.execute(sql, params).pl().to_dicts()
 
     def _dicts(self, sql: str) -> list[dict[str, Any]]:
         return self.con.execute(sql).pl().to_dicts()
