@@ -493,12 +493,12 @@ class Store:
         """Per endpoint and model (of one run, or all): calls, HTTP requests, retries and their causes, waits.
         Calls recorded before migration 010 have no attempt counts and add nothing to them."""
         where, params = ("WHERE run_id = ?", [run_id]) if run_id else ("", [])
+        counts = {"requests": "attempts", "retries": "greatest(attempts - 1, 0)", "rate_limited": "rate_limited",
+                  "server_errors": "server_errors", "timeouts": "timeouts", "dropped": "dropped"}  # fmt: skip
         sql = ("SELECT endpoint, model, count(*) AS calls, count(*) FILTER (WHERE status = 'error') AS errors, "
-               "coalesce(sum(attempts), 0) AS requests, coalesce(sum(greatest(attempts - 1, 0)), 0) AS retries, "
-               "coalesce(sum(rate_limited), 0) AS rate_limited, coalesce(sum(server_errors), 0) AS server_errors, "
-               "coalesce(sum(timeouts), 0) AS timeouts, coalesce(sum(dropped), 0) AS dropped, "
-               "round(coalesce(sum(wait_ms), 0) / 1000, 3) AS retry_wait_s, "
-               f"round(coalesce(sum(throttle_ms), 0) / 1000, 3) AS throttle_wait_s FROM model_calls {where} "
+               + "".join(f"coalesce(sum({x}), 0)::BIGINT AS {name}, " for name, x in counts.items())
+               + "round(coalesce(sum(wait_ms), 0) / 1000, 3)::DOUBLE AS retry_wait_s, "
+               f"round(coalesce(sum(throttle_ms), 0) / 1000, 3)::DOUBLE AS throttle_wait_s FROM model_calls {where} "
                "GROUP BY ALL ORDER BY ALL")  # fmt: skip
         with self._lock:
             return self.con.execute(sql, params).pl().to_dicts()
