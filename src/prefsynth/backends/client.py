@@ -291,7 +291,7 @@ class ModelClient:
             del self._inflight[cid]
 
     async def _send_chat(self, body: dict[str, Any]) -> str:
-        # a plain POST on the SDK's client: its retries, backoff, Retry-After and timeouts, without building
+        # a plain POST on the SDK's client (its timeouts and error types; retries are ours), without building
         # typed request and response models (measured: most of a call's CPU at hundreds of calls a second)
         data = await self._client.post("/chat/completions", cast_to=object, body={"model": self.endpoint.model, **body})
         choices = data.get("choices") if isinstance(data, dict) else None
@@ -324,7 +324,7 @@ class ModelClient:
     async def _send_reward(self, body: dict[str, Any]) -> str:
         api = body["api"]
         payload = {"model": self.endpoint.model, **{k: v for k, v in body.items() if k != "api"}}
-        # a raw POST on the SDK's client, so retries, backoff, Retry-After and timeouts are the SDK's;
+        # a raw POST on the SDK's client (its timeouts and error types; retries are ours);
         # an absolute URL is used as is (the pooling paths are not under base_url's /v1)
         response = await self._client.post(quirks.reward_url(self.endpoint.base_url, api), cast_to=object, body=payload)
         return canonical_json(quirks.compact_reward_response(api, response))

@@ -95,16 +95,19 @@ class EndpointLimits:
     @contextlib.asynccontextmanager
     async def slot(self, tally: Tally) -> AsyncIterator[None]:
         """Hold one request slot: the local semaphore, then the Prefect global limit if there is one."""
-        async with self._sem:
-            if self.global_name is None or not await self._global_limit_exists():
-                yield
-                return
-            from prefect.concurrency.asyncio import concurrency
+        async with self._sem, contextlib.AsyncExitStack() as stack:
+            if self.global_name is not None and await self._global_limit_exists():
+                from prefect.concurrency.asyncio import concurrency
 
-            start = time.monotonic()
-            async with concurrency(self.global_name, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+                start = time.monotonic()
+                try:
+                    await stack.enter_async_context(concurrency(self.global_name, occupy=1, strict=True,
+                                                                raise_on_lease_renewal_failure=False))  # fmt: skip
+                except Exception as err:  # noqa: BLE001 - Prefect unreachable, or the limit deleted: go on locally
+                    log.warning("no slot of global concurrency limit %s (%s); this request holds only the run's "
+                                "own limit", self.global_name, err)  # fmt: skip
                 tally.throttle_s += time.monotonic() - start
-                yield
+            yield
 
     async def _global_limit_exists(self) -> bool:
         if self._global_ready is None:
