@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import socket
 import threading
 import time
@@ -23,6 +24,11 @@ from typing import Self
 from urllib.parse import urlsplit
 
 FAULTS = ("rate_limit", "error", "slow", "drop")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the default backlog (5) resets connections under load: faults we never drew
 
 
 class FaultProxy:
@@ -41,9 +47,9 @@ class FaultProxy:
         self.posts = 0
         self.faults: Counter[str] = Counter()
         self.forwarded = 0  # requests the upstream server served (slow ones included)
+        self.upstream_errors = 0  # requests the upstream server did not answer (answered 502)
         self._seen: Counter[str] = Counter()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -53,7 +59,7 @@ class FaultProxy:
     def reset(self, rates: dict[str, float] | None = None) -> None:
         """Zero the counters (and set new rates, if given)."""
         with self.lock:
-            self.posts, self.forwarded = 0, 0
+            self.posts, self.forwarded, self.upstream_errors = 0, 0, 0
             self.faults.clear()
             if rates is not None:
                 self.rates = dict(rates)
@@ -122,7 +128,13 @@ class FaultProxy:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                 else:
-                    answer = proxy.forward("POST", self.path, body, {"content-type": "application/json"})
+                    try:
+                        answer = proxy.forward("POST", self.path, body, {"content-type": "application/json"})
+                    except OSError as err:  # the upstream failed: a 502 the test did not draw, counted apart
+                        with proxy.lock:
+                            proxy.upstream_errors += 1
+                        data = json.dumps({"error": {"message": f"upstream: {err}"}}).encode()
+                        answer = (502, data, "application/json")
                     if fault == "slow":
                         time.sleep(proxy.slow_s)
                     try:

@@ -42,10 +42,10 @@ def test_a_run_through_the_fault_proxy_finishes_counts_every_fault_and_reruns_on
                             "sampling": {"temperature": 1.0, "max_tokens": 8, "seed": 1}},
                 scorers=[{"kind": "pointwise_judge", "model": model, "max_tokens": 40}])  # fmt: skip
             first = synthesize(config=config)
-            posts, faults = proxy.posts, dict(proxy.faults)
+            posts, faults, upstream_errors = proxy.posts, dict(proxy.faults), proxy.upstream_errors
             proxy.reset(rates={})  # the rerun meets no faults
             second = synthesize(config=config)
-            rerun_posts = proxy.posts
+            rerun_posts, upstream_errors = proxy.posts, upstream_errors + proxy.upstream_errors
     db = config.warehouse
     assert first.status == "completed" and second.status == "completed"
 
@@ -54,6 +54,7 @@ def test_a_run_through_the_fault_proxy_finishes_counts_every_fault_and_reruns_on
                    "FROM model_calls WHERE run_id = ?", [first.run_id])  # fmt: skip
     failed = {c[0] for c in calls if c[1] == "error"}
     assert failed and all(faults.get(f) for f in RATES), faults  # the precondition: faults hit, some calls failed
+    assert upstream_errors == 0  # no fault but those drawn
     assert sum(c[2] for c in calls) == posts
     assert sum(c[3] for c in calls) == faults["rate_limit"] and sum(c[4] for c in calls) == faults["error"]
     assert sum(c[6] for c in calls) == faults["drop"]

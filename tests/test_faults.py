@@ -193,6 +193,7 @@ def test_every_fault_of_the_proxy_is_counted_on_its_call(monkeypatch):
                       timeout_s=0.5, max_retries=6, is_local=False)  # fmt: skip
         outcomes = _chats(ep, 40)
     assert all(proxy.faults[f] > 0 for f in rates), proxy.faults  # the precondition: every kind was injected
+    assert proxy.upstream_errors == 0  # no fault but those drawn
     assert _sum(outcomes, "attempts") == proxy.posts  # every HTTP request is on a recorded call
     assert _sum(outcomes, "rate_limited") == proxy.faults["rate_limit"]
     assert _sum(outcomes, "server_errors") == proxy.faults["error"]
