@@ -7,7 +7,9 @@ abandoned by the client while the server still did the work, as a paid API would
 connection is closed without an answer, nothing forwarded). Everything else is forwarded as is.
 
 The draw is seeded and depends only on the request's body and how many times that body was seen, not on
-the order in which concurrent requests arrive: the same run meets the same faults.
+the order in which concurrent requests arrive: the same requests meet the same faults. `opening` forces the
+faults of the first requests (e.g. one of each kind), so that a short test meets every kind whatever a
+sampling model answered.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ class FaultProxy:
     """`with FaultProxy(upstream_base_url, rates={"rate_limit": 0.1, ...}, seed=1) as proxy:` then point clients
     at `proxy.base_url`. `proxy.posts` counts POSTs, `proxy.faults` counts each fault injected."""
 
-    def __init__(self, upstream: str, rates: dict[str, float] | None = None, seed: int = 0,
-                 retry_after_s: float = 1.0, slow_s: float = 6.0) -> None:  # fmt: skip
-        unknown = set(rates or {}) - set(FAULTS)
+    def __init__(self, upstream: str, rates: dict[str, float] | None = None, seed: int = 0, retry_after_s: float = 1.0,
+                 slow_s: float = 6.0, opening: list[str] | None = None) -> None:  # fmt: skip
+        unknown = (set(rates or {}) | set(opening or [])) - set(FAULTS)
         if unknown:
             raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULTS}")
         self.rates = dict(rates or {})
+        self.opening = list(opening or [])  # faults of the first requests, in order, before the draws
         self.seed, self.retry_after_s, self.slow_s = seed, retry_after_s, slow_s
         self.upstream = urlsplit(upstream)
         self.lock = threading.Lock()
@@ -57,10 +60,11 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.server.server_address[1]}{self.upstream.path}"
 
     def reset(self, rates: dict[str, float] | None = None) -> None:
-        """Zero the counters (and set new rates, if given)."""
+        """Zero the counters, drop the opening faults (and set new rates, if given)."""
         with self.lock:
             self.posts, self.forwarded, self.upstream_errors = 0, 0, 0
             self.faults.clear()
+            self.opening = []
             if rates is not None:
                 self.rates = dict(rates)
 
@@ -71,6 +75,9 @@ class FaultProxy:
             self.posts += 1
             self._seen[digest] += 1
             nth = self._seen[digest]
+            if self.posts <= len(self.opening):
+                self.faults[self.opening[self.posts - 1]] += 1
+                return self.opening[self.posts - 1]
         u = int(hashlib.sha256(f"{self.seed}:{digest}:{nth}".encode()).hexdigest()[:12], 16) / 16**12
         edge = 0.0
         for fault in FAULTS:

@@ -32,8 +32,10 @@ def test_a_run_through_the_fault_proxy_finishes_counts_every_fault_and_reruns_on
 ):
     with LocalServers() as servers:
         upstream = servers.endpoint(ModelSpec(gguf="smollm2-135m-instruct")).base_url
-        with FaultProxy(upstream, RATES, seed=7, retry_after_s=1, slow_s=8) as proxy:
-            # one retry: with half the requests failing, about a quarter of the calls run out of retries
+        # one request at a time, so the opening faults fall on the first two calls, each out of its one retry;
+        # then half the requests fail, at random (seeded), so about a quarter of the calls run out of retries
+        opening = ["rate_limit", "error", "slow", "drop"]
+        with FaultProxy(upstream, RATES, seed=7, retry_after_s=1, slow_s=8, opening=opening) as proxy:
             model = {"name": "smol", "base_url": proxy.base_url, "model": "smollm2-135m-instruct",
                      "server": "llama-cpp", "max_concurrency": 1, "timeout_s": 6, "max_retries": 1}  # fmt: skip
             config = small_config(

@@ -285,3 +285,15 @@ def test_global_limit_holds_across_pools_on_a_prefect_server(prefect_harness):
         outcomes, limit = asyncio.run(both())
     assert all(o.ok for o in outcomes) and len(fake.requests) == 12
     assert limit.limit == 2 and state["most"] == 2
+
+
+def test_global_limit_only_with_a_prefect_server_of_ones_own(monkeypatch):
+    from prefsynth.backends.client import server_limits
+    from prefsynth.flows import prefect_api
+
+    ep = dataclasses.replace(_endpoint("http://127.0.0.1:9/v1"), global_limit=True)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert server_limits([ep]).global_name == "prefsynth-127.0.0.1-9-v1"
+    assert server_limits([dataclasses.replace(ep, global_limit=False)]).global_name is None
+    monkeypatch.setattr(prefect_api, "_temporary", ["http://127.0.0.1:4200/api"])  # one command's temporary API
+    assert server_limits([ep]).global_name is None
