@@ -63,7 +63,10 @@ class LoopbackServer:
                 fake.keep(self.path, body)
                 self._send(*respond(self.path, body))
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+        self.server.request_queue_size = 1024  # the default backlog (5) resets connections under load
+        self.server.server_bind()
+        self.server.server_activate()
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

@@ -157,3 +157,15 @@ def test_judge_panel_and_reward_model_settings_are_checked(tmp_path):
         with pytest.raises(ConfigError, match=re.escape(message)):
             parse(**overrides)
     assert parse(curation={"scorer": "panel", "require_agreement": ["pw"]}, panel={}).curation_scorer_name == "panel"
+
+
+def test_rate_limits_are_checked_and_reach_the_endpoint():
+    from prefsynth.backends.local import LocalServers
+
+    model = {"base_url": "http://h:8000/v1", "model": "m", "requests_per_minute": 0}
+    raw = {**VALID, "scorers": [{"kind": "pointwise_judge", "model": model}]}
+    assert "scorers.0.model.requests_per_minute" in _error(raw)
+    model |= {"requests_per_minute": 500, "tokens_per_minute": 90_000, "global_limit": True}
+    config = parse_config({**VALID, "scorers": [{"kind": "pointwise_judge", "model": model}]})
+    ep = LocalServers().endpoint(config.scorers[0].model)
+    assert (ep.requests_per_minute, ep.tokens_per_minute, ep.global_limit) == (500, 90_000, True)

@@ -1,10 +1,13 @@
 """Fault injection at the HTTP layer: retries, failing calls, unparsable judgments, unreachable endpoints."""
 
 import asyncio
+import dataclasses
 
 import pytest
 
-from prefsynth.backends.client import Endpoint, ModelClient, check_reachable
+from prefsynth.backends import limits
+from prefsynth.backends.client import ClientPool, Endpoint, ModelClient, check_reachable
+from prefsynth.backends.limits import estimate_tokens, global_limit_name
 from prefsynth.errors import EndpointError
 from prefsynth.schemas.config import SamplingParams
 from prefsynth.schemas.records import Failure, Message, ModelCall, Prompt, Response, Score
@@ -13,7 +16,8 @@ from prefsynth.tasks.score import score_items
 from prefsynth.tasks.scorers import ScoreItem, build_scorer
 from prefsynth.tasks.scorers.pointwise_judge import PointwiseJudgeSpec
 from prefsynth.warehouse.store import Store
-from tests.fake_server import FakeOpenAI, chat_reply
+from tests.fake_server import CountingServer, FakeOpenAI, chat_reply
+from tests.fault_proxy import FaultProxy
 
 
 def _endpoint(url: str, retries: int = 0) -> Endpoint:
@@ -162,3 +166,134 @@ def test_a_refused_connection_is_not_called_a_timeout():
 
     outcome = asyncio.run(ask())
     assert not outcome.ok and outcome.call.error.startswith("connection error"), outcome.call.error
+
+
+# ---- retries, rate limits and the fault proxy (issue 13) ---------------------------------------------------
+
+
+def _chats(ep: Endpoint, n: int, text: str = "question {}", **params) -> list:
+    async def ask():
+        async with ModelClient(ep) as client:
+            bodies = [client.request_body([{"role": "user", "content": text.format(i)}], **params) for i in range(n)]
+            return await asyncio.gather(*(client.chat(b) for b in bodies))
+
+    return asyncio.run(ask())
+
+
+def _sum(outcomes, column: str) -> float:
+    return sum(getattr(o.call, column) for o in outcomes)
+
+
+def test_every_fault_of_the_proxy_is_counted_on_its_call(monkeypatch):
+    monkeypatch.setattr(limits, "BACKOFF_BASE_S", 0.02)  # short backoff: this test counts, it does not time
+    rates = {"rate_limit": 0.15, "error": 0.15, "slow": 0.1, "drop": 0.1}
+    with CountingServer(latency_s=0.0) as upstream, \
+            FaultProxy(upstream.base_url, rates, seed=3, retry_after_s=0.05, slow_s=1.5) as proxy:  # fmt: skip
+        ep = Endpoint(label="p", identity="p#m", base_url=proxy.base_url, model="m", api_key="k", concurrency=8,
+                      timeout_s=0.5, max_retries=6, is_local=False)  # fmt: skip
+        outcomes = _chats(ep, 40)
+    assert all(proxy.faults[f] > 0 for f in rates), proxy.faults  # the precondition: every kind was injected
+    assert proxy.upstream_errors == 0  # no fault but those drawn
+    assert _sum(outcomes, "attempts") == proxy.posts  # every HTTP request is on a recorded call
+    assert _sum(outcomes, "rate_limited") == proxy.faults["rate_limit"]
+    assert _sum(outcomes, "server_errors") == proxy.faults["error"]
+    assert _sum(outcomes, "timeouts") == proxy.faults["slow"]
+    assert _sum(outcomes, "dropped") == proxy.faults["drop"]
+    assert proxy.forwarded == len(upstream.requests) == sum(o.ok for o in outcomes) + proxy.faults["slow"]
+    retried = [o.call for o in outcomes if o.call.attempts > 1]
+    assert retried and all(c.wait_ms > 0 for c in retried)
+    assert all(o.ok or o.call.error for o in outcomes)
+
+
+def test_a_429_waits_its_retry_after_and_a_400_is_not_retried():
+    seen = {"n": 0}
+
+    def respond(body):
+        if "bad" in body["messages"][-1]["content"]:
+            return 400, {"error": {"message": "bad request"}}
+        seen["n"] += 1
+        return (429, {"error": {"message": "slow down"}}) if seen["n"] <= 2 else chat_reply("fine")
+
+    with FakeOpenAI(respond) as fake:  # its answers carry retry-after-ms: 5
+        ep = _endpoint(fake.base_url, retries=3)
+
+        async def ask():
+            async with ModelClient(ep) as client:
+                ok = await client.chat(client.request_body([{"role": "user", "content": "x"}]))
+                bad = await client.chat(client.request_body([{"role": "user", "content": "bad"}]))
+                return ok, bad
+
+        ok, bad = asyncio.run(ask())
+    assert ok.ok and ok.call.attempts == 3 and ok.call.rate_limited == 2 and ok.call.wait_ms == pytest.approx(10)
+    assert not bad.ok and bad.call.attempts == 1 and "HTTP 400" in bad.call.error
+
+
+@pytest.mark.parametrize("limit", ["requests_per_minute", "tokens_per_minute"])
+def test_per_minute_limits_hold_requests_back(limit):
+    # 20 a minute: the first 20 requests (each estimated at 1 token) pass at once, the 21st waits for 3 s
+    with CountingServer(latency_s=0.0) as fake:
+        ep = dataclasses.replace(_endpoint(fake.base_url), concurrency=32, **{limit: 20})
+        outcomes = _chats(ep, 21, text="{}", max_tokens=1)
+    assert all(o.ok for o in outcomes) and len(fake.requests) == 21
+    throttled = sorted(o.call.throttle_ms for o in outcomes)
+    assert throttled[-1] > 2000 and throttled[0] < 1000
+
+
+def test_token_estimate_and_global_limit_name():
+    body = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 50}
+    assert estimate_tokens(body) == 150 and estimate_tokens({"prompt": "abcdefgh", "max_tokens": 1}) == 3
+    name = global_limit_name("https://user:pw@api.example.com:8443/v1?key=abc")
+    assert name == "prefsynth-api.example.com-8443-v1"
+
+
+def test_global_limit_holds_across_pools_on_a_prefect_server(prefect_harness):
+    """Two pools (two flow runs) each allow 2 requests in flight; the Prefect limit holds both to 2 in all."""
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def respond(body):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.3)
+        with lock:
+            state["now"] -= 1
+        return chat_reply("ok")
+
+    with FakeOpenAI(respond) as fake:
+        ep = dataclasses.replace(_endpoint(fake.base_url), concurrency=2, global_limit=True)
+
+        async def run_pool(tag: str):
+            async with ClientPool([ep]) as pool:
+                client = pool.client(ep)
+                bodies = [client.request_body([{"role": "user", "content": f"{tag} {i}"}]) for i in range(4)]
+                return await asyncio.gather(*(client.chat(b) for b in bodies))
+
+        async def both():
+            outcomes = [*await run_pool("warm-up")]  # creates the limit once
+            for batch in await asyncio.gather(run_pool("a"), run_pool("b")):
+                outcomes += batch
+            async with get_client() as client:
+                limit = await client.read_global_concurrency_limit_by_name(global_limit_name(ep.base_url))
+            return outcomes, limit
+
+        outcomes, limit = asyncio.run(both())
+    assert all(o.ok for o in outcomes) and len(fake.requests) == 12
+    assert limit.limit == 2 and state["most"] == 2
+
+
+def test_global_limit_only_with_a_prefect_server_of_ones_own(monkeypatch):
+    from prefsynth.backends.client import server_limits
+    from prefsynth.flows import prefect_api
+
+    ep = dataclasses.replace(_endpoint("http://127.0.0.1:9/v1"), global_limit=True)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert server_limits([ep]).global_name == "prefsynth-127.0.0.1-9-v1"
+    assert server_limits([dataclasses.replace(ep, global_limit=False)]).global_name is None
+    monkeypatch.setattr(prefect_api, "_temporary", ["http://127.0.0.1:4200/api"])  # one command's temporary API
+    assert server_limits([ep]).global_name is None

@@ -230,8 +230,11 @@ def stats(
     Diagnostics per scorer (its latest run): failure rate, length bias (Spearman correlation of score and
     response length in tokens), and for pairwise judges position consistency (share of comparisons whose
     verdict survives swapping the two responses) and first-position rate (share of decisive verdicts for
-    the response shown first). Panels: Krippendorff's alpha and mean Kendall tau of their members. Prompt
-    versions of synthesis loops (`prefsynth loop`): each one's rounds, pairs, accepted pairs and acceptance rate.
+    the response shown first). Per endpoint: calls, the HTTP requests they took, retries, answers 429 and
+    408/409/5xx, timeouts (abandoned requests a server may still bill), dropped connections, seconds slept
+    before retries and seconds throttled by rate limits. Panels: Krippendorff's alpha and mean Kendall tau of
+    their members. Prompt versions of synthesis loops (`prefsynth loop`): each one's rounds, pairs, accepted
+    pairs and acceptance rate.
     """
     from prefsynth.warehouse.store import Store
 
@@ -266,6 +269,14 @@ def stats(
             costs.add_row(row["run_id"][:12], *(_cell(row[k]) for k in ("stage", "model", "calls", "errors",
                           "prompt_tokens", "completion_tokens")), "–" if cost is None else f"{cost:.4f}")  # fmt: skip
         out.print(costs)
+    if data["retries_by_endpoint"]:
+        retries = Table(title="HTTP requests and retries per endpoint")
+        for col in ("endpoint", "model", "calls", "errors", "requests", "retries", "429", "5xx", "timeouts", "dropped",
+                    "retry wait s", "throttle wait s"):  # fmt: skip
+            retries.add_column(col, justify="left" if col in ("endpoint", "model") else "right")
+        for row in data["retries_by_endpoint"]:
+            retries.add_row(*(escape(_cell(v)) for v in row.values()))
+        out.print(retries)
     if data["pairs_by_source"]:
         sources = Table(title="pairs by source")
         sources.add_column("source")

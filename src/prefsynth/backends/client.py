@@ -2,12 +2,14 @@
 
 Every policy, judge and teacher request goes through `ModelClient.chat`. Each request gets a
 content-addressed `call_id` (model identity + canonical body, seed included); a call already answered
-with status "ok" in the warehouse is served from the cache and makes no request. Retries with backoff
-(and Retry-After) are the OpenAI SDK's. A `ClientPool` gives every stage of a run the same client per
-endpoint and one limiter per server, so requests flow continuously up to each server's `max_concurrency`
-and a slow or retrying request holds one slot, never a batch. Cache look-ups of concurrent requests are
+with status "ok" in the warehouse is served from the cache and makes no request. Retries (Retry-After,
+backoff with jitter) and rate limits are in `limits.py`; each recorded call says how many HTTP requests it
+took and why. A `ClientPool` gives every stage of a run the same client per endpoint and one set of limits
+per server, so requests flow continuously up to each server's `max_concurrency` and a slow or retrying
+request holds one slot, never a batch. Cache look-ups of concurrent requests are
 batched into one warehouse read, off the event loop (`CacheReader`). A run's budget (budget.py) is
-checked just before a request is sent and charged when it returns; cached answers are free.
+checked just before a request is sent and charged when it returns; cached answers are free. With `batch`,
+an endpoint's chat requests go out as batch jobs (batch.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import openai
 
 from prefsynth.backends import budget, quirks
 from prefsynth.backends.batch import Batcher, BatchLedger, chat_answer
+from prefsynth.backends.limits import EndpointLimits, Tally, estimate_tokens, global_limit_name, send_with_retries
 from prefsynth.backends.templates import PLAIN_TEMPLATE, ChatTemplate
 from prefsynth.schemas.records import ModelCall
 from prefsynth.warehouse.ids import call_id, canonical_json
@@ -49,6 +52,9 @@ class Endpoint:
     server: str = "openai"  # openai | vllm | llama-cpp: which quirks apply (see quirks.py)
     logprobs: str = "echo"  # how to ask for prompt log-probs: echo | prompt_logprobs
     template: ChatTemplate = PLAIN_TEMPLATE  # renders chat turns as text for log-prob scoring
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    global_limit: bool = False  # also a Prefect global concurrency limit (see limits.py)
     batch: bool = False  # chat requests go out as batch jobs (batch.py)
     price: tuple[float, float] | None = None  # per 1M input and output tokens, recorded with each call
 
@@ -174,21 +180,22 @@ class ModelClient:
     """Calls one endpoint; use `async with` inside one event loop (or get it from a `ClientPool`).
 
     Answers come from, in order: recent answers of this client, an identical call already in flight,
-    the cache, and only then the endpoint, through `limiter` (one per server, shared by its clients).
+    the cache, and only then the endpoint, through `limits` (one per server, shared by its clients).
     """
 
     def __init__(
         self,
         endpoint: Endpoint,
         cache: Cache | CacheReader | None = None,
-        limiter: asyncio.Semaphore | None = None,
+        limits: EndpointLimits | None = None,
         ledger: BatchLedger | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._reader = CacheReader(cache) if cache is not None and not isinstance(cache, CacheReader) else cache
         self._recent = Recent()
         self._inflight: dict[str, asyncio.Future[tuple[ModelCall, bool]]] = {}
-        self._sem = limiter or asyncio.Semaphore(endpoint.concurrency)
+        self._limits = limits or EndpointLimits(endpoint.concurrency, endpoint.requests_per_minute,
+                                                endpoint.tokens_per_minute)
         self._budget = budget.active()  # the run's, checked before each request (see budget.py)
         # as many kept-alive connections as requests in flight: the SDK's default keeps 100, so at higher
         # concurrency every response would close a connection and the next request open a new one
@@ -199,7 +206,7 @@ class ModelClient:
             base_url=endpoint.base_url,
             api_key=endpoint.api_key,
             timeout=endpoint.timeout_s,
-            max_retries=endpoint.max_retries,
+            max_retries=0,  # retries are ours (limits.py), so that each one is counted
             http_client=http,
         )
         self._batcher = None
@@ -268,25 +275,26 @@ class ModelClient:
             if known is None and self._reader is not None:
                 known = await self._reader.call(cid)
             if known is not None:
-                call = self._record(cid, kind, request, "ok", known, None, 0.0)
+                call = self._record(cid, kind, request, "ok", known, None, 0.0, Tally())
                 future.set_result((call, True))
                 return call, True
+            tally = Tally()
             refused = self._budget.refusal() if self._budget is not None and self._batcher is not None else None
             if self._batcher is not None and kind == "chat" and refused is None:
                 start = time.perf_counter()
                 response, error = await self._batcher.call(cid, body)
                 latency = (time.perf_counter() - start) * 1000
             else:
-                async with self._sem:  # the budget is checked once a slot is held: at most a slot per call over it
+                async with self._limits.slot(tally):  # the budget is checked once a slot is held
                     if refused is None and self._budget is not None:
                         refused = self._budget.refusal()
                     if refused is not None:  # not sent, and not recorded as a call
-                        call = self._record(cid, kind, request, "error", None, refused, 0.0)
+                        call = self._record(cid, kind, request, "error", None, refused, 0.0, Tally())
                         future.set_result((call, True))
                         return call, True
-                    response, error, latency = await self._send(body, send)
+                    response, error, latency = await self._send(body, send, tally)
             status = "ok" if error is None else "error"
-            call = self._record(cid, kind, request, status, response, error, latency)
+            call = self._record(cid, kind, request, status, response, error, latency, tally)
             if self._budget is not None:
                 self._budget.charge(call.prompt_tokens, call.completion_tokens, self.endpoint.price)
             if status == "ok":
@@ -298,13 +306,14 @@ class ModelClient:
                 future.cancel()
             del self._inflight[cid]
 
-    @staticmethod
-    async def _send(body: dict[str, Any], send: Callable[[dict[str, Any]], Any]
+    async def _send(self, body: dict[str, Any], send: Callable[[dict[str, Any]], Any], tally: Tally
                     ) -> tuple[str | None, str | None, float]:  # fmt: skip
-        """One request (its caller holds the server's slot): (response, error, latency in ms)."""
+        """One request with its retries (its caller holds the server's slot): (response, error, latency in ms)."""
         start = time.perf_counter()
         try:
-            response, error = await send(body), None
+            response, error = await send_with_retries(
+                lambda: send(body), self._limits, self.endpoint.max_retries, estimate_tokens(body), tally
+            ), None
         except openai.APIError as err:
             response, error = None, describe_error(err)
         except (ValueError, TypeError, AttributeError) as err:  # a response we cannot read
@@ -314,7 +323,7 @@ class ModelClient:
         return response, error, (time.perf_counter() - start) * 1000
 
     async def _send_chat(self, body: dict[str, Any]) -> str:
-        # a plain POST on the SDK's client: its retries, backoff, Retry-After and timeouts, without building
+        # a plain POST on the SDK's client (its timeouts and error types; retries are ours), without building
         # typed request and response models (measured: most of a call's CPU at hundreds of calls a second)
         data = await self._client.post("/chat/completions", cast_to=object, body={"model": self.endpoint.model, **body})
         return chat_answer(data)
@@ -331,14 +340,13 @@ class ModelClient:
     async def _send_reward(self, body: dict[str, Any]) -> str:
         api = body["api"]
         payload = {"model": self.endpoint.model, **{k: v for k, v in body.items() if k != "api"}}
-        # a raw POST on the SDK's client, so retries, backoff, Retry-After and timeouts are the SDK's;
+        # a raw POST on the SDK's client (its timeouts and error types; retries are ours);
         # an absolute URL is used as is (the pooling paths are not under base_url's /v1)
         response = await self._client.post(quirks.reward_url(self.endpoint.base_url, api), cast_to=object, body=payload)
         return canonical_json(quirks.compact_reward_response(api, response))
 
-    def _record(
-        self, cid: str, kind: str, request: str, status: str, response: str | None, error: str | None, latency: float
-    ) -> ModelCall:
+    def _record(self, cid: str, kind: str, request: str, status: str, response: str | None, error: str | None,
+                latency: float, tally: Tally) -> ModelCall:  # fmt: skip
         usage = json.loads(response) if response else {}
         return ModelCall(
             attempt_id=uuid.uuid4().hex,
@@ -355,18 +363,20 @@ class ModelClient:
             latency_ms=latency,
             input_per_mtok=self.endpoint.price[0] if self.endpoint.price else None,
             output_per_mtok=self.endpoint.price[1] if self.endpoint.price else None,
+            **tally.columns(),
         )
 
 
 class ClientPool:
-    """The clients of one run: one per endpoint, and one limiter per server (base_url) shared by every stage
-    and scorer that calls it; a server named by endpoints with different limits gets the smallest."""
+    """The clients of one run: one per endpoint, and one set of limits per server (base_url) shared by every
+    stage and scorer that calls it; a server named by endpoints with different limits gets the smallest, and a
+    global limit if any of them asks for one (and a Prefect server is configured)."""
 
     def __init__(self, endpoints: Iterable[Endpoint], cache: Cache | None = None) -> None:
         self._endpoints = list(endpoints)
         self._cache = cache
         self._clients: dict[tuple[str, str, str], ModelClient] = {}
-        self._limiters: dict[str, asyncio.Semaphore] = {}
+        self._limits: dict[str, EndpointLimits] = {}
         self._reader: CacheReader | None = None
 
     def client(self, endpoint: Endpoint) -> ModelClient:
@@ -374,11 +384,11 @@ class ClientPool:
         if key not in self._clients:
             if self._reader is None and self._cache is not None:
                 self._reader = CacheReader(self._cache)
-            if endpoint.base_url not in self._limiters:
-                limit = min(e.concurrency for e in [endpoint, *self._endpoints] if e.base_url == endpoint.base_url)
-                self._limiters[endpoint.base_url] = asyncio.Semaphore(limit)
+            if endpoint.base_url not in self._limits:
+                self._limits[endpoint.base_url] = server_limits(
+                    [e for e in [endpoint, *self._endpoints] if e.base_url == endpoint.base_url])
             ledger = self._cache if hasattr(self._cache, "open_batches") else None
-            self._clients[key] = ModelClient(endpoint, self._reader, self._limiters[endpoint.base_url],
+            self._clients[key] = ModelClient(endpoint, self._reader, self._limits[endpoint.base_url],
                                              ledger)  # type: ignore[arg-type]  # fmt: skip
         return self._clients[key]
 
@@ -393,6 +403,26 @@ class ClientPool:
         for client in self._clients.values():
             with contextlib.suppress(Exception):
                 await client.__aexit__()
+
+
+def server_limits(endpoints: list[Endpoint]) -> EndpointLimits:
+    """The limits of one server named by `endpoints`: the smallest of each."""
+    from prefsynth.backends.limits import prefect_server_configured
+
+    def least(values: Iterable[int | None]) -> int | None:
+        return min((v for v in values if v is not None), default=None)
+
+    wants_global = any(e.global_limit for e in endpoints)
+    shared = wants_global and prefect_server_configured()
+    if wants_global and not shared:
+        import logging
+
+        logging.getLogger("prefsynth.limits").info(
+            "global_limit of %s: no Prefect server configured (PREFECT_API_URL); the limit holds within this run",
+            endpoints[0].public_url)  # fmt: skip
+    return EndpointLimits(min(e.concurrency for e in endpoints), least(e.requests_per_minute for e in endpoints),
+                          least(e.tokens_per_minute for e in endpoints),
+                          global_limit_name(endpoints[0].base_url) if shared else None)  # fmt: skip
 
 
 def _root_cause(err: BaseException) -> BaseException | None:

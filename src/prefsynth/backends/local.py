@@ -252,7 +252,8 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
     def endpoint(self, spec: ModelSpec) -> Endpoint:
         """A ready endpoint for `spec`: the remote one it names, or a local server for its GGUF file."""
         limits = {"label": spec.label, "concurrency": spec.concurrency, "timeout_s": spec.timeout_s,
-                  "max_retries": spec.max_retries,
+                  "max_retries": spec.max_retries, "requests_per_minute": spec.requests_per_minute,
+                  "tokens_per_minute": spec.tokens_per_minute, "global_limit": spec.global_limit,
                   "price": (spec.price.input_per_mtok, spec.price.output_per_mtok) if spec.price else None}  # fmt: skip
         if spec.gguf is None:
             return Endpoint(

@@ -40,6 +40,14 @@ def configured_api_url() -> str | None:
     return get_current_settings().api.url
 
 
+_temporary: list[str] = []  # the URL of the temporary API a `using` block points Prefect at
+
+
+def temporary_url() -> str | None:
+    """The temporary API this process started and points Prefect at now, if any (not a shared server)."""
+    return _temporary[-1] if _temporary else None
+
+
 class TemporaryAPI(ChildServer):
     """`launch()` starts it in the background, `wait()` blocks until it answers, `stop()` ends it."""
 
@@ -112,10 +120,12 @@ def using(api: TemporaryAPI | None) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     quiet_console()
+    _temporary.append(api.url)
     try:
         with temporary_settings(updates={PREFECT_API_URL: api.url}):
             yield
     finally:
+        _temporary.remove(api.url)
         _drain()
 
 

@@ -93,9 +93,19 @@ class ModelSpec(Strict):
     batch: bool = Field(False, description="Send chat requests as OpenAI-style batch jobs (files + batches API): "
                         "cheaper and slower; set max_concurrency to the batch size.")  # fmt: skip
     timeout_s: float = Field(300.0, gt=0, description="Timeout of one request, queueing included.")
-    max_retries: int = Field(3, ge=0, le=20, description="Retries of one request (backoff, Retry-After).")
     price: Price | None = Field(None, exclude_if=_unset, description="What the endpoint charges per 1M tokens; "
                                 "`prefsynth stats` then shows costs, and a budget's max_cost counts them.")  # fmt: skip
+    max_retries: int = Field(
+        3, ge=0, le=20, description="Retries of one request after a 429 (waits its Retry-After), a 408/409/5xx, a "
+        "timeout or a dropped connection (exponential backoff with jitter).")  # fmt: skip
+    requests_per_minute: int | None = Field(
+        None, ge=1, description="Requests sent per minute at most (retries count), shared by every stage using it.")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="Tokens per minute at most, estimated before each request as the prompt's characters "
+        "/ 4 + max_tokens (hosted APIs count prompt and completion tokens).")  # fmt: skip
+    global_limit: bool = Field(
+        False, description="Also hold max_concurrency across concurrent flow runs, with a Prefect global "
+        "concurrency limit (only when PREFECT_API_URL names a Prefect server; one API round trip per request).")
 
     @model_validator(mode="after")
     def _one_kind(self) -> ModelSpec:

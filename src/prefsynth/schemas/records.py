@@ -91,6 +91,14 @@ class ModelCall(Record):
     stage: str | None = None
     input_per_mtok: float | None = None
     output_per_mtok: float | None = None
+    # what the call cost in HTTP requests (migration 010; None on older rows, 0 for a cached answer)
+    attempts: int | None = None  # requests sent: 1 + retries
+    rate_limited: int | None = None  # answers 429
+    server_errors: int | None = None  # answers 408, 409, 5xx
+    timeouts: int | None = None  # requests abandoned at timeout_s (the server may still serve and bill them)
+    dropped: int | None = None  # connections refused or closed without an answer
+    wait_ms: float | None = None  # slept before retries (Retry-After or backoff)
+    throttle_ms: float | None = None  # waited on requests/tokens-per-minute limits and the global limit
 
 
 class Response(Record):

@@ -578,6 +578,7 @@ class Store:
             {"model": m, "kind": k, "calls": c, "errors": e, "prompt_tokens": pt, "completion_tokens": ct}
             for m, k, c, e, pt, ct in per_model
         ]
+        out["retries_by_endpoint"] = self.retries_by_endpoint()
         latest = ("SELECT * EXCLUDE (created_at, rn) FROM (SELECT *, row_number() OVER "
                   "(PARTITION BY {key} ORDER BY created_at DESC, run_id) AS rn FROM {table}) WHERE rn = 1 "
                   "ORDER BY {order}")  # fmt: skip
@@ -599,6 +600,19 @@ class Store:
             "sum(c.prompt_tokens)::BIGINT AS prompt_tokens, sum(c.completion_tokens)::BIGINT AS completion_tokens, "
             "sum(c.cost) AS cost FROM v_model_costs c LEFT JOIN runs r USING (run_id) "
             "GROUP BY c.run_id, c.stage, c.model ORDER BY min(r.started_at), c.run_id, c.stage, c.model")
+    def retries_by_endpoint(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Per endpoint and model (of one run, or all): calls, HTTP requests, retries and their causes, waits.
+        Calls recorded before migration 010 have no attempt counts and add nothing to them."""
+        where, params = ("WHERE run_id = ?", [run_id]) if run_id else ("", [])
+        counts = {"requests": "attempts", "retries": "greatest(attempts - 1, 0)", "rate_limited": "rate_limited",
+                  "server_errors": "server_errors", "timeouts": "timeouts", "dropped": "dropped"}  # fmt: skip
+        sql = ("SELECT endpoint, model, count(*) AS calls, count(*) FILTER (WHERE status = 'error') AS errors, "
+               + "".join(f"coalesce(sum({x}), 0)::BIGINT AS {name}, " for name, x in counts.items())
+               + "round(coalesce(sum(wait_ms), 0) / 1000, 3)::DOUBLE AS retry_wait_s, "
+               f"round(coalesce(sum(throttle_ms), 0) / 1000, 3)::DOUBLE AS throttle_wait_s FROM model_calls {where} "
+               "GROUP BY ALL ORDER BY ALL")  # fmt: skip
+        with self._lock:
+            return self.con.execute(sql, params).pl().to_dicts()
 
     def _dicts(self, sql: str) -> list[dict[str, Any]]:
         return self.con.execute(sql).pl().to_dicts()
