@@ -40,6 +40,14 @@ def configured_api_url() -> str | None:
     return get_current_settings().api.url
 
 
+_TEMPORARY: set[str] = set()  # the URLs of this process's temporary APIs
+
+
+def is_temporary(url: str) -> bool:
+    """Whether `url` is one of this process's temporary APIs (nothing else shares it)."""
+    return url in _TEMPORARY
+
+
 class TemporaryAPI(ChildServer):
     """`launch()` starts it in the background, `wait()` blocks until it answers, `stop()` ends it."""
 
@@ -112,11 +120,13 @@ def using(api: TemporaryAPI | None) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     quiet_console()
+    _TEMPORARY.add(api.url)
     try:
         with temporary_settings(updates={PREFECT_API_URL: api.url}):
             yield
     finally:
         _drain()
+        _TEMPORARY.discard(api.url)
 
 
 class _Quiet(logging.Filter):
