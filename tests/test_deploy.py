@@ -2,10 +2,11 @@
 
 `prefsynth serve` serves a config whose paths are relative; one run is started through the API and others
 come from the schedule; `prefsynth deploy` registers the same config on a process work pool, and a real
-`prefect worker` runs it. Every run completes with its summary artifact, only the first one calls the model
-endpoint, and every later run is answered from the warehouse. The model endpoint is the loopback server
-with deterministic answers (this tests deployment and orchestration, not a model): the runs happen in
-processes that Prefect starts, which reach it by its URL.
+`prefect worker` runs it; the shipped examples/prefect.yaml registers with `prefect deploy`. Every run
+completes with its summary artifact, only the first one calls the model endpoint, and every later run is
+answered from the warehouse. The model endpoint is the loopback server with deterministic answers (this
+tests deployment and orchestration, not a model): the runs happen in processes that Prefect starts, which
+reach it by its URL.
 """
 
 from __future__ import annotations
@@ -116,14 +117,14 @@ def test_served_and_worker_deployments_run_to_completion_and_reuse_the_warehouse
         # `prefsynth deploy` on a process work pool, run by a real worker: the same warehouse, no new call
         monkeypatch.chdir(work)  # as the user would, from the same folder as `serve`
         result = CliRunner().invoke(app, ["deploy", str(config), "--name", "nightly", "--cron", "0 3 * * *",
-                                          "--pool", "test-pool"], env={"PREFECT_API_URL": server.url})  # fmt: skip
+                                          "--pool", "prefsynth"], env={"PREFECT_API_URL": server.url})  # fmt: skip
         assert result.exit_code == 0, result.output
         assert "created the process work pool" in result.output
         nightly = client.read_deployment_by_name("prefsynth-run/nightly")
-        assert nightly.work_pool_name == "test-pool" and client.read_work_pool("test-pool").type == "process"
+        assert nightly.work_pool_name == "prefsynth" and client.read_work_pool("prefsynth").type == "process"
         assert [s.schedule.cron for s in nightly.schedules] == ["0 3 * * *"]
         worker = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool",
-                                   "test-pool", "--type", "process"], cwd=tmp_path, env=server.env,
+                                   "prefsynth", "--type", "process"], cwd=tmp_path, env=server.env,
                                   start_new_session=True, stdout=(tmp_path / "worker.log").open("wb"),
                                   stderr=subprocess.STDOUT)  # fmt: skip
         try:
@@ -134,6 +135,17 @@ def test_served_and_worker_deployments_run_to_completion_and_reuse_the_warehouse
         assert state.is_completed(), state
         assert client.read_flow_run(run.id).parameters["base_dir"] == str(work)
         assert _summary(client, run.id)["calls"] == 0 and len(model.requests) == CALLS
+
+        # the shipped prefect.yaml registers the same entry point with `prefect deploy`
+        shipped = Path(__file__).parents[1] / "examples" / "prefect.yaml"
+        done_deploy = subprocess.run([str(Path(sys.executable).with_name("prefect")), "--no-prompt", "deploy",
+                                      "--prefect-file", str(shipped), "--all"], cwd=work,
+                                     env={**server.env, "PWD": str(work)}, capture_output=True, text=True)  # fmt: skip
+        assert done_deploy.returncode == 0, done_deploy.stdout + done_deploy.stderr
+        shipped_one = client.read_deployment_by_name("prefsynth-run/quickstart-nightly")
+        assert shipped_one.entrypoint == "prefsynth.flows.deploy.run_config"
+        assert shipped_one.parameters == {"config": "examples/quickstart.yaml", "base_dir": str(work), "db": None}
+        assert [s.schedule.cron for s in shipped_one.schedules] == ["0 3 * * *"]
 
 
 def _deployment(client: Any, name: str) -> Any:
