@@ -127,3 +127,18 @@ def test_failures_fatal_fails_the_flow_run_and_the_command(tmp_path, prefect_har
     assert pairs > 0  # the other prompts made pairs: the run finished its items before failing
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(flow_run_id).state.is_failed()
+
+
+def test_the_entry_flow_runs_a_loop_config_as_the_loop(tmp_path, prefect_harness) -> None:
+    """A mapping with relative paths: prompts and warehouse resolve against base_dir; a `loop` section runs
+    the synthesis loop."""
+    from tests.test_loop import _config as loop_config
+    from tests.test_loop import _replying
+
+    with _replying(check_score=9) as fake:
+        raw = loop_config(fake.base_url, tmp_path, {"max_rounds": 2, "target_rate": 0.5})
+        raw["prompts"]["path"], raw["warehouse"] = "p.jsonl", "loop.duckdb"
+        out = deploy.run_config(config=raw, base_dir=str(tmp_path))
+    assert out["rounds"] and out["rounds"][0]["pairs"] > 0, "precondition: round 1 made pairs"
+    assert [r["stop_reason"] for r in out["rounds"]] == ["target_rate"]
+    assert out["warehouse"] == str(tmp_path / "loop.duckdb") and (tmp_path / "loop.duckdb").is_file()
