@@ -98,6 +98,9 @@ def test_served_and_worker_deployments_run_to_completion_and_reuse_the_warehouse
             by_api = run_deployment("prefsynth-run/served", timeout=0)
             assert not by_api.auto_scheduled
             done = _wait("the API run and a scheduled run completed", lambda: _completed(client, deployment.id))
+            client.pause_deployment(deployment.id)  # no new run; let the one in flight (if any) finish
+            _wait("no run in flight", lambda: not any(r.state and (r.state.is_running() or r.state.is_pending())
+                                                      for r in _runs(client, deployment.id)))  # fmt: skip
         finally:
             kill_group(serving, grace_s=3)
         runs = _runs(client, deployment.id)
