@@ -96,16 +96,19 @@ def test_served_and_worker_deployments_run_to_completion_and_reuse_the_warehouse
             from prefect.deployments import run_deployment
 
             by_api = run_deployment("prefsynth-run/served", timeout=0)
+            second = run_deployment("prefsynth-run/served", timeout=0)  # at once: they take turns on the warehouse
             assert not by_api.auto_scheduled
             done = _wait("the API run and a scheduled run completed", lambda: _completed(client, deployment.id))
             client.pause_deployment(deployment.id)  # no new run; let the one in flight (if any) finish
             _wait("no run in flight", lambda: not any(r.state and (r.state.is_running() or r.state.is_pending())
                                                       for r in _runs(client, deployment.id)))  # fmt: skip
+            ended = [r.id for r in _runs(client, deployment.id) if r.state is not None and r.state.is_completed()]
+            held = _holding(client, ended)  # before stopping serve: a run's last logs follow its state
         finally:
             kill_group(serving, grace_s=3)
         runs = _runs(client, deployment.id)
         completed = [r for r in runs if r.state is not None and r.state.is_completed()]
-        assert by_api.id in {r.id for r in completed}, [(r.name, r.state) for r in runs]
+        assert {by_api.id, second.id} <= {r.id for r in completed}, [(r.name, r.state) for r in runs]
         assert any(r.auto_scheduled for r in completed), "a run of the schedule completed"
         summaries = {r.id: _summary(client, r.id) for r in completed}
         first = [s for s in summaries.values() if s["calls"]]
@@ -115,7 +118,10 @@ def test_served_and_worker_deployments_run_to_completion_and_reuse_the_warehouse
         assert (work / "w.duckdb").is_file() and (work / "export" / "train.parquet").is_file()
         limit = client.read_global_concurrency_limit_by_name(limit_name(work / "w.duckdb"))
         assert limit.limit == 1 and limit.active_slots == 0  # runs took turns on the warehouse; none holds it now
-        assert len(done) >= 2
+        assert len(done) >= 3
+        assert set(ended) == {r.id for r in completed}
+        assert all(a[1] < b[0] for a, b in zip(held, held[1:], strict=False)), held  # no two runs overlapped
+        assert "is in use by another run: waiting for it to finish" in _logs(client, [by_api.id, second.id])
 
         # `prefsynth deploy` on a process work pool, run by a real worker: the same warehouse, no new call
         monkeypatch.chdir(work)  # as the user would, from the same folder as `serve`
@@ -151,6 +157,27 @@ def test_served_and_worker_deployments_run_to_completion_and_reuse_the_warehouse
         assert [s.schedule.cron for s in shipped_one.schedules] == ["0 3 * * *"]
 
 
+def _logs(client: Any, flow_run_ids: list[UUID]) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids)))
+    return "\n".join(log.message for log in logs)
+
+
+def _holding(client: Any, flow_run_ids: list[UUID]) -> list[tuple[Any, Any]]:
+    """Per run, from its logs, the time it had the warehouse: from its ingest to its last line, sorted (a run's
+    last logs reach the API shortly after its state)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    def span(flow_run_id: UUID) -> tuple[Any, Any] | None:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        starts = [log.timestamp for log in logs if log.message.startswith("ingest:")]
+        ends = [log.timestamp for log in logs if log.message.startswith("done:")]
+        return (min(starts), max(ends)) if starts and ends else None
+
+    return sorted(_wait(f"the logs of run {i}", lambda i=i: span(i), timeout_s=30) for i in flow_run_ids)
+
+
 def _deployment(client: Any, name: str) -> Any:
     from prefect.exceptions import ObjectNotFound
 
@@ -161,12 +188,12 @@ def _deployment(client: Any, name: str) -> Any:
 
 
 def _completed(client: Any, deployment_id: UUID) -> list[Any] | None:
-    """The completed runs once the API run and a scheduled one are among them (a failed run fails the test)."""
+    """The completed runs once API runs and a scheduled one are among them (a failed run fails the test)."""
     runs = _runs(client, deployment_id)
     failed = [r for r in runs if r.state is not None and (r.state.is_failed() or r.state.is_crashed())]
     assert not failed, [(r.name, r.state) for r in failed]
     done = [r for r in runs if r.state is not None and r.state.is_completed()]
-    return done if any(r.auto_scheduled for r in done) and any(not r.auto_scheduled for r in done) else None
+    return done if any(r.auto_scheduled for r in done) and sum(not r.auto_scheduled for r in done) >= 2 else None
 
 
 def _final(client: Any, flow_run_id: UUID) -> Any:
