@@ -1,12 +1,12 @@
 """Deployments against a real `prefect server start` on loopback (its own PREFECT_HOME, a free port).
 
-`prefsynth serve` serves a config whose paths are relative; one run is started through the API and others
-come from the schedule; `prefsynth deploy` registers the same config on a process work pool, and a real
-`prefect worker` runs it; the shipped examples/prefect.yaml registers with `prefect deploy`. Every run
-completes with its summary artifact, only the first one calls the model endpoint, and every later run is
-answered from the warehouse. The model endpoint is the loopback server with deterministic answers (this
-tests deployment and orchestration, not a model): the runs happen in processes that Prefect starts, which
-reach it by its URL.
+`prefsynth serve` serves a config whose paths are relative; two runs are started through the API at once
+(they take turns on the warehouse: a Prefect concurrency limit) and others come from the schedule;
+`prefsynth deploy` registers the same config on a process work pool, and a real `prefect worker` runs it;
+the shipped examples/prefect.yaml registers with `prefect deploy`. Every run completes with its summary
+artifact, only the first one calls the model endpoint, and every later run is answered from the warehouse.
+The model endpoint is the loopback server with deterministic answers (this tests deployment and
+orchestration, not a model): the runs happen in processes that Prefect starts, which reach it by its URL.
 """
 
 from __future__ import annotations
