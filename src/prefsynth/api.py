@@ -97,7 +97,8 @@ def run(
     replaces the config's prompt source: a list of texts, message lists or records, a polars or pandas
     DataFrame, or a `datasets.Dataset`. `db` overrides the config's warehouse. Local models and Prefect's
     temporary API (unless PREFECT_API_URL is set, or this is called inside a flow) start at once and stop
-    when the run ends.
+    when the run ends. Raises `RunFailed` (its `summary` is the run's) when the run produced no responses or
+    scores, or when items failed and the config sets `failures_fatal`.
     """
     cfg = _config(config, prompts, base_dir)
     if cfg.loop is not None:

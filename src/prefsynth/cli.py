@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -28,7 +28,10 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from prefsynth.errors import PrefsynthError
+from prefsynth.errors import PrefsynthError, RunFailed
+
+if TYPE_CHECKING:
+    from prefsynth.schemas.records import RunSummary
 
 _IMPORTED = time.monotonic()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,6 +102,11 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
                     result = run(p, db=db)
             else:
                 result = run(config_path, db=db)  # type: ignore[arg-type]
+    except RunFailed as err:  # the flow failed the run (no results, or failures_fatal): show it, exit 1
+        if err.summary is not None:
+            _show_summary(err.summary)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
+        raise typer.Exit(1) from None
     except PrefsynthError as err:
         raise _fail(err) from None
     except (KeyboardInterrupt, RuntimeError) as err:
@@ -108,6 +116,20 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
         raise typer.Exit(130) from None
     summary, timings = result.summary, result.timings
     timings["imports"] += _import_seconds()
+    _show_summary(summary)
+    timings["total"] = _process_seconds()
+    print("timings: " + " ".join(f"{k}={v:.2f}" for k, v in timings.items()))
+    if summary.budget:
+        Console().print(f"budget: {summary.budget}")
+    if summary.status == "budget_exhausted":
+        console.print(f"[yellow]run {summary.run_id} stopped: its budget is spent[/] ({escape(summary.budget or '')}). "
+                      "What finished is in the warehouse and no export was replaced; run it again (with a larger "
+                      "budget) to continue: cached calls are free")  # fmt: skip
+        raise typer.Exit(3)
+
+
+def _show_summary(summary: RunSummary) -> None:
+    """The stage table and the run's totals."""
     table = Table(title=f"run {summary.run_id} → {summary.warehouse}")
     for col in ("stage", "total", "reused", "new", "failed", "model calls", "tokens"):
         table.add_column(col, justify="left" if col == "stage" else "right")
@@ -118,22 +140,6 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
         f"{summary.pairs} pairs, {summary.model_calls} new model calls, {summary.failures} failures, "
         f"{summary.seconds:.1f} s" + "".join(f"\nexported: {p}" for p in summary.exports)
     )
-    timings["total"] = _process_seconds()
-    print("timings: " + " ".join(f"{k}={v:.2f}" for k, v in timings.items()))
-    if summary.budget:
-        Console().print(f"budget: {summary.budget}")
-    if summary.status == "budget_exhausted":
-        console.print(f"[yellow]run {summary.run_id} stopped: its budget is spent[/] ({escape(summary.budget or '')}). "
-                      "What finished is in the warehouse and no export was replaced; run it again (with a larger "
-                      "budget) to continue: cached calls are free")  # fmt: skip
-        raise typer.Exit(3)
-    if summary.status != "completed":
-        console.print(f"[red]run {summary.run_id} {summary.status}:[/] it produced no responses or no scores "
-                      "(see `prefsynth stats` and the failures table); no export was replaced")  # fmt: skip
-        raise typer.Exit(1)
-    if summary.failures and result.config.failures_fatal:
-        console.print(f"[red]{summary.failures} items failed and the config sets failures_fatal[/]")
-        raise typer.Exit(1)
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -206,6 +212,66 @@ def loop(
         console.print("[yellow]the loop's budget is spent:[/] run it again (with a larger budget) to continue; "
                       "cached calls are free")  # fmt: skip
         raise typer.Exit(3)
+
+
+CRON_HELP = "Schedule: a cron expression, e.g. '0 3 * * *' (03:00 every day, in UTC)."
+INTERVAL_HELP = "Schedule: a run every N seconds (instead of --cron)."
+NAME_HELP = "Deployment name (it is prefsynth-run/NAME on the server)."
+POOL_HELP = "Work pool (created as a process work pool if missing)."
+
+
+@app.command()
+def deploy(
+    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML); a `loop` section runs the loop.")],
+    name: Annotated[str, typer.Option("--name", help=NAME_HELP)],
+    cron: Annotated[str | None, typer.Option("--cron", help=CRON_HELP)] = None,
+    interval: Annotated[float | None, typer.Option("--interval", help=INTERVAL_HELP)] = None,
+    pool: Annotated[str, typer.Option("--pool", help=POOL_HELP)] = "prefsynth",
+    db: DbOption = None,
+) -> None:
+    """Register (or update) a deployment of CONFIG on the Prefect server in PREFECT_API_URL.
+
+    Example: prefsynth deploy examples/quickstart.yaml --name nightly --cron "0 3 * * *" --pool local
+
+    A worker runs its runs: prefect worker start --pool local (in an environment with prefsynth installed).
+    The deployment's parameters are the config's absolute path and this folder (where a relative warehouse
+    and export folders go, as with `prefsynth run` here); the config file is read when each run starts.
+    """
+    from prefsynth.flows.deploy import deploy as register
+
+    try:
+        deployment_id, created = register(config, name, pool, cron, interval, db)
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    if created:
+        console.print(f"created the process work pool {escape(pool)!r}")
+    print(f"deployment prefsynth-run/{name} ({deployment_id}) on work pool {pool!r}")
+    print(f"start a worker:  prefect worker start --pool {pool!r}\nrun it now:      prefect deployment run "
+          f"'prefsynth-run/{name}'")
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML); a `loop` section runs the loop.")],
+    name: Annotated[str | None, typer.Option("--name", help=NAME_HELP + " Default: the config file's name.")] = None,
+    cron: Annotated[str | None, typer.Option("--cron", help=CRON_HELP)] = None,
+    interval: Annotated[float | None, typer.Option("--interval", help=INTERVAL_HELP)] = None,
+    db: DbOption = None,
+) -> None:
+    """Serve CONFIG as a deployment from this process: its scheduled runs, and runs started through Prefect's
+    API or UI, run here until Ctrl-C.
+
+    Example: prefsynth serve examples/quickstart.yaml --cron "0 3 * * *"
+
+    Needs a Prefect server (PREFECT_API_URL). Each run starts in a child process; runs on the same
+    warehouse take turns.
+    """
+    from prefsynth.flows.deploy import serve as serving
+
+    try:
+        serving(config, name or config.stem, cron, interval, db)
+    except PrefsynthError as err:
+        raise _fail(err) from None
 
 
 @app.command()

@@ -29,6 +29,22 @@ class ExportError(PrefsynthError):
     """An export target cannot be written (names the folder or file)."""
 
 
+class RunFailed(PrefsynthError):
+    """A run ended without its result: it produced no responses or scores, or items failed and the config sets
+    `failures_fatal`. The flow raises it (so its Prefect state is Failed); `summary` is the run's summary."""
+
+    def __init__(self, message: str, summary: object = None) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+    def __reduce__(self) -> tuple[type, tuple[str, object]]:  # Prefect pickles a failed flow's exception
+        return type(self), (str(self), self.summary)
+
+
+class DeployError(PrefsynthError):
+    """A deployment cannot be registered or served: no Prefect server, a bad schedule or work pool."""
+
+
 def not_utf8(path: object, data: bytes) -> str:
     """'PATH:LINE: not UTF-8 text (byte N: ...)' for a file whose bytes `data` do not decode."""
     try:

@@ -16,8 +16,8 @@ An evaluation is a run of kind `eval` in `runs` and `run_ends`: its `eval_id` is
 writes (model calls, judgments, comparisons, failures), so every run_id in the warehouse names a run.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: a deployment's run process validates its parameters against
+# the flow's annotations, and a string annotation does not resolve there (issue 13).
 import json
 import uuid
 from pathlib import Path

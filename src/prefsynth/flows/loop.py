@@ -12,8 +12,8 @@ the judge's template and so its scorer_id. Every call goes through the cache: a 
 call, and only a new prompt version costs calls.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: a deployment's run process validates its parameters against
+# the flow's annotations, and a string annotation does not resolve there (issue 13).
 import asyncio
 import json
 import time
@@ -26,6 +26,8 @@ from prefsynth.backends.budget import spending
 from prefsynth.backends.client import ClientPool
 from prefsynth.backends.local import local_servers, sharing
 from prefsynth.backends.templates import conversation_text
+from prefsynth.errors import RunFailed
+from prefsynth.flows.exclusive import warehouse_turn
 from prefsynth.flows.synthesize import synthesize
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import (
@@ -57,7 +59,8 @@ def round_config(config: PipelineConfig, target: str, rubric: str, round_no: int
                for s in config.scorers]  # fmt: skip
     generation = config.generation.model_copy(update={"system_prompt": target})
     return config.model_copy(update={"name": f"{config.name}:round{round_no}", "generation": generation,
-                                     "scorers": scorers, "loop": None, "export": []})  # fmt: skip
+                                     "scorers": scorers, "loop": None, "export": [],
+                                     "failures_fatal": False})  # fmt: skip
 
 
 def round_pairs(store: Store, run_id: str) -> list[RoundPair]:
@@ -104,8 +107,8 @@ def synthesis_loop(config: PipelineConfig, db: str | None = None) -> LoopSummary
     logger = get_run_logger()
     warehouse = str(db or config.warehouse)
     judge_spec = {s.name: s for s in config.scorers}[config.curation_scorer_name]
-    # the rounds' pipelines use these servers, and spend from this one budget
-    with local_servers() as servers, sharing(servers), spending(config.budget):
+    # the rounds' pipelines use these servers, this warehouse's turn (flows/exclusive.py) and one budget
+    with warehouse_turn(warehouse), local_servers() as servers, sharing(servers), spending(config.budget):
         checker, optimizer = spec.checker or judge_spec.model, spec.optimizer or judge_spec.model  # type: ignore[attr-defined]
         for model in (checker, optimizer):
             servers.check(model)
@@ -115,7 +118,10 @@ def synthesis_loop(config: PipelineConfig, db: str | None = None) -> LoopSummary
         target = version("target", config.generation.system_prompt or DEFAULT_TARGET, None, loop_id, 1)
         judge = version("judge", judge_spec.rubric, None, loop_id, 1)  # type: ignore[attr-defined]
         for round_no in range(1, spec.max_rounds + 1):
-            run = synthesize(config=round_config(config, target.text, judge.text, round_no), db=warehouse)
+            try:
+                run = synthesize(config=round_config(config, target.text, judge.text, round_no), db=warehouse)
+            except RunFailed as err:  # a round with no responses or scores has no pairs: the check says so
+                run = err.summary
             if run.status == "budget_exhausted":  # the round is not written: a rerun replays it and goes on
                 summary.rounds.append(RoundSummary(round=round_no, target_version=target.version_id,
                                                    judge_version=judge.version_id, pipeline_run_id=run.run_id,

@@ -40,12 +40,17 @@ def configured_api_url() -> str | None:
     return get_current_settings().api.url
 
 
-_temporary: list[str] = []  # the URL of the temporary API a `using` block points Prefect at
+_temporary: list[str] = []  # the URLs of this process's temporary APIs, the one Prefect points at now last
 
 
 def temporary_url() -> str | None:
     """The temporary API this process started and points Prefect at now, if any (not a shared server)."""
     return _temporary[-1] if _temporary else None
+
+
+def is_temporary(url: str) -> bool:
+    """Whether `url` is one of this process's temporary APIs (nothing else shares it)."""
+    return url in _temporary
 
 
 class TemporaryAPI(ChildServer):
@@ -125,8 +130,8 @@ def using(api: TemporaryAPI | None) -> Iterator[None]:
         with temporary_settings(updates={PREFECT_API_URL: api.url}):
             yield
     finally:
-        _temporary.remove(api.url)
         _drain()
+        _temporary.remove(api.url)
 
 
 class _Quiet(logging.Filter):

@@ -7,8 +7,8 @@ scored responses and answers prompts (teach.py). Curation, panels and exports th
 flow process is the only writer of the warehouse.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: a deployment's run process validates its parameters against
+# the flow's annotations, and a string annotation does not resolve there (issue 13).
 import asyncio
 import time
 import uuid
@@ -25,7 +25,9 @@ from prefsynth.backends import budget
 from prefsynth.backends.budget import spending
 from prefsynth.backends.client import Endpoint, check_reachable
 from prefsynth.backends.local import local_servers
+from prefsynth.errors import RunFailed
 from prefsynth.flows.engine import Writer, writer_for
+from prefsynth.flows.exclusive import warehouse_turn
 from prefsynth.flows.stream import Streaming
 from prefsynth.flows.teach import Taught, teach
 from prefsynth.schemas.config import PipelineConfig
@@ -62,7 +64,7 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
     started = time.monotonic()
     warehouse = db or config.warehouse
     summary = RunSummary(run_id=uuid.uuid4().hex, name=config.name, warehouse=str(warehouse))
-    with local_servers() as servers:
+    with warehouse_turn(warehouse), local_servers() as servers:  # one run per warehouse on a shared server
         for model in config.all_models():  # a missing GGUF file fails before anything starts
             servers.check(model)
         policies = [servers.endpoint(m) for m in config.generation.models]
@@ -87,7 +89,19 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
             summary.budget = run_budget.spent() if run_budget is not None else None
             store.end_run(summary.run_id, summary.status, summary.model_dump())
     _publish(summary)
+    check_outcome(summary, config)
     return summary
+
+
+def check_outcome(summary: RunSummary, config: PipelineConfig) -> None:
+    """Fail the flow run (its Prefect state, the CLI's exit code) when it produced no responses or scores, or
+    when items failed and the config sets `failures_fatal`; the summary is recorded and published first."""
+    if summary.status != "completed":
+        raise RunFailed(f"run {summary.run_id} {summary.status}: it produced no responses or no scores (see "
+                        "`prefsynth stats` and the failures table); no export was replaced", summary)  # fmt: skip
+    if summary.failures and config.failures_fatal:
+        raise RunFailed(f"run {summary.run_id}: {summary.failures} items failed and the config sets failures_fatal",
+                        summary)  # fmt: skip
 
 
 def announce_revisions(store: Store, config: PipelineConfig) -> None:
