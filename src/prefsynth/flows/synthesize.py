@@ -95,7 +95,10 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
 
 def check_outcome(summary: RunSummary, config: PipelineConfig) -> None:
     """Fail the flow run (its Prefect state, the CLI's exit code) when it produced no responses or scores, or
-    when items failed and the config sets `failures_fatal`; the summary is recorded and published first."""
+    when items failed and the config sets `failures_fatal`; the summary is recorded and published first. A
+    spent budget is not a failure: the run stops cleanly, and a rerun continues."""
+    if summary.status == "budget_exhausted":
+        return
     if summary.status != "completed":
         raise RunFailed(f"run {summary.run_id} {summary.status}: it produced no responses or no scores (see "
                         "`prefsynth stats` and the failures table); no export was replaced", summary)  # fmt: skip
@@ -368,6 +371,7 @@ def _publish(summary: RunSummary) -> None:
         ),
     )
     get_run_logger().info(
-        f"done ({summary.status}): {summary.pairs} pairs, {summary.model_calls} new model calls, "
+        f"done{'' if summary.status == 'completed' else f' ({summary.status})'}: {summary.pairs} pairs, "
+        f"{summary.model_calls} new model calls, "
         f"{summary.failures} failures" + (f"; budget: {summary.budget}" if summary.budget else "")
     )
