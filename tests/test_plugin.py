@@ -63,7 +63,7 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_installed_scorer_kind_runs_in_a_pipeline(tmp_path: Path, plugin: None, prefect_harness) -> None:
     config = {"generation": {"models": [{"gguf": "smollm2-135m-instruct"}], "samples_per_prompt": 3,
                              "sampling": {"temperature": 1.0, "max_tokens": 16, "seed": 2}},
-              "scorers": [{"kind": "words", "weight": 0.5}], "curation": {"min_margin": 0},
+              "scorers": [{"kind": "words", "weight": 0.5}], "curation": {"min_margin": 0, "allow_truncated": True},
               "warehouse": str(tmp_path / "w.duckdb")}  # fmt: skip
     result = prefsynth.run(config, prompts=["Describe the sea.", "Describe a forest.", "Describe a city."])
     assert result.status == "completed" and result.counts["score[words]"].new == 9, "precondition: it scored"
