@@ -32,7 +32,32 @@ def chat_reply(content: str) -> Reply:
     return 200, body
 
 
-class LoopbackServer:
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the default backlog (5) resets connections under load: faults nobody drew
+
+
+class Served:
+    """An HTTP server with this handler on 127.0.0.1, in a thread, for `with`."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = _Server(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class LoopbackServer(Served):
     """An HTTP server on 127.0.0.1 in a thread: `respond(path, body) -> (status, json)` answers each POST,
     after `keep(path, body)` has recorded it; GET answers a model list."""
 
@@ -63,26 +88,10 @@ class LoopbackServer:
                 fake.keep(self.path, body)
                 self._send(*respond(self.path, body))
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
-        self.server.request_queue_size = 1024  # the default backlog (5) resets connections under load
-        self.server.server_bind()
-        self.server.server_activate()
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        super().__init__(Handler)
 
     def keep(self, path: str, body: dict[str, Any]) -> None:
         raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class FakeOpenAI(LoopbackServer):
@@ -125,7 +134,7 @@ class CountingServer(FakeOpenAI):
             super().keep(path, body)
 
 
-class BatchServer:
+class BatchServer(Served):
     """The files and batches API of OpenAI on 127.0.0.1, in a thread: uploads (`purpose=batch`), batches on
     them, and their output files, answered by `deterministic_reply`. A batch stays `in_progress` until
     `release` is set; `uploads` and `creates` keep what arrived. Chat completions sent directly are refused."""
@@ -172,13 +181,8 @@ class BatchServer:
                 fake.direct += 1
                 self._send(400, {"error": {"message": "this server only takes batches"}})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(Handler)
         self.lock = threading.Lock()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def upload(self, content_type: str, raw: bytes) -> dict[str, Any]:
         from email.parser import BytesParser
@@ -218,11 +222,6 @@ class BatchServer:
                 "created_at": 0, "input_file_id": state["input_file_id"], "error_file_id": None,
                 "status": "completed" if done else "in_progress", "output_file_id": state["output_file_id"]}
 
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
     def __exit__(self, *exc: object) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().__exit__(*exc)

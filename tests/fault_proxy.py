@@ -21,19 +21,15 @@ import socket
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
+
+from tests.fake_server import Served
 
 FAULTS = ("rate_limit", "error", "slow", "drop")
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # the default backlog (5) resets connections under load: faults we never drew
-
-
-class FaultProxy:
+class FaultProxy(Served):
     """`with FaultProxy(upstream_base_url, rates={"rate_limit": 0.1, ...}, seed=1) as proxy:` then point clients
     at `proxy.base_url`. `proxy.posts` counts POSTs, `proxy.faults` counts each fault injected."""
 
@@ -52,8 +48,7 @@ class FaultProxy:
         self.forwarded = 0  # requests the upstream server served (slow ones included)
         self.upstream_errors = 0  # requests the upstream server did not answer (answered 502)
         self._seen: Counter[str] = Counter()
-        self.server = _Server(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(self._handler())
 
     @property
     def base_url(self) -> str:
@@ -150,11 +145,3 @@ class FaultProxy:
                         self.close_connection = True
 
         return Handler
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
