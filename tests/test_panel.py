@@ -89,3 +89,28 @@ def test_panel_alpha_against_a_hand_computation():
     assert agreement.filter(pl.col("scorer_a") == "*")["alpha"][0] == pytest.approx(7 / 12)
     # tau: (r1,r2) concordant, (r1,r3) concordant, (r2,r3) discordant -> 1/3
     assert summary["mean_tau"] == pytest.approx(1 / 3)
+
+
+def test_min_panel_agreement_keeps_only_the_prompts_the_members_agree_on():
+    from prefsynth.tasks.panel import agreed_only
+
+    values = {"judge": JUDGE, "cdr": CDR}
+    scores, agreement, _ = run_panel(values, "P", "mean_normalized")
+    alphas = {r["prompt_id"]: r["alpha"] for r in agreement.filter(pl.col("scorer_a") == "*").to_dicts()}
+    least = max(a for a in alphas.values() if a is not None) - 1e-9  # only the best-agreeing prompt passes
+    best = [p for p, a in alphas.items() if a is not None and a >= least]
+    kept, left_out = agreed_only({**values, "panel": scores.select("prompt_id", "response_id", "value")},
+                                 agreement, least, "panel")  # fmt: skip
+    assert len(best) == 1 and sorted(kept["panel"]["prompt_id"].unique()) == best and left_out == 1
+    assert set(kept["cdr"]["prompt_id"]) == set(best)  # "x" has no panel alpha: it does not agree
+
+
+def test_min_panel_agreement_needs_a_panel():
+    from prefsynth.errors import ConfigError
+    from prefsynth.schemas.config import parse_config
+
+    raw = {"prompts": {"builtin": "quickstart"}, "generation": {"models": [{"base_url": "http://h/v1", "model": "m"}]},
+           "scorers": [{"kind": "pointwise_judge", "model": {"base_url": "http://h/v1", "model": "m"}}],
+           "curation": {"min_panel_agreement": 0.5}}  # fmt: skip
+    with pytest.raises(ConfigError, match="add a `panel`"):
+        parse_config(raw)

@@ -38,7 +38,7 @@ from prefsynth.tasks.curate import anchor_vs_sampled, curate, refined_vs_origina
 from prefsynth.tasks.diagnostics import diagnostics
 from prefsynth.tasks.export import SCORERS, export
 from prefsynth.tasks.ingest import no_prompts, read_prompts
-from prefsynth.tasks.panel import panel_id, run_panel
+from prefsynth.tasks.panel import agreed_only, panel_id, run_panel
 from prefsynth.tasks.scorers import PairwiseScorer, Scorer, build_scorer
 from prefsynth.tasks.screen import same_text, screen
 from prefsynth.tasks.teacher import Teacher
@@ -166,7 +166,11 @@ def _run(
     values = {name: s.values for name, s in scored.items()}
     ids = {s.name: s.scorer_id for s in scorers}
     if config.panel is not None:
-        ids[config.panel.name], values[config.panel.name] = panel_stage(store, run_id, config, ids, values)
+        ids[config.panel.name], values[config.panel.name], agreement = panel_stage(store, run_id, config, ids, values)
+        if (least := config.curation.min_panel_agreement) is not None:
+            values, left_out = agreed_only(values, agreement, least, config.panel.name)
+            summary.curation = {**summary.curation, "panel_disagreement": left_out}
+            logger.info(f"panel: {left_out} prompts below min_panel_agreement {least:g} left out of curation")
     if summary.status != "budget_exhausted":  # a stopped run's unfinished items would read as scorer failures
         diagnose(store, run_id, scorers, scored, responses)
 
@@ -246,7 +250,7 @@ def curation(
     out = []
     if spec.sampled_rule is not None:
         curated = curate(values, responses, scorer_id, spec, margin, agree)
-        summary.curation = curated.counts
+        summary.curation = {**summary.curation, **curated.counts}
         out.append(curated.pairs)
         steps = ", ".join(f"{k} {v}" for k, v in curated.counts.items())
         logger.info(f"curate[{spec.sampled_rule}]: margin >= {margin:g}; {steps}")
@@ -310,8 +314,9 @@ def collect_scores(store: Store, run_id: str, scorer: Scorer, counts: StageCount
 
 def panel_stage(
     store: Store, run_id: str, config: PipelineConfig, ids: dict[str, str], values: dict[str, pl.DataFrame]
-) -> tuple[str, pl.DataFrame]:
-    """Aggregate the panel's members and store their agreement; returns the panel's id and values."""
+) -> tuple[str, pl.DataFrame, pl.DataFrame]:
+    """Aggregate the panel's members and store their agreement; returns the panel's id, values and agreement
+    rows (alpha per prompt where scorer_a is '*')."""
     assert config.panel is not None
     members = config.panel_members
     pid = panel_id([ids[m] for m in members], config.panel.aggregate)
@@ -327,7 +332,7 @@ def panel_stage(
         f"Krippendorff alpha {'n/a' if alpha is None else f'{alpha:.3f}'}, "
         f"mean Kendall tau {'n/a' if tau is None else f'{tau:.3f}'}"
     )
-    return pid, scores.select("prompt_id", "response_id", "value")
+    return pid, scores.select("prompt_id", "response_id", "value"), agreement
 
 
 def diagnose(

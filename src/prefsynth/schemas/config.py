@@ -342,6 +342,9 @@ class CurationSpec(Strict):
     require_agreement: list[str] = Field(
         [], description="Scorers that must each score the chosen response strictly above the rejected one."
     )
+    min_panel_agreement: float | None = Field(
+        None, ge=-1, le=1, description="With a panel: curate only prompts whose members agree, Krippendorff "
+        "alpha per prompt at least this (an undefined alpha does not agree).")  # fmt: skip
     dedup: Literal["none", "exact", "near"] = Field(
         "exact", description="Leave out duplicate prompts (the smallest id of a group stays) and pairs of the same "
         "text: exact (after normalization) or near (MinHash LSH at near_threshold) as well.")  # fmt: skip
@@ -450,6 +453,8 @@ class PipelineConfig(Strict):
                 raise ValueError(f"panel.scorers {missing} are not scorer names; have {names}")
             if self.panel.scorers is None and len(names) < 2:
                 raise ValueError("a panel needs at least two scorers")
+        elif self.curation.min_panel_agreement is not None:
+            raise ValueError("curation.min_panel_agreement filters by a panel's agreement: add a `panel`")
             names = [*names, self.panel.name]
         if self.curation.scorer is not None and self.curation.scorer not in names:
             raise ValueError(f"curation.scorer {self.curation.scorer!r} is not a scorer name; have {names}")

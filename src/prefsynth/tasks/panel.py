@@ -71,3 +71,12 @@ def run_panel(
         "mean_tau": sum(taus) / len(taus) if taus else None,
     }
     return frame("panel_scores", scores), frame("panel_agreement", agreement), summary
+
+
+def agreed_only(values: dict[str, pl.DataFrame], agreement: pl.DataFrame, least: float, panel: str
+                ) -> tuple[dict[str, pl.DataFrame], int]:  # fmt: skip
+    """The values of the prompts on which the panel's members agree (Krippendorff alpha >= `least`; an undefined
+    alpha does not agree), and how many of the panel's prompts that leaves out."""
+    agreed = agreement.filter((pl.col("scorer_a") == "*") & (pl.col("alpha") >= least))["prompt_id"].implode()
+    kept = {n: v.filter(pl.col("prompt_id").is_in(agreed)) for n, v in values.items()}
+    return kept, values[panel]["prompt_id"].n_unique() - kept[panel]["prompt_id"].n_unique()
