@@ -7,6 +7,7 @@ server, as test_truth.py does, since it checks what the export writes, not what 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -257,3 +258,23 @@ def test_the_pipeline_export_honours_each_targets_margin(tmp_path, prefect_harne
     card = (tmp_path / "raw" / "README.md").read_text(encoding="utf-8")
     assert "## Margin mode: `raw`" in card and "points on scorer `judge`'s 1–10 scale" in card
     assert "## Margin mode: `none`" in (tmp_path / "plain" / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_snapshot_is_listed_and_written_again_byte_for_byte(tmp_path):
+    db = _warehouse(tmp_path / "w.duckdb", SAMPLED + REFINED)
+    first = runner.invoke(app, ["export", "--db", str(db), "--out", str(tmp_path / "v1"), "--margin", "raw"])
+    assert first.exit_code == 0 and "3 pairs from run run1" in first.output, first.output
+    listed = runner.invoke(app, ["datasets", "--db", str(db)], env={"COLUMNS": "250"})
+    assert listed.exit_code == 0 and "trl" in listed.output and "raw" in listed.output
+    with duckdb.connect(str(db), read_only=True) as con:
+        snap, sha, counts = con.execute("SELECT snapshot_id, file_sha256, counts FROM dataset_snapshots").fetchone()
+        assert con.execute("SELECT count(*) FROM snapshot_rows").fetchone() == (3,)
+    assert json.loads(counts) == {"sampled": 2, "teacher_refinement": 1} and snap[:12] in listed.output
+
+    again = runner.invoke(app, ["export", "--db", str(db), "--out", str(tmp_path / "again"), "--snapshot", snap[:10]])
+    assert again.exit_code == 0 and "byte-for-byte the same" in again.output, again.output
+    for name in ("train.parquet", "README.md"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "v1" / name).read_bytes()
+    assert hashlib.sha256((tmp_path / "again" / "train.parquet").read_bytes()).hexdigest() == sha
+    missing = runner.invoke(app, ["export", "--db", str(db), "--out", str(tmp_path / "x"), "--snapshot", "nope"])
+    assert missing.exit_code == 2 and "no snapshot 'nope'" in missing.output

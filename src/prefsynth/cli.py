@@ -398,6 +398,8 @@ def export(
     margin: Annotated[str, typer.Option("--margin", help=MARGIN_HELP)] = "none",
     run_id: Annotated[str | None, typer.Option("--run", help="A run id (default: the newest completed).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset already in --out.")] = False,
+    snapshot: Annotated[str | None, typer.Option("--snapshot", help="Write this snapshot again (an id or a "
+                                                 "unique prefix, see `prefsynth datasets`).")] = None,  # fmt: skip
 ) -> None:
     """Write the pairs of the latest completed run as a preference dataset, with its card (README.md).
 
@@ -413,7 +415,13 @@ def export(
 
     A folder that already holds this format's file is left alone unless --overwrite is given. The warehouse
     must exist, and --run must name one of its runs.
+
+    Every export is recorded as an immutable snapshot: its rows, margin mode, and the SHA-256 of its file and
+    card. --snapshot ID writes that snapshot again (its format and margin; --format, --margin and --run do
+    not apply) and says whether the bytes are the same.
     """
+    if snapshot is not None:
+        return _export_snapshot(snapshot, out, db, overwrite)
     from prefsynth.tasks.export import FILES, SCORERS, write_dataset
     from prefsynth.tasks.margins import MARGIN_MODES
     from prefsynth.warehouse.store import Store
@@ -434,14 +442,68 @@ def export(
                 raise PrefsynthError(f"{db} has no completed run to export")
             scorers = store.scorers_of(rows["scorer_id"]) if fmt != "sft" else SCORERS
             done = write_dataset(rows, out, fmt, overwrite, margin, scorers, chosen_run)
-            store.record_snapshot(done.snapshot_id, chosen_run, fmt, str(done.path), done.n_pairs, margin)
+            store.record_snapshot(done.snapshot_id, chosen_run, fmt, str(done.path), margin, done.row_ids,
+                                  done.file_sha256, done.card_sha256, done.counts)  # fmt: skip
     except PrefsynthError as err:
         raise _fail(err) from None
     what = "anchors" if fmt == "sft" else "pairs"
     if done.n_pairs == 0:
         hint = " (a run with `teacher.anchors: true` has them)" if fmt == "sft" else ""
         console.print(f"[yellow]warning:[/] run {chosen_run} has no {what}{hint}; wrote an empty dataset")
-    print(f"{done.n_pairs} {what} from run {chosen_run} -> {done.path} (margin: {margin})")
+    print(f"{done.n_pairs} {what} from run {chosen_run} -> {done.path} (margin: {margin}); snapshot "
+          f"{done.snapshot_id[:12]}")
+
+
+def _export_snapshot(snapshot: str, out: Path, db: Path, overwrite: bool) -> None:
+    """`export --snapshot`: the snapshot's rows again, in its format and margin mode, checked by hash."""
+    from prefsynth.tasks.export import SCORERS, write_dataset
+    from prefsynth.warehouse.store import Store
+
+    try:
+        with Store(db, read_only=True) as store:
+            found = store.snapshot(snapshot)
+            if found is None:
+                raise PrefsynthError(f"{db} has no snapshot {snapshot!r} (or the prefix names several): see "
+                                     "`prefsynth datasets`")  # fmt: skip
+            snap, rows = found
+            if len(rows) != snap["n_pairs"]:
+                raise PrefsynthError(f"snapshot {snap['snapshot_id'][:12]} had {snap['n_pairs']} rows; the warehouse "
+                                     f"now holds {len(rows)} of them")  # fmt: skip
+            scorers = store.scorers_of(rows["scorer_id"]) if snap["format"] != "sft" else SCORERS
+            margin = snap["margin"] or "none"
+            done = write_dataset(rows, out, snap["format"], overwrite, margin, scorers, snap["run_id"])
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    same = done.file_sha256 == snap["file_sha256"] and done.card_sha256 == snap["card_sha256"]
+    print(f"snapshot {snap['snapshot_id'][:12]}: {done.n_pairs} rows -> {done.path} ("
+          + ("byte-for-byte the same file and card)" if same else "the bytes differ from the recorded ones: "
+             "another prefsynth, datasets or pyarrow version writes them differently)"))  # fmt: skip
+    if not same and snap["file_sha256"] is None:
+        console.print("[yellow]note:[/] this snapshot was exported before hashes were recorded")
+
+
+@app.command()
+def datasets(db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("prefsynth.duckdb")) -> None:
+    """List the exported snapshots: id, run, format, margin mode, rows per source, file hash, path, time.
+
+    Example: prefsynth datasets --db prefsynth.duckdb
+    Write one again with `prefsynth export --snapshot ID --out DIR`.
+    """
+    from prefsynth.warehouse.store import Store
+
+    try:
+        with Store(db, read_only=True) as store:
+            snaps = store.snapshots()
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    table = Table(title=f"dataset snapshots in {db}")
+    for col in ("snapshot", "run", "format", "margin", "rows", "per source", "sha256", "path", "created"):
+        table.add_column(col, justify="right" if col == "rows" else "left")
+    for s in snaps:
+        table.add_row(s["snapshot_id"][:12], (s["run_id"] or "")[:12], s["format"], s["margin"] or "–",
+                      str(s["n_pairs"]), s["counts"] or "–", (s["file_sha256"] or "–")[:12], escape(s["path"]),
+                      str(s["created_at"])[:19])  # fmt: skip
+    Console().print(table)
 
 
 @app.command("eval")

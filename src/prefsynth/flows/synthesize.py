@@ -213,7 +213,8 @@ def _run(
         scorers = store.scorers_of(rows["scorer_id"]) if "scorer_id" in rows.columns else SCORERS  # the card's units
         # the config owns its paths: overwrite
         done = export(rows, target.path, target.format, target.margin, scorers, run_id, overwrite=True)
-        store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), done.n_pairs, target.margin)
+        store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), target.margin, done.row_ids,
+                              done.file_sha256, done.card_sha256, done.counts)  # fmt: skip
         summary.exports.append(str(done.path))
         logger.info(f"export: {done.n_pairs} {what} -> {done.path} (margin: {target.margin})")
 

@@ -16,6 +16,7 @@ provenance (`pair_id`, `prompt_id`, `chosen_id`, `rejected_id`, `chosen_model`, 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,20 @@ SCORERS = pl.DataFrame(schema={"scorer_id": pl.String, "name": pl.String, "kind"
 class Exported:
     path: Path
     format: str
-    n_pairs: int
+    n_pairs: int  # rows: pairs, or anchors for `sft`
     snapshot_id: str
+    row_ids: list[str]  # pair ids, or response ids for `sft`
+    file_sha256: str
+    card_sha256: str
+    counts: dict[str, int]  # rows per source
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _prompt() -> pl.Expr:
@@ -113,8 +126,10 @@ def write_dataset(rows: pl.DataFrame, out_dir: str | Path, fmt: str, overwrite: 
     card = out / (CARD + ".tmp")
     card.write_text(text, encoding="utf-8")
     card.replace(out / CARD)
-    snapshot = content_id("snapshot", sorted(rows[key].to_list()) if len(rows) else [], fmt, margin)
-    return Exported(path=path, format=fmt, n_pairs=len(ds), snapshot_id=snapshot)
+    ids = sorted(rows[key].to_list()) if len(rows) else []
+    counts = dict(shaped.group_by("source").len().sort("source").iter_rows()) if len(shaped) else {}
+    return Exported(path=path, format=fmt, n_pairs=len(ds), snapshot_id=content_id("snapshot", ids, fmt, margin),
+                    row_ids=ids, file_sha256=sha256(path), card_sha256=sha256(out / CARD), counts=counts)  # fmt: skip
 
 
 def _target(out: Path, name: str, overwrite: bool) -> Path:

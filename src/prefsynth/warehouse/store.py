@@ -35,7 +35,7 @@ STATS_TABLES = ("runs", "prompts", "responses", "scores", "judgments", "comparis
                 "model_calls", "prompt_versions", "loop_rounds")
 
 
-_LINK_TABLES = ("run_prompts", "run_pairs", "scorer_diagnostics", "batch_calls")
+_LINK_TABLES = ("run_prompts", "run_pairs", "scorer_diagnostics", "batch_calls", "snapshot_rows")
 
 
 def _table(name: str) -> str:
@@ -354,15 +354,40 @@ class Store:
 
         return self._transaction(write)
 
-    def record_snapshot(self, snapshot_id: str, run_id: str | None, fmt: str, path: str, n_rows: int,
-                        margin: str) -> None:  # fmt: skip
-        """One exported file: its rows (pairs, or anchors for `sft`) and margin mode."""
-        with self._lock:  # the writer thread may be inside a transaction on this connection
-            self.con.execute(
-                "INSERT INTO dataset_snapshots (snapshot_id, run_id, format, path, n_pairs, margin) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [snapshot_id, run_id, fmt, path, n_rows, margin],
-            )
+    def record_snapshot(self, snapshot_id: str, run_id: str | None, fmt: str, path: str, margin: str,
+                        row_ids: list[str], file_sha256: str, card_sha256: str,
+                        counts: dict[str, int]) -> bool:  # fmt: skip
+        """One exported file as an immutable snapshot: its rows (pairs, or anchors for `sft`), margin mode and
+        content hashes. A snapshot already recorded (the same rows, format and margin) is kept: False."""
+
+        def write() -> bool:
+            added = self.con.execute(
+                "INSERT INTO dataset_snapshots (snapshot_id, run_id, format, path, n_pairs, margin, file_sha256, "
+                "card_sha256, counts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [snapshot_id, run_id, fmt, path, len(row_ids), margin, file_sha256, card_sha256,
+                 json.dumps(counts, sort_keys=True)]).fetchone()[0]  # fmt: skip
+            links = pl.DataFrame({"snapshot_id": [snapshot_id] * len(row_ids), "row_id": row_ids},
+                                 schema={"snapshot_id": pl.String, "row_id": pl.String})
+            self._insert_rows("snapshot_rows", links)
+            return bool(added)
+
+        return self._transaction(write)
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        return self._dicts("SELECT * FROM dataset_snapshots ORDER BY created_at, snapshot_id")
+
+    def snapshot(self, snapshot_id: str) -> tuple[dict[str, Any], pl.DataFrame] | None:
+        """A snapshot (a unique prefix of its id will do) and the rows it exported, or None."""
+        found = self._dicts_with("SELECT * FROM dataset_snapshots WHERE starts_with(snapshot_id, $1) "
+                                 "ORDER BY snapshot_id", [snapshot_id])  # fmt: skip
+        if len(found) != 1:
+            return None
+        snap = found[0]
+        view, key = ("v_run_anchors", "response_id") if snap["format"] == "sft" else ("v_run_pairs", "pair_id")
+        rows = self._query(f"SELECT v.* FROM {view} v JOIN snapshot_rows s ON s.row_id = v.{key} AND "
+                           f"s.snapshot_id = $1 WHERE v.run_id = $2 ORDER BY v.prompt_id, v.{key}",
+                           [snap["snapshot_id"], snap["run_id"]])  # fmt: skip
+        return snap, rows
 
     # ---- reads --------------------------------------------------------------------------------
     def existing_ids(self, table: str, ids: Sequence[str]) -> set[str]:
@@ -611,6 +636,10 @@ class Store:
                + "round(coalesce(sum(wait_ms), 0) / 1000, 3)::DOUBLE AS retry_wait_s, "
                f"round(coalesce(sum(throttle_ms), 0) / 1000, 3)::DOUBLE AS throttle_wait_s FROM model_calls {where} "
                "GROUP BY ALL ORDER BY ALL")  # fmt: skip
+        with self._lock:
+            return self.con.execute(sql, params).pl().to_dicts()
+
+    def _dicts_with(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
         with self._lock:
             return self.con.execute(sql, params).pl().to_dicts()
 
