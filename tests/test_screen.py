@@ -97,3 +97,11 @@ def test_a_run_leaves_out_duplicates_and_contaminated_prompts(tmp_path: Path, pr
                             [screened.run_id]).fetchall()  # fmt: skip
     assert [(json.loads(m)[-1]["content"], k, b) for m, k, b in flags] == [
         (LONG, "contaminated", "geo"), ("name a FRUIT!", "exact_duplicate", None)]
+    # the flow publishes the curation counts as a markdown artifact next to its summary table
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        key = ArtifactFilterKey(any_=["prefsynth-curation"])
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=key))
+    assert any(f"Curation of run {screened.run_id}" in a.data and "| same_text | 2 |" in a.data for a in found)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import polars as pl
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
@@ -376,6 +376,11 @@ def _publish(summary: RunSummary) -> None:
             + (f"; budget: {summary.budget}" if summary.budget else "")
         ),
     )
+    if summary.curation:  # what each curation step removed, as a markdown report next to the table
+        lines = ["| curation step | count |", "|---|---|", *(f"| {k} | {v} |" for k, v in summary.curation.items())]
+        create_markdown_artifact(key="prefsynth-curation", markdown="\n".join(
+            [f"# Curation of run {summary.run_id}", "", f"{summary.pairs} pairs.", "", *lines]),
+            description="what each curation step kept and removed")  # fmt: skip
     get_run_logger().info(
         f"done{'' if summary.status == 'completed' else f' ({summary.status})'}: {summary.pairs} pairs, "
         f"{summary.model_calls} new model calls, "
