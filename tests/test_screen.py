@@ -57,11 +57,14 @@ def test_eval_sets_are_read_from_files_and_bad_ones_are_clear_errors(tmp_path: P
 
 
 def test_pairs_of_the_same_text_are_found():
-    pairs = pl.DataFrame({"chosen_id": ["a", "c"], "rejected_id": ["b", "d"]})
-    texts = pl.DataFrame({"response_id": ["a", "b", "c", "d"],
-                          "text": ["Paris.", "paris", "Paris is the capital.", "Lyon."]})  # fmt: skip
-    assert same_text(pairs, texts, CurationSpec()).to_list() == [True, False]
-    assert same_text(pairs, texts, CurationSpec(dedup="none")).to_list() == [False, False]
+    pairs = pl.DataFrame({"pair_id": ["x", "y", "z"], "chosen_id": ["a", "c", "e"], "rejected_id": ["b", "d", "f"]})
+    texts = pl.DataFrame({"response_id": ["a", "b", "c", "d", "e", "f"],
+                          "text": ["Paris.", "paris", "Paris is the capital.", "Lyon.",
+                                   "The capital of France is Paris, a city on the Seine.",
+                                   "The capital of France is Paris, a city on the Seine river."]})  # fmt: skip
+    assert same_text(pairs, texts, CurationSpec()) == ["x"]
+    assert same_text(pairs, texts, CurationSpec(dedup="near", near_threshold=0.7)) == ["x", "z"]
+    assert same_text(pairs, texts, CurationSpec(dedup="none")) == []
 
 
 def _respond(body: dict[str, Any]) -> Reply:

@@ -63,6 +63,8 @@ def chat_answer(data: Any) -> str:
 
 
 Answer = tuple[str | None, str | None]  # (cached response JSON, error)
+PENDING = "batch pending"  # an error that is not the request's result: its batch stays open for the next run
+TRIES = 5  # looks at a batch (with backoff) before it is left for the next run
 
 
 class Batcher:
@@ -76,14 +78,17 @@ class Batcher:
         self.watching: dict[str, asyncio.Task[None]] = {}  # by input file id
         self.members: dict[str, list[str]] = {}  # call ids by input file id
         self.flushing: asyncio.Task[None] | None = None
+        self.loading: asyncio.Lock = asyncio.Lock()
 
     async def call(self, call_id: str, body: dict[str, Any]) -> Answer:
+        """The answer to one request; an error starting with PENDING is not its result (do not record it)."""
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self.waiting.setdefault(call_id, []).append(future)
-        if self.open is None:
-            self.open = await asyncio.to_thread(self.ledger.open_batches, self.identity)
-            for cid, (file_id, _) in self.open.items():
-                self.members.setdefault(file_id, []).append(cid)
+        async with self.loading:  # one read of the ledger, however many first calls
+            if self.open is None:
+                self.open = await asyncio.to_thread(self.ledger.open_batches, self.identity)
+                for cid, (file_id, _) in self.open.items():
+                    self.members.setdefault(file_id, []).append(cid)
         if call_id in self.open:  # submitted by an earlier run: wait for that batch
             self._watch(*self.open[call_id])
         elif len(self.waiting[call_id]) == 1:
@@ -93,6 +98,10 @@ class Batcher:
         return await future
 
     async def _flush(self) -> None:
+        while self.queue:  # requests that join while a batch is being submitted go in the next one
+            await self._flush_once()
+
+    async def _flush_once(self) -> None:
         started = time.monotonic()
         while True:
             seen = len(self.queue)
@@ -119,19 +128,26 @@ class Batcher:
         self._watch(uploaded.id, None)
 
     def _watch(self, input_file_id: str, batch_id: str | None) -> None:
-        if input_file_id not in self.watching:
+        task = self.watching.get(input_file_id)
+        if task is None or task.done():  # a finished watch answered its waiters: a new request needs a new one
             self.watching[input_file_id] = asyncio.create_task(self._collect(input_file_id, batch_id))
 
     async def _collect(self, input_file_id: str, batch_id: str | None) -> None:
-        try:
-            batch = await self._batch(input_file_id, batch_id)
-            while batch.status not in DONE:
-                await asyncio.sleep(POLL_S)
-                batch = await self.client.batches.retrieve(batch.id)
-            answers = await self._results(batch)
-        except Exception as err:  # noqa: BLE001 - the batch stays open: the next run looks at it again
-            self._answer(self.members[input_file_id], None, f"batch {batch_id or input_file_id} unreachable: {err}")
-            return
+        for attempt in range(TRIES):
+            try:
+                batch = await self._batch(input_file_id, batch_id)
+                batch_id = batch.id
+                while batch.status not in DONE:
+                    await asyncio.sleep(POLL_S)
+                    batch = await self.client.batches.retrieve(batch.id)
+                answers = await self._results(batch)
+                break
+            except Exception as err:  # noqa: BLE001 - retried; then the batch stays open for the next run
+                if attempt == TRIES - 1:
+                    self._answer(self.members[input_file_id], None,
+                                 f"{PENDING}: {batch_id or input_file_id} unreachable: {err}")  # fmt: skip
+                    return
+                await asyncio.sleep(min(60.0, POLL_S * 2**attempt))
         for cid in self.members[input_file_id]:
             response, error = answers.get(cid, (None, f"batch {batch.id} {batch.status}: no result for this request"))
             self._answer([cid], response, error)
@@ -163,6 +179,8 @@ class Batcher:
 
     def _answer(self, call_ids: Iterable[str], response: str | None, error: str | None) -> None:
         for cid in call_ids:
+            if self.open is not None and not (error or "").startswith(PENDING):
+                self.open.pop(cid, None)  # answered: asked again, it goes in a new batch
             for future in self.waiting.pop(cid, []):
                 if not future.done():
                     future.set_result((response, error))

@@ -22,6 +22,7 @@ import uuid
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from prefsynth.backends import budget
 from prefsynth.backends.budget import spending
 from prefsynth.backends.client import ClientPool
 from prefsynth.backends.local import local_servers, sharing
@@ -153,11 +154,17 @@ def synthesis_loop(config: PipelineConfig, db: str | None = None) -> LoopSummary
                                            raw=proposal.raw or None))  # fmt: skip
                     elif (new := proposal.value).target_system_prompt == target.text and new.judge_rubric == judge.text:
                         reason = "unchanged"
-                result.add(LoopRound(round_id=round_id, loop_id=loop_id, round=round_no,
-                                     target_version=target.version_id, judge_version=judge.version_id,
-                                     pipeline_run_id=run.run_id, pairs=len(rows), accepted=accepted,
-                                     acceptance_rate=rate, stop_reason=reason))  # fmt: skip
-                store.write(summary.run_id, result)
+                if (spent := budget.active()) is not None and spent.stopped:
+                    # the budget held back some of this round's checks: its paid calls are kept, the round is
+                    # not written (checks are keyed by round and pair), and a rerun redoes it from the cache
+                    store.write(summary.run_id, StageResult(*result.of(ModelCall)))
+                    reason = "budget_exhausted"
+                else:
+                    result.add(LoopRound(round_id=round_id, loop_id=loop_id, round=round_no,
+                                         target_version=target.version_id, judge_version=judge.version_id,
+                                         pipeline_run_id=run.run_id, pairs=len(rows), accepted=accepted,
+                                         acceptance_rate=rate, stop_reason=reason))  # fmt: skip
+                    store.write(summary.run_id, result)
             calls = run.model_calls + len(result.of(ModelCall))
             summary.rounds.append(RoundSummary(round=round_no, target_version=target.version_id,
                                                judge_version=judge.version_id, pipeline_run_id=run.run_id,

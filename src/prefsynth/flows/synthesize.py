@@ -31,7 +31,7 @@ from prefsynth.flows.exclusive import warehouse_turn
 from prefsynth.flows.stream import Streaming
 from prefsynth.flows.teach import Taught, teach
 from prefsynth.schemas.config import PipelineConfig
-from prefsynth.schemas.records import RunSummary, StageCounts, StageResult
+from prefsynth.schemas.records import RunSummary, StageCounts, StageResult, columns
 from prefsynth.tasks._async import run_async
 from prefsynth.tasks.compare import pairwise_values
 from prefsynth.tasks.curate import anchor_vs_sampled, curate, refined_vs_original, threshold
@@ -188,12 +188,13 @@ def _run(
         summary.stages += taught.counts
         check_budget(summary)
     agree = {ids[n]: values[n] for n in config.curation.require_agreement}
-    pairs = pl.concat(curation(config, values[name], responses, ids[name], agree, teacher, taught, summary))
+    curated = curation(config, values[name], responses, ids[name], agree, teacher, taught, summary)
+    pairs = pl.concat(curated) if curated else pl.DataFrame(schema=columns("pairs"))
     texts = store.responses_by_ids(pl.concat([pairs["chosen_id"], pairs["rejected_id"]]).unique())
     same = same_text(pairs, texts.select("response_id", "text"), config.curation)
-    pairs = pairs.filter(~same)
+    pairs = pairs.filter(~pl.col("pair_id").is_in(same))
     summary.curation = {**summary.curation, "left_out_prompts": len({f.prompt_id for f in flags}),
-                        "same_text": int(same.sum())}  # fmt: skip
+                        "same_text": len(same)}  # fmt: skip
     new_pairs = store.write_pairs(run_id, pairs)
     summary.pairs = len(pairs)
     summary.stages.append(StageCounts(stage="curate", total=len(pairs), new=new_pairs, reused=len(pairs) - new_pairs))

@@ -34,7 +34,7 @@ from prefsynth.schemas.config import CurationSpec, QuantileMargin, ZMargin
 from prefsynth.schemas.records import Refinement, columns
 from prefsynth.warehouse.ids import canonical_json, pair_id
 
-VALID = pl.col("value").is_not_null() & pl.col("value").is_not_nan()
+VALID = pl.col("value").is_not_null() & pl.col("value").is_finite()
 STEPS = ("truncated_responses", "prompts_without_two", "below_margin", "length_ratio", "disagreement",
          "over_cap")  # fmt: skip
 
@@ -97,6 +97,8 @@ def _candidates(rule: str, usable: pl.DataFrame, margin: float, spec: CurationSp
         lo=pl.struct("value", "response_id").rank("ordinal").over("prompt_id"),
         n=pl.len().over("prompt_id"),
     ).filter(pl.col("n") >= 2)
+    if rule == "top_k_vs_bottom_k":  # one order for both ends, so the top k and the bottom k never overlap
+        ranked = ranked.with_columns(lo=pl.col("n") + 1 - pl.col("hi"))
     side = {"chosen": ranked.select("prompt_id", "hi", "lo", "n", chosen_id="response_id", score_chosen="value"),
             "rejected": ranked.select("prompt_id", "hi", "lo", rejected_id="response_id",
                                       score_rejected="value")}  # fmt: skip
@@ -147,7 +149,9 @@ def sampled_pairs(scores: pl.DataFrame, responses: pl.DataFrame, scorer_id: str,
     tokens = usable.select("response_id", "tokens")
     pairs = pairs.join(tokens.rename({"response_id": "chosen_id", "tokens": "_tc"}), on="chosen_id", how="left")
     pairs = pairs.join(tokens.rename({"response_id": "rejected_id", "tokens": "_tr"}), on="rejected_id", how="left")
-    pairs = pairs.with_columns(ratio=pl.max_horizontal("_tc", "_tr") / pl.min_horizontal("_tc", "_tr").clip(1))
+    known = pl.col("_tc").is_not_null() & pl.col("_tr").is_not_null()  # one unknown length: an unknown ratio
+    pairs = pairs.with_columns(ratio=pl.when(known).then(
+        pl.max_horizontal("_tc", "_tr") / pl.min_horizontal("_tc", "_tr").clip(1)))
     if spec.max_length_ratio is not None:
         fits = pl.col("ratio").is_null() | (pl.col("ratio") <= spec.max_length_ratio)  # unknown lengths stay
         pairs = step("length_ratio", pairs.filter(fits))
@@ -155,7 +159,8 @@ def sampled_pairs(scores: pl.DataFrame, responses: pl.DataFrame, scorer_id: str,
         vals = other.select("response_id", "value")
         joined = pairs.join(vals.rename({"response_id": "chosen_id", "value": "_c"}), on="chosen_id", how="left")
         joined = joined.join(vals.rename({"response_id": "rejected_id", "value": "_r"}), on="rejected_id", how="left")
-        pairs = step("disagreement", joined.filter(pl.col("_c") > pl.col("_r")).drop("_c", "_r"))
+        agrees = (pl.col("_c") > pl.col("_r")) & pl.col("_c").is_finite() & pl.col("_r").is_finite()
+        pairs = step("disagreement", joined.filter(agrees).drop("_c", "_r"))
     cap = spec.max_pairs_per_prompt or (1 if spec.length_matched else None)
     order = (["ratio"] if spec.length_matched else []) + ["margin", "chosen_id", "rejected_id"]
     descending = ([False] if spec.length_matched else []) + [True, False, False]

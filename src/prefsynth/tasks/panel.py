@@ -77,6 +77,7 @@ def agreed_only(values: dict[str, pl.DataFrame], agreement: pl.DataFrame, least:
                 ) -> tuple[dict[str, pl.DataFrame], int]:  # fmt: skip
     """The values of the prompts on which the panel's members agree (Krippendorff alpha >= `least`; an undefined
     alpha does not agree), and how many of the panel's prompts that leaves out."""
-    agreed = agreement.filter((pl.col("scorer_a") == "*") & (pl.col("alpha") >= least))["prompt_id"].implode()
+    ok = (pl.col("scorer_a") == "*") & pl.col("alpha").is_not_nan() & (pl.col("alpha") >= least)
+    agreed = agreement.filter(ok)["prompt_id"].implode()
     kept = {n: v.filter(pl.col("prompt_id").is_in(agreed)) for n, v in values.items()}
     return kept, values[panel]["prompt_id"].n_unique() - kept[panel]["prompt_id"].n_unique()

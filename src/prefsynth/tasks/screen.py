@@ -15,6 +15,8 @@ The n-gram join is polars; MinHash is the library's.
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from pathlib import Path
 
 import polars as pl
@@ -37,14 +39,16 @@ def normalized(text: pl.Expr) -> pl.Expr:
 
 def prompt_texts(prompts: pl.DataFrame) -> pl.DataFrame:
     """prompt_id, text (the prompt's non-system turns) of prompt_id, messages (JSON) rows."""
-    texts = ["\n".join(m["content"] for m in json.loads(raw) if m["role"] != "system") for raw in prompts["messages"]]
+    texts = ["\n".join(m.get("content") or "" for m in json.loads(raw) if m["role"] != "system")
+             for raw in prompts["messages"]]
     return pl.DataFrame({"prompt_id": prompts["prompt_id"], "text": texts}, schema={"prompt_id": pl.String,
                                                                                     "text": pl.String})  # fmt: skip
 
 
 def duplicates(texts: pl.DataFrame, near_threshold: float | None) -> pl.DataFrame:
     """prompt_id, duplicate_of, kind (exact | near), similarity of every duplicate among `texts` (id, text)."""
-    keyed = texts.with_columns(key=normalized(pl.col("text")).hash()).sort("prompt_id")
+    keyed = texts.with_columns(norm=normalized(pl.col("text"))).filter(pl.col("norm") != "")  # nothing to compare
+    keyed = keyed.with_columns(key=pl.col("norm").hash()).drop("norm").sort("prompt_id")
     first = keyed.group_by("key").agg(duplicate_of=pl.col("prompt_id").min())
     exact = (keyed.join(first, on="key").filter(pl.col("prompt_id") != pl.col("duplicate_of"))
              .select("prompt_id", "duplicate_of", kind=pl.lit("exact"), similarity=pl.lit(1.0)))  # fmt: skip
@@ -56,7 +60,8 @@ def duplicates(texts: pl.DataFrame, near_threshold: float | None) -> pl.DataFram
 
 
 def _words(text: str) -> list[str]:
-    return " ".join(text.lower().split()).split(" ")
+    """The words of a text as `normalized` sees them (lower case, no punctuation)."""
+    return re.sub(r"[^\w\s]", "", unicodedata.normalize("NFKC", text).lower()).split() or [""]
 
 
 def _near(ids: list[str], words: list[list[str]], threshold: float) -> pl.DataFrame:
@@ -141,19 +146,20 @@ def screen(prompts: pl.DataFrame, spec: CurationSpec) -> list[PromptFlag]:
     return flags
 
 
-def same_text(pairs: pl.DataFrame, texts: pl.DataFrame, spec: CurationSpec) -> pl.Series:
-    """A mask of the pairs whose two replies are duplicates (texts: response_id, text)."""
+def same_text(pairs: pl.DataFrame, texts: pl.DataFrame, spec: CurationSpec) -> list[str]:
+    """The pair ids of the pairs whose two replies are duplicates (texts: response_id, text), sorted."""
     if pairs.is_empty() or spec.dedup == "none":
-        return pl.Series([False] * len(pairs), dtype=pl.Boolean)
-    both = (pairs.select("chosen_id", "rejected_id")
+        return []
+    both = (pairs.select("pair_id", "chosen_id", "rejected_id")
             .join(texts.rename({"response_id": "chosen_id", "text": "c"}), on="chosen_id", how="left")
-            .join(texts.rename({"response_id": "rejected_id", "text": "r"}), on="rejected_id", how="left"))  # fmt: skip
-    mask = both.select((normalized(pl.col("c")) == normalized(pl.col("r"))).fill_null(False).alias("same"))["same"]
+            .join(texts.rename({"response_id": "rejected_id", "text": "r"}), on="rejected_id", how="left")
+            .with_columns(same=(normalized(pl.col("c")) == normalized(pl.col("r"))).fill_null(False)))  # fmt: skip
     if spec.dedup == "near":
-        pairs_texts = both.select("c", "r").to_dicts()
-        words = [(_words(p["c"] or ""), _words(p["r"] or "")) for p in pairs_texts]
-        mask = mask | pl.Series([_similar(a, b, spec.near_threshold) for a, b in words], dtype=pl.Boolean)
-    return mask
+        rows = both.select("pair_id", "c", "r", "same").to_dicts()
+        near = {r["pair_id"] for r in rows if not r["same"] and _similar(_words(r["c"] or ""), _words(r["r"] or ""),
+                                                                           spec.near_threshold)}  # fmt: skip
+        both = both.with_columns(same=pl.col("same") | pl.col("pair_id").is_in(sorted(near)))
+    return sorted(both.filter(pl.col("same"))["pair_id"].to_list())
 
 
 def _similar(a: list[str], b: list[str], threshold: float) -> bool:

@@ -26,6 +26,8 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from prefsynth.errors import WarehouseError
+
 TIMEOUT_S = 120.0  # one query's longest wait for the run's answer
 
 
@@ -60,17 +62,24 @@ class QueryServer:
     def __init__(self, path: Path, con: duckdb.DuckDBPyConnection, lock: threading.Lock) -> None:
         self.path, self.con, self.lock = path, con, lock
         self.token = secrets.token_hex(16)
+        self.active, self.idle = 0, threading.Condition()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                if self.headers.get("Authorization") != f"Bearer {server.token}":
+                if not secrets.compare_digest(self.headers.get("Authorization", ""), f"Bearer {server.token}"):
                     return self._reply(403, b'{"error": "PermissionError", "message": "bad token"}', "json")
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.idle:
+                    server.active += 1
                 try:
+                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                     data, kind = _ipc(server.query(body)), "arrow"
-                except duckdb.Error as err:
+                except Exception as err:  # noqa: BLE001 - the reader gets the error, the run goes on
                     data, kind = json.dumps({"error": type(err).__name__, "message": str(err)}).encode(), "json"
+                finally:
+                    with server.idle:
+                        server.active -= 1
+                        server.idle.notify_all()
                 self._reply(200 if kind == "arrow" else 400, data, kind)
 
             def _reply(self, status: int, data: bytes, kind: str) -> None:
@@ -89,6 +98,9 @@ class QueryServer:
                                        daemon=True)  # polls every 50 ms: `stop` returns that fast
 
     def query(self, body: dict[str, Any]) -> pa.Table:
+        if body.get("read_only", True) and any(
+                st.type != duckdb.StatementType.SELECT for st in duckdb.extract_statements(body["sql"])):
+            raise duckdb.PermissionException("a read-only opener of the warehouse may only run SELECT statements")
         with self.lock:  # the run's threads use `con`; a cursor is a connection of its own
             cur = self.con.cursor()
         try:
@@ -99,22 +111,30 @@ class QueryServer:
         finally:
             cur.close()
 
-    def start(self) -> QueryServer:
-        self.thread.start()
+    def start(self) -> QueryServer | None:
+        """Serve, and say so next to the warehouse; None (nothing served) if that file cannot be written."""
         info = {"pid": os.getpid(), "port": self.http.server_address[1], "token": self.token}
         tmp = sidecar(self.path).with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
-        tmp.replace(sidecar(self.path))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+            tmp.replace(sidecar(self.path))
+        except OSError:  # a read-only folder: the run goes on, other processes wait for the file instead
+            self.http.server_close()
+            return None
+        self.thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, patience_s: float = 10.0) -> None:
+        """Stop taking queries, let those running finish (up to `patience_s`), then stop saying so."""
         with contextlib.suppress(OSError, ValueError):
             if json.loads(sidecar(self.path).read_text())["token"] == self.token:
                 sidecar(self.path).unlink()
         self.http.shutdown()
         self.http.server_close()
+        with self.idle:
+            self.idle.wait_for(lambda: self.active == 0, timeout=patience_s)
 
 
 def serving(path: Path) -> dict[str, Any] | None:
@@ -147,13 +167,14 @@ class RemoteResult:
 class RemoteConnection:
     """Stands in for a duckdb connection to a warehouse that another process (a run) holds."""
 
-    def __init__(self, path: Path, info: dict[str, Any]) -> None:
-        self.path, self.info = path, info
+    def __init__(self, path: Path, info: dict[str, Any], read_only: bool = True) -> None:
+        self.path, self.info, self.read_only = path, info, read_only
         self.url = f"http://127.0.0.1:{info['port']}/query"
         self.tables: dict[str, str] = {}
 
     def execute(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> RemoteResult:
-        body = json.dumps({"sql": sql, "params": params or [], "tables": self.tables}).encode()
+        body = json.dumps({"sql": sql, "params": params or [], "tables": self.tables,
+                           "read_only": self.read_only}).encode()  # fmt: skip
         request = urllib.request.Request(self.url, body, {"Authorization": f"Bearer {self.info['token']}",
                                                           "Content-Type": "application/json"})  # fmt: skip
         try:
@@ -165,11 +186,11 @@ class RemoteConnection:
             kind = kind if isinstance(kind, type) and issubclass(kind, duckdb.Error) else duckdb.Error
             raise kind(problem.get("message", str(err))) from None
         except OSError as err:
-            raise duckdb.IOException(f"the run that holds {self.path} (pid {self.info['pid']}) did not answer: "
-                                     f"{err}") from None  # fmt: skip
+            raise WarehouseError(f"the run that holds {self.path} (pid {self.info['pid']}) did not answer ({err}); "
+                                 "it may have just finished: try again") from None  # fmt: skip
 
     def cursor(self) -> RemoteConnection:
-        return RemoteConnection(self.path, self.info)
+        return RemoteConnection(self.path, self.info, self.read_only)
 
     def register(self, name: str, table: pa.Table) -> None:
         self.tables[name] = base64.b64encode(_ipc(table)).decode()

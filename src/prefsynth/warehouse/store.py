@@ -95,7 +95,7 @@ def _connect(path: Path, read_only: bool, wait_s: float | None, notify: Callable
             waited = time.monotonic() - started
             if wait_s is None:
                 if (info := serving(path)) is not None:
-                    return RemoteConnection(path, info)
+                    return RemoteConnection(path, info, read_only)
                 if waited >= READER_WAIT_S:
                     raise WarehouseError(_open_failure(path, err)) from None
                 time.sleep(0.2)
@@ -359,19 +359,16 @@ class Store:
                         counts: dict[str, int]) -> bool:  # fmt: skip
         """One exported file as an immutable snapshot: its rows (pairs, or anchors for `sft`), margin mode and
         content hashes. A snapshot already recorded (the same rows, format and margin) is kept: False."""
-
-        def write() -> bool:
+        links = pl.DataFrame({"snapshot_id": [snapshot_id] * len(row_ids), "row_id": row_ids},
+                             schema={"snapshot_id": pl.String, "row_id": pl.String})
+        with self._lock:  # its rows first, then the snapshot: one statement each, so it also works through a run
+            self._insert_rows("snapshot_rows", links)  # that holds the file (sharing.py), which has no transaction
             added = self.con.execute(
                 "INSERT INTO dataset_snapshots (snapshot_id, run_id, format, path, n_pairs, margin, file_sha256, "
                 "card_sha256, counts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [snapshot_id, run_id, fmt, path, len(row_ids), margin, file_sha256, card_sha256,
                  json.dumps(counts, sort_keys=True)]).fetchone()[0]  # fmt: skip
-            links = pl.DataFrame({"snapshot_id": [snapshot_id] * len(row_ids), "row_id": row_ids},
-                                 schema={"snapshot_id": pl.String, "row_id": pl.String})
-            self._insert_rows("snapshot_rows", links)
-            return bool(added)
-
-        return self._transaction(write)
+        return bool(added)
 
     def snapshots(self) -> list[dict[str, Any]]:
         return self._dicts("SELECT * FROM dataset_snapshots ORDER BY created_at, snapshot_id")
