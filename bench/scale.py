@@ -51,7 +51,8 @@ def one_size(n: int) -> dict[str, float]:
                 "model": "m", "model_identity": "m@1", "sampling": "{}", "sample_index": [i % PER_PROMPT for i in rows],
                 "seed": [i % PER_PROMPT for i in rows], "text": [f"Synthetic response {i} " * 8 for i in rows],
                 "finish_reason": "stop", "prompt_tokens": 12, "completion_tokens": 40, "latency_ms": 1.0,
-                "call_id": [f"c{i:010d}" for i in rows]}, schema=frame("responses", []).schema))  # fmt: skip
+                "call_id": [f"c{i:010d}" for i in rows],
+                "source": "sampled"}, schema=frame("responses", []).schema))  # fmt: skip
             scores = pl.DataFrame({
                 "score_id": [f"s{i:010d}" for i in rows], "response_id": [f"r{i:010d}" for i in rows],
                 "scorer_id": "judge", "scorer": "judge", "value": [float((i * 7919) % 10 + 1) for i in rows],
@@ -98,7 +99,8 @@ def write_frames_rate(n: int) -> dict[str, float | str]:
                 "model": "m", "model_identity": "m@1", "sampling": "{}", "sample_index": [i % PER_PROMPT for i in rows],
                 "seed": [i % PER_PROMPT for i in rows], "text": [f"Synthetic response {i} " * 8 for i in rows],
                 "finish_reason": "stop", "prompt_tokens": 12, "completion_tokens": 40, "latency_ms": 1.0,
-                "call_id": [f"c{i:010d}" for i in rows]}, schema=frame("responses", []).schema),
+                "call_id": [f"c{i:010d}" for i in rows],
+                "source": "sampled"}, schema=frame("responses", []).schema),
             "scores": pl.DataFrame({
                 "score_id": [f"s{i:010d}" for i in rows], "response_id": [f"r{i:010d}" for i in rows],
                 "scorer_id": "judge", "scorer": "judge", "value": [float((i * 7919) % 10 + 1) for i in rows],
