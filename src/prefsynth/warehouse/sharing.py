@@ -56,6 +56,11 @@ def _hugeints(table: pa.Table) -> pa.Table:
     return table
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64  # readers at once (the default backlog of 5 resets connections beyond it)
+
+
 class QueryServer:
     """Serves SQL on this process's connection to the warehouse at `path` until `stop`."""
 
@@ -92,8 +97,7 @@ class QueryServer:
             def log_message(self, *args: Any) -> None:  # no access log on stderr
                 pass
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.http.daemon_threads = True
+        self.http = _Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.http.serve_forever, args=(0.05,), name="warehouse-queries",
                                        daemon=True)  # polls every 50 ms: `stop` returns that fast
 
@@ -127,7 +131,7 @@ class QueryServer:
         return self
 
     def stop(self, patience_s: float = 10.0) -> None:
-        """Stop taking queries, let those running finish (up to `patience_s`), then stop saying so."""
+        """Stop saying so and taking queries, and let those running finish (up to `patience_s`)."""
         with contextlib.suppress(OSError, ValueError):
             if json.loads(sidecar(self.path).read_text())["token"] == self.token:
                 sidecar(self.path).unlink()
