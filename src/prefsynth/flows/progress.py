@@ -50,5 +50,5 @@ class StageProgress:
     def line(self) -> str:
         elapsed = time.monotonic() - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        return f"{self.stage}: {self.done}/{self.total} done, {rate:.2f}/s, ETA {eta:.0f} s"
+        eta = f"{(self.total - self.done) / rate:.0f} s" if rate > 0 else "unknown (nothing done yet)"
+        return f"{self.stage}: {self.done}/{self.total} done, {rate:.2f}/s, ETA {eta}"
