@@ -453,9 +453,9 @@ class PipelineConfig(Strict):
                 raise ValueError(f"panel.scorers {missing} are not scorer names; have {names}")
             if self.panel.scorers is None and len(names) < 2:
                 raise ValueError("a panel needs at least two scorers")
+            names = [*names, self.panel.name]
         elif self.curation.min_panel_agreement is not None:
             raise ValueError("curation.min_panel_agreement filters by a panel's agreement: add a `panel`")
-            names = [*names, self.panel.name]
         if self.curation.scorer is not None and self.curation.scorer not in names:
             raise ValueError(f"curation.scorer {self.curation.scorer!r} is not a scorer name; have {names}")
         missing = [n for n in self.curation.require_agreement if n not in names]
