@@ -422,7 +422,7 @@ def export(
     """
     if snapshot is not None:
         return _export_snapshot(snapshot, out, db, overwrite)
-    from prefsynth.tasks.export import FILES, SCORERS, write_dataset
+    from prefsynth.tasks.export import FILES, write_dataset
     from prefsynth.tasks.margins import MARGIN_MODES
     from prefsynth.warehouse.store import Store
 
@@ -440,8 +440,7 @@ def export(
             chosen_run, rows = store.export_rows(run_id, fmt)
             if chosen_run is None:
                 raise PrefsynthError(f"{db} has no completed run to export")
-            scorers = store.scorers_of(rows["scorer_id"]) if fmt != "sft" else SCORERS
-            done = write_dataset(rows, out, fmt, overwrite, margin, scorers, chosen_run)
+            done = write_dataset(rows, out, fmt, overwrite, margin, store.card_scorers(rows), chosen_run)
             store.record_snapshot(done.snapshot_id, chosen_run, fmt, str(done.path), margin, done.row_ids,
                                   done.file_sha256, done.card_sha256, done.counts)  # fmt: skip
     except PrefsynthError as err:
@@ -456,7 +455,7 @@ def export(
 
 def _export_snapshot(snapshot: str, out: Path, db: Path, overwrite: bool) -> None:
     """`export --snapshot`: the snapshot's rows again, in its format and margin mode, checked by hash."""
-    from prefsynth.tasks.export import SCORERS, write_dataset
+    from prefsynth.tasks.export import write_dataset
     from prefsynth.warehouse.store import Store
 
     try:
@@ -469,9 +468,8 @@ def _export_snapshot(snapshot: str, out: Path, db: Path, overwrite: bool) -> Non
             if len(rows) != snap["n_pairs"]:
                 raise PrefsynthError(f"snapshot {snap['snapshot_id'][:12]} had {snap['n_pairs']} rows; the warehouse "
                                      f"now holds {len(rows)} of them")  # fmt: skip
-            scorers = store.scorers_of(rows["scorer_id"]) if snap["format"] != "sft" else SCORERS
-            margin = snap["margin"] or "none"
-            done = write_dataset(rows, out, snap["format"], overwrite, margin, scorers, snap["run_id"])
+            done = write_dataset(rows, out, snap["format"], overwrite, snap["margin"] or "none",
+                                 store.card_scorers(rows), snap["run_id"])  # fmt: skip
     except PrefsynthError as err:
         raise _fail(err) from None
     same = done.file_sha256 == snap["file_sha256"] and done.card_sha256 == snap["card_sha256"]

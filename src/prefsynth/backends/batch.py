@@ -63,8 +63,11 @@ def chat_answer(data: Any) -> str:
 
 
 Answer = tuple[str | None, str | None]  # (cached response JSON, error)
-PENDING = "batch pending"  # an error that is not the request's result: its batch stays open for the next run
 TRIES = 5  # looks at a batch (with backoff) before it is left for the next run
+
+
+class Pending(str):
+    """An error that is not the request's result: its batch stays open for the next run (do not record it)."""
 
 
 class Batcher:
@@ -81,7 +84,7 @@ class Batcher:
         self.loading: asyncio.Lock = asyncio.Lock()
 
     async def call(self, call_id: str, body: dict[str, Any]) -> Answer:
-        """The answer to one request; an error starting with PENDING is not its result (do not record it)."""
+        """The answer to one request; a `Pending` error is not its result (do not record it)."""
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self.waiting.setdefault(call_id, []).append(future)
         async with self.loading:  # one read of the ledger, however many first calls
@@ -145,7 +148,7 @@ class Batcher:
             except Exception as err:  # noqa: BLE001 - retried; then the batch stays open for the next run
                 if attempt == TRIES - 1:
                     self._answer(self.members[input_file_id], None,
-                                 f"{PENDING}: {batch_id or input_file_id} unreachable: {err}")  # fmt: skip
+                                 Pending(f"batch {batch_id or input_file_id} unreachable: {err}"))  # fmt: skip
                     return
                 await asyncio.sleep(min(60.0, POLL_S * 2**attempt))
         for cid in self.members[input_file_id]:
@@ -179,7 +182,7 @@ class Batcher:
 
     def _answer(self, call_ids: Iterable[str], response: str | None, error: str | None) -> None:
         for cid in call_ids:
-            if self.open is not None and not (error or "").startswith(PENDING):
+            if self.open is not None and not isinstance(error, Pending):
                 self.open.pop(cid, None)  # answered: asked again, it goes in a new batch
             for future in self.waiting.pop(cid, []):
                 if not future.done():

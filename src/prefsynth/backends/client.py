@@ -29,7 +29,7 @@ import httpx2
 import openai
 
 from prefsynth.backends import budget, quirks
-from prefsynth.backends.batch import PENDING, Batcher, BatchLedger, chat_answer
+from prefsynth.backends.batch import Batcher, BatchLedger, Pending, chat_answer
 from prefsynth.backends.limits import EndpointLimits, Tally, estimate_tokens, global_limit_name, send_with_retries
 from prefsynth.backends.templates import PLAIN_TEMPLATE, ChatTemplate
 from prefsynth.schemas.records import ModelCall
@@ -284,7 +284,7 @@ class ModelClient:
                 start = time.perf_counter()
                 response, error = await self._batcher.call(cid, body)
                 latency = (time.perf_counter() - start) * 1000
-                if error is not None and error.startswith(PENDING):  # not its result: the batch stays open
+                if isinstance(error, Pending):  # not its result: the batch stays open
                     call = self._record(cid, kind, request, "error", None, error, latency, Tally())
                     future.set_result((call, True))
                     return call, True

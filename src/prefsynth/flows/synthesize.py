@@ -36,7 +36,7 @@ from prefsynth.tasks._async import run_async
 from prefsynth.tasks.compare import pairwise_values
 from prefsynth.tasks.curate import anchor_vs_sampled, curate, refined_vs_original, threshold
 from prefsynth.tasks.diagnostics import diagnostics
-from prefsynth.tasks.export import SCORERS, export
+from prefsynth.tasks.export import export
 from prefsynth.tasks.ingest import no_prompts, read_prompts
 from prefsynth.tasks.panel import agreed_only, panel_id, run_panel
 from prefsynth.tasks.scorers import PairwiseScorer, Scorer, build_scorer
@@ -211,9 +211,8 @@ def _run(
         if rows.is_empty():
             logger.warning(f"export: this run made no {what}; {target.path} is left as it was")
             continue
-        scorers = store.scorers_of(rows["scorer_id"]) if "scorer_id" in rows.columns else SCORERS  # the card's units
         # the config owns its paths: overwrite
-        done = export(rows, target.path, target.format, target.margin, scorers, run_id, overwrite=True)
+        done = export(rows, target.path, target.format, target.margin, store.card_scorers(rows), run_id, overwrite=True)
         store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), target.margin, done.row_ids,
                               done.file_sha256, done.card_sha256, done.counts)  # fmt: skip
         summary.exports.append(str(done.path))

@@ -29,6 +29,7 @@ from prefsynth.errors import ExportError
 from prefsynth.tasks.card import dataset_card, sft_card
 from prefsynth.tasks.margins import with_margins
 from prefsynth.warehouse.ids import content_id
+from prefsynth.warehouse.store import export_view
 
 MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
 FILES = {"trl": "train.parquet", "jsonl": "train.jsonl", "openrlhf": "openrlhf.jsonl", "sft": "sft.jsonl"}
@@ -106,7 +107,7 @@ def write_dataset(rows: pl.DataFrame, out_dir: str | Path, fmt: str, overwrite: 
 
     if fmt not in FILES:
         raise ValueError(f"unknown export format {fmt!r}; use one of {sorted(FILES)}")
-    key = "response_id" if fmt == "sft" else "pair_id"
+    key = export_view(fmt)[1]
     if fmt == "sft" and margin != "none":
         raise ExportError(f"margin {margin!r} is for preference pairs; an sft export has none")
     shaped = rows.sort("prompt_id", key) if fmt == "sft" else with_margins(rows, margin).sort("prompt_id", key)

@@ -18,6 +18,7 @@ import json
 import re
 import unicodedata
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 from prefect import task
@@ -65,10 +66,9 @@ def _words(text: str) -> list[str]:
 
 
 def _near(ids: list[str], words: list[list[str]], threshold: float) -> pl.DataFrame:
-    from datasketch import MinHash, MinHashLSH
+    from datasketch import MinHashLSH
 
-    shingles = [{" ".join(w[i : i + SHINGLE]).encode() for i in range(max(1, len(w) - SHINGLE + 1))} for w in words]
-    hashes = dict(zip(ids, MinHash.bulk(shingles, num_perm=NUM_PERM), strict=True))
+    hashes = dict(zip(ids, _minhashes(words), strict=True))
     lsh = MinHashLSH(threshold=min(threshold, 0.9), num_perm=NUM_PERM)  # candidates; each is checked below
     rows = []
     for pid, mh in hashes.items():  # in id order: the smallest id of a group stays
@@ -163,8 +163,13 @@ def same_text(pairs: pl.DataFrame, texts: pl.DataFrame, spec: CurationSpec) -> l
 
 
 def _similar(a: list[str], b: list[str], threshold: float) -> bool:
+    one, two = _minhashes([a, b])
+    return one.jaccard(two) >= threshold
+
+
+def _minhashes(words: list[list[str]]) -> list[Any]:
+    """The MinHash of each text's word 3-gram shingles."""
     from datasketch import MinHash
 
-    one, two = (MinHash.bulk([{" ".join(w[i : i + SHINGLE]).encode() for i in range(max(1, len(w) - SHINGLE + 1))}],
-                             num_perm=NUM_PERM)[0] for w in (a, b))  # fmt: skip
-    return one.jaccard(two) >= threshold
+    shingles = [{" ".join(w[i : i + SHINGLE]).encode() for i in range(max(1, len(w) - SHINGLE + 1))} for w in words]
+    return MinHash.bulk(shingles, num_perm=NUM_PERM)

@@ -46,6 +46,11 @@ def _table(name: str) -> str:
     return name
 
 
+def export_view(fmt: str) -> tuple[str, str]:
+    """The view an export of this format reads, and its rows' key: a run's anchors for `sft`, else its pairs."""
+    return ("v_run_anchors", "response_id") if fmt == "sft" else ("v_run_pairs", "pair_id")
+
+
 def frame(table: str, rows: Iterable[BaseModel | dict[str, Any]]) -> pl.DataFrame:
     """Records -> a polars frame with the table's column types (nested models as JSON text)."""
     schema = columns(table)
@@ -380,7 +385,7 @@ class Store:
         if len(found) != 1:
             return None
         snap = found[0]
-        view, key = ("v_run_anchors", "response_id") if snap["format"] == "sft" else ("v_run_pairs", "pair_id")
+        view, key = export_view(snap["format"])
         rows = self._query(f"SELECT v.* FROM {view} v JOIN snapshot_rows s ON s.row_id = v.{key} AND "
                            f"s.snapshot_id = $1 WHERE v.run_id = $2 ORDER BY v.prompt_id, v.{key}",
                            [snap["snapshot_id"], snap["run_id"]])  # fmt: skip
@@ -558,7 +563,7 @@ class Store:
             if row is None:
                 return None, pl.DataFrame()
             run_id = row[0]
-        view, key = ("v_run_anchors", "response_id") if fmt == "sft" else ("v_run_pairs", "pair_id")
+        view, key = export_view(fmt)
         return run_id, self._query(f"SELECT * FROM {view} WHERE run_id = $1 ORDER BY prompt_id, {key}", [run_id])
 
     def round_pairs(self, run_id: str) -> pl.DataFrame:
@@ -573,6 +578,10 @@ class Store:
     def prompt_versions(self) -> list[dict[str, Any]]:
         """Every prompt version of the synthesis loops with its rounds, pairs, accepted pairs and rate."""
         return self._dicts("SELECT * FROM v_prompt_versions ORDER BY role, round, version_id")
+
+    def card_scorers(self, rows: pl.DataFrame) -> pl.DataFrame:
+        """The scorers of an export's rows, for its card's units (none for `sft` rows: anchors have no scorer)."""
+        return self.scorers_of(rows["scorer_id"] if "scorer_id" in rows.columns else [])
 
     def scorers_of(self, scorer_ids: Sequence[str] | pl.Series) -> pl.DataFrame:
         """scorer_id, name, kind and config (JSON) of these scorers: what an export's card says about units."""
@@ -641,4 +650,4 @@ class Store:
             return self.con.execute(sql, params).pl().to_dicts()
 
     def _dicts(self, sql: str) -> list[dict[str, Any]]:
-        return self.con.execute(sql).pl().to_dicts()
+        return self._dicts_with(sql, [])
