@@ -411,13 +411,13 @@ class ClientPool:
 
 def server_limits(endpoints: list[Endpoint]) -> EndpointLimits:
     """The limits of one server named by `endpoints`: the smallest of each."""
-    from prefsynth.backends.limits import prefect_server_configured
+    from prefsynth.flows.prefect_api import shared_server
 
     def least(values: Iterable[int | None]) -> int | None:
         return min((v for v in values if v is not None), default=None)
 
     wants_global = any(e.global_limit for e in endpoints)
-    shared = wants_global and prefect_server_configured()
+    shared = wants_global and shared_server()
     if wants_global and not shared:
         import logging
 

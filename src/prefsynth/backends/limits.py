@@ -72,14 +72,6 @@ def global_limit_name(base_url: str) -> str:
     return "prefsynth-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", raw).strip("-")
 
 
-def prefect_server_configured() -> bool:
-    """A Prefect server the user pointed PREFECT_API_URL at (not the temporary API of one command)."""
-    from prefsynth.flows.prefect_api import configured_api_url, temporary_url
-
-    url = configured_api_url()
-    return bool(url) and url != temporary_url()
-
-
 class EndpointLimits:
     """The limits of one server, shared by its clients within one event loop."""
 

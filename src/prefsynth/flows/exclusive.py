@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
 
-from prefsynth.flows.prefect_api import is_temporary
+from prefsynth.flows.prefect_api import shared_server
 
 LEASE_S = 60.0
 _held: ContextVar[frozenset[str]] = ContextVar("prefsynth_held_warehouses", default=frozenset())
@@ -27,13 +27,6 @@ def limit_name(warehouse: str | Path) -> str:
     """The concurrency limit's name: a hash of the warehouse's resolved path (a path is no valid name)."""
     digest = hashlib.sha256(str(Path(warehouse).resolve()).encode()).hexdigest()[:16]
     return f"prefsynth-warehouse-{digest}"
-
-
-def shared_server() -> bool:
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    return bool(url) and not is_temporary(url)
 
 
 @contextlib.contextmanager

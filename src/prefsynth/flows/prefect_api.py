@@ -40,17 +40,14 @@ def configured_api_url() -> str | None:
     return get_current_settings().api.url
 
 
-_temporary: list[str] = []  # the URLs of this process's temporary APIs, the one Prefect points at now last
+_temporary: list[str] = []  # the URLs of this process's temporary APIs
 
 
-def temporary_url() -> str | None:
-    """The temporary API this process started and points Prefect at now, if any (not a shared server)."""
-    return _temporary[-1] if _temporary else None
-
-
-def is_temporary(url: str) -> bool:
-    """Whether `url` is one of this process's temporary APIs (nothing else shares it)."""
-    return url in _temporary
+def shared_server() -> bool:
+    """Whether Prefect talks to a server the user configured (PREFECT_API_URL or a profile), which other runs
+    may share, and not to a temporary API of this process."""
+    url = configured_api_url()
+    return bool(url) and url not in _temporary
 
 
 class TemporaryAPI(ChildServer):
