@@ -70,7 +70,8 @@ def test_a_run_through_the_fault_proxy_finishes_counts_every_fault_and_reruns_on
     (row,) = [r for r in json.loads(out.output)["retries_by_endpoint"] if r["model"].endswith("smollm2-135m-instruct")]
     totals = _q(db, "SELECT count(*), sum(attempts), sum(timeouts) FROM model_calls")[0]
     assert (row["calls"], row["requests"], row["timeouts"]) == totals and totals[1] == posts + rerun_posts
-    assert row["retries"] == posts - len(calls) and row["rate_limited"] == faults["rate_limit"]
+    # over both runs: the rerun meets no injected fault, but a loaded machine can still time a request out
+    assert row["retries"] == totals[1] - totals[0] and row["rate_limited"] == faults["rate_limit"]
 
     # nothing lost or duplicated: in each run, every planned item has a result or a failure row; the rerun
     # plans what failed in the first (and the scores of the responses it makes)
