@@ -93,10 +93,19 @@ def test_served_and_worker_deployments_run_to_completion_and_reuse_the_warehouse
             deployment = _wait("the served deployment", lambda: _deployment(client, "prefsynth-run/served"))
             assert deployment.entrypoint == "prefsynth.flows.deploy.run_config"
             assert deployment.parameters == {"config": str(config), "base_dir": str(work), "db": None}
+            # the test holds the warehouse's slot while two API runs start: both must wait, saying so
+            from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+            from prefect.concurrency.sync import concurrency
             from prefect.deployments import run_deployment
 
-            by_api = run_deployment("prefsynth-run/served", timeout=0)
-            second = run_deployment("prefsynth-run/served", timeout=0)  # at once: they take turns on the warehouse
+            name = limit_name(work / "w.duckdb")
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            with concurrency(name, lease_duration=60, strict=True):
+                by_api = run_deployment("prefsynth-run/served", timeout=0)
+                second = run_deployment("prefsynth-run/served", timeout=0)  # at once: they take turns
+                _wait("both API runs waiting for the warehouse", lambda: _logs(client, [by_api.id, second.id])
+                      .count("is in use by another run: waiting for it to finish") == 2)  # fmt: skip
+                assert model.requests == []  # nothing ran while the slot was held
             assert not by_api.auto_scheduled
             done = _wait("the API run and a scheduled run completed", lambda: _completed(client, deployment.id))
             client.pause_deployment(deployment.id)  # no new run; let the one in flight (if any) finish
@@ -121,7 +130,6 @@ def test_served_and_worker_deployments_run_to_completion_and_reuse_the_warehouse
         assert len(done) >= 3
         assert set(ended) == {r.id for r in completed}
         assert all(a[1] < b[0] for a, b in zip(held, held[1:], strict=False)), held  # no two runs overlapped
-        assert "is in use by another run: waiting for it to finish" in _logs(client, [by_api.id, second.id])
 
         # `prefsynth deploy` on a process work pool, run by a real worker: the same warehouse, no new call
         monkeypatch.chdir(work)  # as the user would, from the same folder as `serve`
@@ -160,7 +168,7 @@ def test_served_and_worker_deployments_run_to_completion_and_reuse_the_warehouse
 def _logs(client: Any, flow_run_ids: list[UUID]) -> str:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids)))
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids)), limit=200)
     return "\n".join(log.message for log in logs)
 
 
