@@ -353,6 +353,8 @@ def stats(
     for title, rows, skip in (("scorer diagnostics (latest run of each scorer)", data["scorer_diagnostics"],
                                ("scorer_id", "run_id")),
                               ("panels (latest run of each)", data["panels"], ("panel_id", "run_id")),
+                              ("scorers against human labels (prefsynth review import)", data["human_accuracy"],
+                               ("scorer_id",)),
                               ("replies cut off at max_tokens", data["truncation"], ())):  # fmt: skip
         if not rows:
             continue
@@ -583,6 +585,10 @@ def score_text(
         table.add_row(key, escape(repr(value) if isinstance(value, str) else str(value)))
     Console().print(table)
 
+
+from prefsynth.review_cli import review_app  # noqa: E402  (a sub-app in its own module)
+
+app.add_typer(review_app, name="review")
 
 if __name__ == "__main__":
     app()

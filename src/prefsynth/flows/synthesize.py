@@ -39,6 +39,7 @@ from prefsynth.tasks.diagnostics import diagnostics
 from prefsynth.tasks.export import export
 from prefsynth.tasks.ingest import no_prompts, read_prompts
 from prefsynth.tasks.panel import agreed_only, panel_id, run_panel
+from prefsynth.tasks.review import decisions, human_override
 from prefsynth.tasks.scorers import PairwiseScorer, Scorer, build_scorer
 from prefsynth.tasks.screen import same_text, screen
 from prefsynth.tasks.teacher import Teacher
@@ -193,6 +194,9 @@ def _run(
     texts = store.responses_by_ids(pl.concat([pairs["chosen_id"], pairs["rejected_id"]]).unique())
     same = same_text(pairs, texts.select("response_id", "text"), config.curation)
     pairs = pairs.filter(~pl.col("pair_id").is_in(same))
+    if config.curation.human_override:  # people's verdicts (prefsynth review import) flip or drop pairs
+        pairs, by_people = human_override(pairs, decisions(store.human_labels()))
+        summary.curation = {**summary.curation, **{k: v for k, v in by_people.items() if v}}
     summary.curation = {**summary.curation, "left_out_prompts": len({f.prompt_id for f in flags}),
                         "same_text": len(same)}  # fmt: skip
     new_pairs = store.write_pairs(run_id, pairs)

@@ -352,6 +352,9 @@ class CurationSpec(Strict):
     decontaminate: list[EvalSet] = Field([], description="Evaluation sets: prompts sharing an n-gram with one of "
                                          "their items are left out and listed in prompt_flags.")  # fmt: skip
     ngram: int = Field(13, ge=3, description="Words per n-gram of the contamination check.")
+    human_override: bool = Field(
+        True, description="Human verdicts (`prefsynth review import`) override the machine's: a pair people "
+        "prefer the other way round is flipped (scorer `human`), a tie drops it. Without labels nothing changes.")
 
     @property
     def rules(self) -> list[str]:

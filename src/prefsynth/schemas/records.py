@@ -369,6 +369,47 @@ class LoopPair(Record):
     call_ids: list[str]
 
 
+class ReviewTask(Record):
+    """One pair `prefsynth review export` sent to people: which response was shown where, and why it was picked."""
+
+    table = "review_tasks"
+    key = "task_id"
+
+    task_id: str  # H(review_id, pair_id): the id a tool's task or record carries
+    review_id: str  # H(run, pairs, criterion, seed, tool): one export
+    pair_id: str
+    prompt_id: str
+    left_id: str  # shown on the left (first)
+    right_id: str
+    chosen_side: str  # left | right: where the machine's chosen response was shown
+    tool: str  # argilla | label-studio
+    criterion: str  # agreement | margin | flips | auto
+    rank: int  # 1: the most doubtful
+    doubt: str  # JSON: the pair's agreement, z_margin and flips when exported
+
+
+class HumanLabel(Record):
+    """One person's verdict on one review task (scorer `human`), from a tool's export file."""
+
+    table = "human_labels"
+    key = "label_id"
+
+    label_id: str  # H(task, annotator, verdict, labelled_at)
+    task_id: str
+    pair_id: str
+    prompt_id: str
+    chosen_id: str  # the machine's chosen and rejected responses of the pair
+    rejected_id: str
+    scorer_id: str  # the `human` scorer
+    verdict: str  # chosen | rejected | tie | skip
+    preferred_id: str | None  # the preferred response (None: tie or skip)
+    annotator: str
+    labelled_at: str | None  # as the tool wrote it (None: the tool's export has no time)
+    tool: str
+    source_file: str
+    source_sha256: str
+
+
 R = TypeVar("R", bound=Record)
 
 

@@ -25,14 +25,14 @@ import polars as pl
 from pydantic import BaseModel
 
 from prefsynth.errors import PrefsynthError, WarehouseError
-from prefsynth.schemas.records import TABLES, Message, Pair, Prompt, StageResult, columns
+from prefsynth.schemas.records import TABLES, HumanLabel, Message, Pair, Prompt, ReviewTask, StageResult, columns
 from prefsynth.warehouse.sharing import QueryServer, RemoteConnection, serving
 
 _log = logging.getLogger(__name__)
 READER_WAIT_S = 15.0  # how long a reader waits for a file that a process holds without serving it
 STATS_TABLES = ("runs", "prompts", "responses", "scores", "judgments", "comparisons", "failures", "pairs",
                 "refinements", "run_anchors", "prompt_flags", "dataset_snapshots", "logprobs", "prompt_routes", "evals",
-                "model_calls", "prompt_versions", "loop_rounds")
+                "model_calls", "prompt_versions", "loop_rounds", "review_tasks", "human_labels")
 
 
 _LINK_TABLES = ("run_prompts", "run_pairs", "scorer_diagnostics", "batch_calls", "snapshot_rows")
@@ -544,6 +544,11 @@ class Store:
         with self._lock:
             return [r[0] for r in self.con.execute(sql, [identity, url_identity, f"{model}@"]).fetchall()]
 
+    def latest_run(self) -> str | None:
+        """The newest completed pipeline run: what `prefsynth export` writes by default."""
+        row = self.con.execute("SELECT run_id FROM v_latest_run").fetchone()
+        return row[0] if row else None
+
     def run_kind(self, run_id: str) -> str | None:
         """`synthesize` or `eval` for a run of this warehouse, None for an unknown id."""
         row = self.con.execute("SELECT kind FROM runs WHERE run_id = ?", [run_id]).fetchone()
@@ -590,6 +595,60 @@ class Store:
         schema = {"scorer_id": pl.String, "name": pl.String, "kind": pl.String, "config": pl.String}
         return self._rows(sql, list(dict.fromkeys(scorer_ids)), schema)
 
+    # ---- human review (tasks/review.py) ---------------------------------------------------------
+    _LATEST = ("SELECT response_id, scorer_id, value FROM (SELECT s.response_id, s.scorer_id, s.value, row_number() "
+               "OVER (PARTITION BY s.response_id, s.scorer_id ORDER BY s.created_at DESC, s.score_id) AS rn "
+               "FROM scores s {join}) WHERE rn = 1")  # each response's latest value per scorer  # fmt: skip
+
+    def review_inputs(self, run_id: str) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+        """A run's pairs that no one has labelled yet (v_run_pairs rows), the latest value of each scorer for the
+        run's responses, and the pairwise comparisons of the run's prompts: what a review's doubt is made of."""
+        pairs = self._query("SELECT v.* FROM v_run_pairs v WHERE v.run_id = $1 AND NOT EXISTS (SELECT 1 FROM "
+                            "human_labels h WHERE h.verdict <> 'skip' AND least(h.chosen_id, h.rejected_id) = "
+                            "least(v.chosen_id, v.rejected_id) AND greatest(h.chosen_id, h.rejected_id) = "
+                            "greatest(v.chosen_id, v.rejected_id)) ORDER BY v.pair_id", [run_id])  # fmt: skip
+        join = ("JOIN responses r USING (response_id) JOIN run_prompts rp ON rp.prompt_id = r.prompt_id "
+                "AND rp.run_id = $1")  # fmt: skip
+        values = self._query(self._LATEST.format(join=join), [run_id])
+        comparisons = self._query("SELECT c.response_a_id, c.response_b_id, c.flipped FROM comparisons c JOIN "
+                                  "run_prompts rp ON rp.prompt_id = c.prompt_id AND rp.run_id = $1 "
+                                  "ORDER BY c.comparison_id", [run_id])  # fmt: skip
+        return pairs, values.cast({"value": pl.Float64}), comparisons
+
+    def record_review(self, run_id: str, tasks: Sequence[ReviewTask]) -> int:
+        """The tasks of one review export (the run whose pairs they are); tasks recorded before are kept."""
+        return self._transaction(lambda: self._insert("review_tasks", frame("review_tasks", tasks), run_id))
+
+    def review_tasks(self, task_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """{task_id: the task with its pair's chosen_id and rejected_id} of these tasks (those recorded)."""
+        sql = ("SELECT t.*, p.chosen_id, p.rejected_id FROM review_tasks t JOIN _ids ON t.task_id = _ids.id "
+               "JOIN pairs p USING (pair_id)")  # fmt: skip
+        with self._with_ids(list(dict.fromkeys(task_ids))) as cur:
+            rows = cur.execute(sql).pl().to_dicts()
+        return {r["task_id"]: r for r in rows}
+
+    def write_labels(self, run_id: str, labels: Sequence[HumanLabel]) -> int:
+        """People's verdicts from one imported file, in one transaction; labels imported before are skipped."""
+        return self._transaction(lambda: self._insert("human_labels", frame("human_labels", labels), run_id))
+
+    def human_labels(self) -> pl.DataFrame:
+        """Every human label, in the order imported (what `tasks.review.decisions` reads)."""
+        return self._query("SELECT * FROM human_labels ORDER BY created_at, labelled_at NULLS FIRST, label_id", [])
+
+    def human_accuracy(self) -> list[dict[str, Any]]:
+        """Each machine scorer's accuracy against the people's verdicts, as `prefsynth eval` reports it."""
+        from prefsynth.tasks.review import decisions, human_accuracy
+
+        decided = decisions(self.human_labels())
+        if decided.is_empty():
+            return []
+        ids = pl.concat([decided["a"], decided["b"]]).unique()
+        join = "JOIN _ids ON s.response_id = _ids.id"
+        with self._with_ids(ids) as cur:
+            values = cur.execute(self._LATEST.format(join=join)).pl()
+        scorers = self.scorers_of(values["scorer_id"].unique().sort()).select("scorer_id", "name")
+        return human_accuracy(decided, values, scorers)
+
     def _query(self, sql: str, params: list[Any]) -> pl.DataFrame:
         with self._lock:
             return self.con.execute(sql, params).pl()
@@ -621,6 +680,7 @@ class Store:
         out["prompt_versions"] = self.prompt_versions()
         out["truncation"] = self._dicts("SELECT * FROM v_truncation ORDER BY model")
         out["costs"] = self.costs()
+        out["human_accuracy"] = self.human_accuracy()
         return out
 
     def costs(self) -> list[dict[str, Any]]:
