@@ -20,7 +20,7 @@ def test_every_example_is_shipped_in_the_package_as_the_same_text_and_is_valid()
     packaged = resources.files("prefsynth") / "examples"  # what the installed package holds (the demo reads it)
     shipped = {p.name: p.read_bytes() for p in packaged.iterdir() if p.name.endswith(".yaml")}
     examples = {p.name: p.read_bytes() for p in (ROOT / "examples").iterdir()  # a symlink is read as its target
-                if p.name != "prefect.yaml"}  # Prefect's deployment file, not a pipeline config (test_deploy)
+                if p.is_file() and p.name != "prefect.yaml"}  # prefect.yaml: Prefect's deployment file (test_deploy)
     assert len(examples) >= 5 and sorted(examples) == sorted(shipped)
     for name, text in examples.items():
         assert text == shipped[name], f"examples/{name} differs from the packaged copy"

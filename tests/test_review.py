@@ -356,3 +356,23 @@ def test_the_pipeline_lets_human_verdicts_override_its_pairs(tmp_path, prefect_h
     assert after.height == before.height and run1 != run2[0]
     assert sorted(unchanged["pair_id"]) == sorted(before["pair_id"])  # human_override: false keeps the machine's
     assert [(a["scorer"], a["n"], a["accuracy"]) for a in accuracy] == [("judge", 2, 0.0)]
+
+
+def test_the_shipped_examples_are_what_the_tools_read_and_write():
+    """examples/review/: the files to import into each tool, and each tool's export after two people labelled."""
+    from prefsynth.tasks.review_formats import LABEL_CONFIG, read_export
+
+    rg = _argilla_sdk()
+    from argilla.records._io._json import JsonIO
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "review"
+    assert (root / "label-studio" / "label_config.xml").read_text() == LABEL_CONFIG
+    tasks = json.loads((root / "label-studio" / "tasks.json").read_text())
+    for folder in ("argilla", "argilla-labelled"):
+        assert [q.name for q in rg.Settings.from_json(root / folder / ".argilla" / "settings.json").questions] == [
+            "preference"]  # fmt: skip
+        assert len(JsonIO._records_from_json(root / folder / "records.json")) == len(tasks) == 2
+    for path, tool in ((root / "label-studio" / "labelled-export.json", "label-studio"),
+                       (root / "argilla-labelled", "argilla")):  # fmt: skip
+        found, _, _, verdicts = read_export(path)
+        assert found == tool and len(verdicts) == 4 and {v["selected"] for v in verdicts} <= {"left", "right"}
