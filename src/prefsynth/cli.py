@@ -300,7 +300,8 @@ def stats(
     408/409/5xx, timeouts (abandoned requests a server may still bill), dropped connections, seconds slept
     before retries and seconds throttled by rate limits. Panels: Krippendorff's alpha and mean Kendall tau of
     their members. Prompt versions of synthesis loops (`prefsynth loop`): each one's rounds, pairs, accepted
-    pairs and acceptance rate.
+    pairs and acceptance rate. Scorers against human labels (`prefsynth review import`): each scorer's n,
+    accuracy, ties and failed over the pairs people decided, as `prefsynth eval` reports them.
     """
     from prefsynth.warehouse.store import Store
 
