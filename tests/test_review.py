@@ -356,6 +356,9 @@ def test_the_pipeline_lets_human_verdicts_override_its_pairs(tmp_path, prefect_h
     assert after.height == before.height and run1 != run2[0]
     assert sorted(unchanged["pair_id"]) == sorted(before["pair_id"])  # human_override: false keeps the machine's
     assert [(a["scorer"], a["n"], a["accuracy"]) for a in accuracy] == [("judge", 2, 0.0)]
+    exported = runner.invoke(app, ["export", "--db", str(db), "--run", run2[0], "--out", str(tmp_path / "x")])
+    assert exported.exit_code == 0, exported.output
+    assert "share (0–1) of the annotators who preferred" in (tmp_path / "x" / "README.md").read_text(encoding="utf-8")
 
 
 def test_the_shipped_examples_are_what_the_tools_read_and_write():

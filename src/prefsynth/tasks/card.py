@@ -46,6 +46,8 @@ def score_unit(name: str, kind: str, config: dict[str, Any]) -> str:
         return f"points on scorer `{name}`'s {config['scale_min']}–{config['scale_max']} scale"
     if kind == "teacher":
         return f"points on teacher `{name}`'s 1–10 scale (its score of the refinement minus the parent's)"
+    if kind == "human":
+        return "share (0–1) of the annotators who preferred the response (`prefsynth review import`)"
     if kind == "pairwise":
         return f"share (0–1) of its pairwise comparisons a response won, judged by scorer `{name}`"
     if {"strong", "weak"} <= roles and config.get("value") in ("mean", "sum"):

@@ -616,8 +616,10 @@ class Store:
         return pairs, values.cast({"value": pl.Float64}), comparisons
 
     def record_review(self, run_id: str, tasks: Sequence[ReviewTask]) -> int:
-        """The tasks of one review export (the run whose pairs they are); tasks recorded before are kept."""
-        return self._transaction(lambda: self._insert("review_tasks", frame("review_tasks", tasks), run_id))
+        """The tasks of one review export (the run whose pairs they are); tasks recorded before are kept. One
+        statement, no transaction: it also works through a run that holds the file (sharing.py)."""
+        with self._lock:
+            return self._insert("review_tasks", frame("review_tasks", tasks), run_id)
 
     def review_tasks(self, task_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """{task_id: the task with its pair's chosen_id and rejected_id} of these tasks (those recorded)."""
@@ -628,8 +630,10 @@ class Store:
         return {r["task_id"]: r for r in rows}
 
     def write_labels(self, run_id: str, labels: Sequence[HumanLabel]) -> int:
-        """People's verdicts from one imported file, in one transaction; labels imported before are skipped."""
-        return self._transaction(lambda: self._insert("human_labels", frame("human_labels", labels), run_id))
+        """People's verdicts from one imported file, in one statement (as record_review); labels imported before
+        are skipped."""
+        with self._lock:
+            return self._insert("human_labels", frame("human_labels", labels), run_id)
 
     def human_labels(self) -> pl.DataFrame:
         """Every human label, in the order imported (what `tasks.review.decisions` reads)."""
