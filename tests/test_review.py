@@ -379,3 +379,36 @@ def test_the_shipped_examples_are_what_the_tools_read_and_write():
                        (root / "argilla-labelled", "argilla")):  # fmt: skip
         found, _, _, verdicts = read_export(path)
         assert found == tool and len(verdicts) == 4 and {v["selected"] for v in verdicts} <= {"left", "right"}
+
+
+def test_each_annotators_latest_verdict_counts_once_and_equal_votes_tie():
+    def label(annotator: str, preferred: str | None, verdict: str = "x") -> dict:
+        return {"chosen_id": "r1", "rejected_id": "r2", "annotator": annotator, "preferred_id": preferred,
+                "verdict": verdict}  # fmt: skip
+
+    rows = pl.DataFrame([label("ann", "r2"), label("bob", "r1"), label("ann", "r1"), label("cy", "r1"),
+                         label("dan", None, "skip")])  # fmt: skip
+    decided = decisions(rows)  # ann changed her mind: r1 3 votes, r2 0; dan's skip does not count
+    assert decided.rows(named=True) == [{"a": "r1", "b": "r2", "winner": "r1", "votes_a": 3, "votes_b": 0, "votes": 3}]
+    split = decisions(pl.DataFrame([label("ann", "r2"), label("bob", "r1"), label("cy", None, "tie")]))
+    assert split["winner"].to_list() == [None] and split["votes"].to_list() == [3]
+    assert decisions(pl.DataFrame([label("dan", None, "skip")])).is_empty()
+
+
+def test_argilla_discarded_answers_are_skips_and_drafts_are_left_out(tmp_path):
+    from prefsynth.tasks.review_formats import read_export
+
+    record = {"id": "t1", "fields": {"prompt": "p"}, "metadata": {"task_id": "t1", "pair_id": "p"},
+              "responses": {"preference": [{"value": "left", "user_id": "u1", "status": "submitted"},
+                                           {"value": None, "user_id": "u2", "status": "discarded"},
+                                           {"value": "right", "user_id": "u3", "status": "draft"},
+                                           {"value": "tie", "user_id": "u4"}]}}  # fmt: skip
+    (tmp_path / "records.json").write_text(json.dumps([record]))
+    tool, _, _, verdicts = read_export(tmp_path)
+    assert tool == "argilla"
+    assert [(v["annotator"], v["selected"]) for v in verdicts] == [("argilla:u1", "left"), ("argilla:u2", "skip"),
+                                                                   ("argilla:u4", "tie")]  # fmt: skip
+    record["responses"]["preference"][0]["value"] = "both"
+    (tmp_path / "records.json").write_text(json.dumps([record]))
+    with pytest.raises(PrefsynthError, match="answer 'both' to `preference` is not left, right or tie"):
+        read_export(tmp_path / "records.json")
