@@ -504,6 +504,32 @@ def datasets(db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("pre
     Console().print(table)
 
 
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option("--out", help="The HTML file to write.")],
+    db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("prefsynth.duckdb"),
+    run_id: Annotated[str | None, typer.Option("--run", help="A run id (default: the newest completed).")] = None,
+) -> None:
+    """Write one run as a self-contained HTML page: plots and tables, viewable offline.
+
+    Example: prefsynth report --db prefsynth.duckdb --out report.html
+
+    Plots: score distribution per scorer, margins of the curated pairs, reply length against score, chosen
+    against rejected length before and after length control, pairwise judges' position consistency and panel
+    agreement (where the run has them), and the pairs kept and dropped by each curation filter; then the most
+    and least confident pairs with their texts. Styles and plots (SVG) are inline and the page runs no script.
+    It reads the warehouse read-only, also while a run writes it.
+    """
+    from prefsynth.report import write_report
+
+    try:
+        data, path = write_report(db, out, run_id)
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    print(f"report of run {data.run['run_id']} ({data.run['status']}, {len(data.pairs)} pairs) -> {path} "
+          f"({path.stat().st_size / 1024:.0f} KiB)")
+
+
 @app.command("eval")
 def eval_(
     config: Annotated[Path, typer.Option("--config", help="Config whose scorers to evaluate.")],

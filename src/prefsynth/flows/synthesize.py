@@ -252,6 +252,7 @@ def curation(
     if spec.sampled_rule is not None:
         curated = curate(values, responses, scorer_id, spec, margin, agree)
         summary.curation = {**summary.curation, **curated.counts}
+        summary.lengths = curated.lengths
         out.append(curated.pairs)
         steps = ", ".join(f"{k} {v}" for k, v in curated.counts.items())
         logger.info(f"curate[{spec.sampled_rule}]: margin >= {margin:g}; {steps}")
