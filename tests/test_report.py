@@ -36,7 +36,10 @@ def _made(path: Path) -> Path:
                     "('ev1', 'an eval', '{}', 'eval')")  # fmt: skip
         lengths = {"length_control": True, "before": {"pairs": 3, "with_lengths": 3, "chosen_median": 10.0,
                    "rejected_median": 10.0, "chosen_longer": 0.3333, "log2_ratio_bins": [-1.0, 0.0, 1.0],
-                   "log2_ratio_counts": [1, 2]}}  # fmt: skip
+                   "log2_ratio_counts": [1, 2]},
+                   "after": {"pairs": 2, "with_lengths": 2, "chosen_median": 25.0, "rejected_median": 15.0,
+                             "chosen_longer": 0.5, "log2_ratio_bins": [-1.0, 0.0, 1.0], "log2_ratio_counts": [1, 1]}}
+        # fmt: skip
         summary = {"curation": CURATION, "lengths": lengths, "pairs": 2}
         con.execute("INSERT INTO run_ends (run_id, status, summary) VALUES ('run1', 'completed', ?)",
                     [json.dumps(summary)])
@@ -162,3 +165,14 @@ def test_cli_report_and_its_errors(made: Path, tmp_path: Path):
     gone = runner.invoke(app, ["report", "--db", str(tmp_path / "none.duckdb"), "--out", str(out)])
     assert gone.exit_code == 2 and "warehouse not found" in " ".join(gone.output.split())
     assert not (tmp_path / "none.duckdb").exists()
+
+
+def test_stats_shows_what_length_control_changed(made: Path):
+    result = CliRunner().invoke(app, ["stats", "--db", str(made), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["length_control"] == [{
+        "run_id": "run1", "before_pairs": 3, "before_chosen_median": 10.0, "before_rejected_median": 10.0,
+        "before_chosen_longer": 0.3333, "after_pairs": 2, "after_chosen_median": 25.0, "after_rejected_median": 15.0,
+        "after_chosen_longer": 0.5}]
+    text = CliRunner().invoke(app, ["stats", "--db", str(made)], env={"COLUMNS": "250"}).output
+    assert "length control: chosen against rejected tokens" in text

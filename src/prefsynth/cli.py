@@ -300,7 +300,8 @@ def stats(
     408/409/5xx, timeouts (abandoned requests a server may still bill), dropped connections, seconds slept
     before retries and seconds throttled by rate limits. Panels: Krippendorff's alpha and mean Kendall tau of
     their members. Prompt versions of synthesis loops (`prefsynth loop`): each one's rounds, pairs, accepted
-    pairs and acceptance rate.
+    pairs and acceptance rate. Length control (max_length_ratio, length_matched): per run, the pairs and the
+    median lengths of chosen against rejected before and after it.
     """
     from prefsynth.warehouse.store import Store
 
@@ -353,7 +354,9 @@ def stats(
     for title, rows, skip in (("scorer diagnostics (latest run of each scorer)", data["scorer_diagnostics"],
                                ("scorer_id", "run_id")),
                               ("panels (latest run of each)", data["panels"], ("panel_id", "run_id")),
-                              ("replies cut off at max_tokens", data["truncation"], ())):  # fmt: skip
+                              ("replies cut off at max_tokens", data["truncation"], ()),
+                              ("length control: chosen against rejected tokens, before and after",
+                               data["length_control"], ())):  # fmt: skip
         if not rows:
             continue
         table = Table(title=title)

@@ -155,12 +155,12 @@ def length_control(lengths: dict[str, Any], pairs: pl.DataFrame) -> str | None:
 def bars(labels: Sequence[str], series: dict[str, Sequence[float | None]], title: str, xlabel: str,
          limit: tuple[float, float] | None = None) -> str | None:  # fmt: skip
     """Horizontal grouped bars: one group per label, one bar per series (None: not drawn)."""
-    if not labels:
+    if not labels or all(v is None for values in series.values() for v in values):
         return None
     n = len(series)
     height = 0.8 / n
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.35 * len(labels) * n))
+        fig, ax = plt.subplots(figsize=(7, max(1.6, 0.6 + 0.3 * len(labels) * n)))
         for j, (name, values) in enumerate(series.items()):
             ys = [i + j * height for i in range(len(labels))]
             xs = [float("nan") if v is None else v for v in values]
@@ -175,7 +175,7 @@ def bars(labels: Sequence[str], series: dict[str, Sequence[float | None]], title
         ax.set_xlabel(xlabel)
         ax.set_title(title)
         if n > 1:
-            ax.legend(fontsize=8, frameon=False, loc="lower right")
+            ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
         return _svg(fig)
 
@@ -220,7 +220,7 @@ def funnel(funnel_frame: pl.DataFrame, steps_frame: pl.DataFrame) -> str | None:
             ax.invert_yaxis()
             ax.set_xlabel("pairs")
             ax.set_title("pairs kept and removed by each filter")
-            ax.legend(fontsize=8, frameon=False, loc="lower right")
+            ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         else:
             labels = [f"{s} ({u})" for s, u in early.select("step", "unit").iter_rows()]
             ys = list(range(len(labels)))
@@ -229,6 +229,7 @@ def funnel(funnel_frame: pl.DataFrame, steps_frame: pl.DataFrame) -> str | None:
                 ax.annotate(str(n), (n, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
             ax.set_yticks(ys, labels)
             ax.invert_yaxis()
+            ax.set_xlim(0, max(1, *early["removed"].to_list()) * 1.15)
             ax.set_xlabel("removed")
             ax.set_title("prompts and replies removed before pairing")
 

@@ -140,7 +140,7 @@ def markdown(data: ReportData) -> str:
     out += _md_table(margins) if not margins.is_empty() else ["No pairs."]
     out += ["", "## Length of chosen against rejected (tokens)", ""]
     lens = lengths(data)
-    rows = [{"pairs": name, **{k: v for k, v in prof.items() if not k.startswith("log2")}}
+    rows = [{"set": name, **{k: v for k, v in prof.items() if not k.startswith("log2")}}
             for name, prof in (("before length control", lens["before"]), ("kept", lens["after"])) if prof]
     out += _md_table(pl.DataFrame(rows))
     if not lens["length_control"]:
