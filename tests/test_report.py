@@ -176,3 +176,24 @@ def test_stats_shows_what_length_control_changed(made: Path):
         "after_chosen_longer": 0.5}]
     text = CliRunner().invoke(app, ["stats", "--db", str(made)], env={"COLUMNS": "250"}).output
     assert "length control: chosen against rejected tokens" in text
+
+
+def test_report_help_has_an_example():
+    result = CliRunner().invoke(app, ["report", "--help"])
+    assert result.exit_code == 0 and "Example: prefsynth report --db prefsynth.duckdb --out report.html" in " ".join(
+        result.output.split())
+
+
+def test_report_while_a_run_holds_the_warehouse(made: Path, tmp_path: Path):
+    """Another process reads through the run that holds the file (warehouse/sharing.py)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "held.html"
+    with Store(made, wait_s=0) as holder:  # a run's store: holds the file and serves it
+        done = subprocess.run([sys.executable, "-m", "prefsynth.cli", "report", "--db", str(made), "--out", str(out)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert holder.con.execute("SELECT count(*) FROM runs").fetchone() == (2,)  # it still holds the file
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "report of run run1 (completed, 2 pairs)" in done.stdout
+    assert 'id="plot-margins"' in out.read_text(encoding="utf-8")
