@@ -197,3 +197,22 @@ def test_report_while_a_run_holds_the_warehouse(made: Path, tmp_path: Path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "report of run run1 (completed, 2 pairs)" in done.stdout
     assert 'id="plot-margins"' in out.read_text(encoding="utf-8")
+
+
+def test_plot_labels_from_the_warehouse_are_escaped_in_the_svg():
+    from prefsynth.report import plots
+
+    frame = pl.DataFrame({"label": [EVIL] * 3, "kind": ["k"] * 3, "value": [1.0, 2.0, 3.0], "tokens": [1, 2, 3],
+                          "response_id": ["a", "b", "c"]})  # fmt: skip
+    svg = plots.score_distributions(frame)
+    assert svg is not None and "<script" not in svg and "&lt;script&gt;" in svg
+
+
+def test_a_run_still_running_has_no_curation_counts_yet(made: Path, tmp_path: Path):
+    with Store(made) as store:
+        store.con.execute("INSERT INTO runs (run_id, name, config, kind) VALUES ('run2', 'busy', '{}', 'synthesize')")
+        store.con.execute("INSERT INTO run_prompts VALUES ('run2', 'p1')")
+    data, out = write_report(made, tmp_path / "busy.html", "run2")
+    page = out.read_text(encoding="utf-8")
+    assert data.run["status"] == "running or interrupted" and data.pairs.is_empty()
+    assert "The run has not finished: no curation counts yet." in page and 'id="plot-scores"' in page
