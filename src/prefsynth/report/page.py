@@ -93,10 +93,7 @@ def render(data: ReportData) -> str:
     elif not lengths["before"]:
         parts.append('<p class="empty">This run recorded no lengths before length control.</p>')
     parts.append(figure("lengths", plots.length_control(lengths, data.pairs), "No sampled pairs with known lengths."))
-    rows = [{"set": name, **{k: v for k, v in prof.items() if not k.startswith("log2")}}
-            for name, prof in (("before length control", lengths["before"] if lengths["length_control"] else None),
-                               ("kept", lengths["after"])) if prof]  # fmt: skip
-    parts.append(table(pl.DataFrame(rows)))
+    parts.append(table(sm.length_rows(lengths)))
 
     parts.append("<h2>Judges: position consistency</h2>")
     parts.append(figure("judges", plots.bars(

@@ -139,7 +139,7 @@ def length_control(lengths: dict[str, Any], pairs: pl.DataFrame) -> str | None:
             ax.set_xlabel("log2(chosen / rejected length)")
             ax.set_ylabel("pairs")
             ax.set_title("chosen against rejected length")
-            ax.legend(fontsize=8, frameon=False)
+            ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.3))
         else:
             ax.scatter(shown["rejected_tokens"].to_list(), shown["chosen_tokens"].to_list(), s=12, alpha=0.6,
                        color=COLORS[0], linewidths=0)  # fmt: skip
@@ -210,17 +210,16 @@ def funnel(funnel_frame: pl.DataFrame, steps_frame: pl.DataFrame) -> str | None:
         if panels[i] == "pairs":
             labels = funnel_frame["step"].to_list()
             ys = list(range(len(labels)))
-            ax.barh(ys, funnel_frame["left"].to_list(), color=COLORS[0], label="left")
-            ax.barh(ys, funnel_frame["removed"].to_list(), left=funnel_frame["left"].to_list(), color=COLORS[1],
-                    label="removed")  # fmt: skip
+            ax.barh(ys, funnel_frame["left"].to_list(), color=COLORS[0])
+            ax.barh(ys, funnel_frame["removed"].to_list(), left=funnel_frame["left"].to_list(), color=COLORS[1])
             for y, (left, removed) in enumerate(funnel_frame.select("left", "removed").iter_rows()):
                 ax.annotate(f"{left} left" + (f", {removed} removed" if removed else ""), (left + removed, y),
                             xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)  # fmt: skip
             ax.set_yticks(ys, labels)
             ax.invert_yaxis()
+            ax.set_xlim(0, max(1, int(funnel_frame["left"][0])) * 1.6)  # room for the labels
             ax.set_xlabel("pairs")
-            ax.set_title("pairs kept and removed by each filter")
-            ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+            ax.set_title("pairs left (blue) and removed (orange) by each filter")
         else:
             labels = [f"{s} ({u})" for s, u in early.select("step", "unit").iter_rows()]
             ys = list(range(len(labels)))

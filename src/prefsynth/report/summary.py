@@ -103,6 +103,16 @@ def lengths(data: ReportData) -> dict[str, Any]:
             "after": after}  # fmt: skip
 
 
+def length_rows(lens: dict[str, Any]) -> pl.DataFrame:
+    """One row for the pairs before length control (when the run had it) and one for the pairs kept."""
+    cols = ("pairs", "with_lengths", "chosen_median", "rejected_median", "chosen_longer")
+    shown = (("before length control", lens["before"] if lens["length_control"] else None), ("kept", lens["after"]))
+    return pl.DataFrame([{"set": name, **{c: prof.get(c) for c in cols}} for name, prof in shown if prof],
+                        schema={"set": pl.String, "pairs": pl.Int64, "with_lengths": pl.Int64,
+                                "chosen_median": pl.Float64, "rejected_median": pl.Float64,
+                                "chosen_longer": pl.Float64})  # fmt: skip
+
+
 def artifact_table(data: ReportData) -> list[dict[str, Any]]:
     """The Prefect table artifact: one row per scorer (its value distribution and length correlation), with the
     position consistency of pairwise judges."""
@@ -140,9 +150,7 @@ def markdown(data: ReportData) -> str:
     out += _md_table(margins) if not margins.is_empty() else ["No pairs."]
     out += ["", "## Length of chosen against rejected (tokens)", ""]
     lens = lengths(data)
-    rows = [{"set": name, **{k: v for k, v in prof.items() if not k.startswith("log2")}}
-            for name, prof in (("before length control", lens["before"]), ("kept", lens["after"])) if prof]
-    out += _md_table(pl.DataFrame(rows))
+    out += _md_table(length_rows(lens))
     if not lens["length_control"]:
         out += ["", "This run's curation has no length control (max_length_ratio, length_matched)."]
     out += ["", "## Pairwise judges", ""]
