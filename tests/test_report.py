@@ -162,6 +162,10 @@ def test_cli_report_and_its_errors(made: Path, tmp_path: Path):
     for args, message in ((["--run", "ev1"], "is a `prefsynth eval` run"), (["--run", "nope"], "has no run 'nope'")):
         bad = runner.invoke(app, ["report", "--db", str(made), "--out", str(out), *args])
         assert bad.exit_code == 2 and message in " ".join(bad.output.split()), bad.output
+    with Store(tmp_path / "evals.duckdb") as store:
+        store.con.execute("INSERT INTO runs (run_id, name, config, kind) VALUES ('e', 'eval', '{}', 'eval')")
+    none = runner.invoke(app, ["report", "--db", str(tmp_path / "evals.duckdb"), "--out", str(out)])
+    assert none.exit_code == 2 and "has no pipeline run to report on" in " ".join(none.output.split())
     gone = runner.invoke(app, ["report", "--db", str(tmp_path / "none.duckdb"), "--out", str(out)])
     assert gone.exit_code == 2 and "warehouse not found" in " ".join(gone.output.split())
     assert not (tmp_path / "none.duckdb").exists()
@@ -216,3 +220,12 @@ def test_a_run_still_running_has_no_curation_counts_yet(made: Path, tmp_path: Pa
     page = out.read_text(encoding="utf-8")
     assert data.run["status"] == "running or interrupted" and data.pairs.is_empty()
     assert "The run has not finished: no curation counts yet." in page and 'id="plot-scores"' in page
+
+
+def test_a_run_from_before_lengths_were_recorded_still_shows_it_had_length_control(made: Path, tmp_path: Path):
+    with Store(made) as store:
+        store.con.execute("UPDATE pairs SET rule = '{\"max_length_ratio\": 2.0}'")
+        store.con.execute("UPDATE run_ends SET summary = '{}'")
+    _, out = write_report(made, tmp_path / "old.html")
+    page = out.read_text(encoding="utf-8")
+    assert "This run recorded no lengths before length control." in page and 'id="plot-lengths"' in page

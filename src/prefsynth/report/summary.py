@@ -95,12 +95,12 @@ def pair_funnel(data: ReportData) -> pl.DataFrame:
 
 def lengths(data: ReportData) -> dict[str, Any]:
     """{"length_control", "before", "after"}: `length_profile`s of the sampled pairs. `after` is computed from the
-    run's pairs; `before` (the same rule without length control) is what curation recorded in the run's summary."""
+    run's pairs; `before` (the same rule without length control) is what curation recorded in the run's summary
+    (None for runs made before it did). length_control: the run's curation had max_length_ratio or length_matched."""
     sampled = data.pairs.filter(pl.col("source") == "sampled")
     recorded = data.summary.get("lengths") or {}
-    after = length_profile(sampled)
-    return {"length_control": bool(recorded.get("length_control")), "before": recorded.get("before"),
-            "after": after}  # fmt: skip
+    control = bool(recorded.get("length_control")) or bool(sampled["length_controlled"].any())
+    return {"length_control": control, "before": recorded.get("before"), "after": length_profile(sampled)}
 
 
 def length_rows(lens: dict[str, Any]) -> pl.DataFrame:

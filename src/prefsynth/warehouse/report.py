@@ -46,7 +46,9 @@ ORDER BY scorer, scorer_id, response_id
 """
 _PAIRS = """
 SELECT p.pair_id, p.source, p.scorer_id, coalesce(k.name, p.scorer_id) AS scorer, p.margin, p.score_chosen,
-       p.score_rejected, c.completion_tokens AS chosen_tokens, r.completion_tokens AS rejected_tokens
+       p.score_rejected, c.completion_tokens AS chosen_tokens, r.completion_tokens AS rejected_tokens,
+       json_extract(p.rule, '$.max_length_ratio') IS NOT NULL
+           OR coalesce(json_extract(p.rule, '$.length_matched')::BOOLEAN, false) AS length_controlled
 FROM run_pairs rp JOIN pairs p USING (pair_id) JOIN responses c ON c.response_id = p.chosen_id
 JOIN responses r ON r.response_id = p.rejected_id LEFT JOIN scorers k ON k.scorer_id = p.scorer_id
 WHERE rp.run_id = $run ORDER BY p.pair_id
@@ -98,7 +100,8 @@ class ReportData:
     run: dict[str, Any]
     summary: dict[str, Any]
     scores: pl.DataFrame  # scorer_id, scorer, kind, response_id, prompt_id, model, tokens, finish_reason, value
-    pairs: pl.DataFrame  # pair_id, source, scorer_id, scorer, margin, score_chosen/rejected, chosen/rejected_tokens
+    pairs: pl.DataFrame  # pair_id, source, scorer_id, scorer, margin, score_chosen/rejected, chosen/rejected_tokens,
+    # length_controlled (its rule had max_length_ratio or length_matched)
     extremes: pl.DataFrame  # side (most, least), the most and least confident pairs with their texts
     diagnostics: pl.DataFrame
     comparisons: pl.DataFrame
