@@ -75,14 +75,15 @@ SELECT d.scorer, k.kind, d.items, d.failed, d.failure_rate, d.length_corr, d.pos
        d.first_position_rate
 FROM scorer_diagnostics d LEFT JOIN scorers k USING (scorer_id) WHERE d.run_id = $run ORDER BY d.scorer, d.scorer_id
 """
-# the pairwise judges' comparisons among the run's responses
+# the pairwise judges' comparisons among the run's responses (the run's judges, as in _SCORES)
 _COMPARISONS = """
 WITH resp AS (SELECT r.response_id FROM responses r JOIN run_prompts rp ON rp.prompt_id = r.prompt_id
-              AND rp.run_id = $run)
+              AND rp.run_id = $run),
+used AS (SELECT DISTINCT scorer_id FROM scorer_diagnostics WHERE run_id = $run)
 SELECT k.name AS scorer, c.comparison_id, c.winner, c.consistent, c.flipped
 FROM comparisons c JOIN resp a ON a.response_id = c.response_a_id JOIN resp b ON b.response_id = c.response_b_id
 JOIN scorers k USING (scorer_id)
-WHERE c.scorer_id IN (SELECT scorer_id FROM scorer_diagnostics WHERE run_id = $run)
+WHERE NOT EXISTS (SELECT 1 FROM used) OR c.scorer_id IN (SELECT scorer_id FROM used)
 ORDER BY k.name, c.comparison_id
 """
 _PANELS = "SELECT name, aggregate, members, prompts, alpha, mean_tau FROM panel_runs WHERE run_id = $run ORDER BY name"
