@@ -301,7 +301,9 @@ def stats(
     before retries and seconds throttled by rate limits. Panels: Krippendorff's alpha and mean Kendall tau of
     their members. Prompt versions of synthesis loops (`prefsynth loop`): each one's rounds, pairs, accepted
     pairs and acceptance rate. Scorers against human labels (`prefsynth review import`): each scorer's n,
-    accuracy, ties and failed over the pairs people decided, as `prefsynth eval` reports them.
+    accuracy, ties and failed over the pairs people decided, as `prefsynth eval` reports them. Length control
+    (max_length_ratio, length_matched): per run, the pairs and the median lengths of chosen against rejected
+    before and after it.
     """
     from prefsynth.warehouse.store import Store
 
@@ -356,7 +358,9 @@ def stats(
                               ("panels (latest run of each)", data["panels"], ("panel_id", "run_id")),
                               ("scorers against human labels (prefsynth review import)", data["human_accuracy"],
                                ("scorer_id",)),
-                              ("replies cut off at max_tokens", data["truncation"], ())):  # fmt: skip
+                              ("replies cut off at max_tokens", data["truncation"], ()),
+                              ("length control: chosen against rejected tokens, before and after",
+                               data["length_control"], ())):  # fmt: skip
         if not rows:
             continue
         table = Table(title=title)
@@ -505,6 +509,32 @@ def datasets(db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("pre
                       str(s["n_pairs"]), s["counts"] or "–", (s["file_sha256"] or "–")[:12], escape(s["path"]),
                       str(s["created_at"])[:19])  # fmt: skip
     Console().print(table)
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option("--out", help="The HTML file to write.")],
+    db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("prefsynth.duckdb"),
+    run_id: Annotated[str | None, typer.Option("--run", help="A run id (default: the newest completed).")] = None,
+) -> None:
+    """Write one run as a self-contained HTML page: plots and tables, viewable offline.
+
+    Example: prefsynth report --db prefsynth.duckdb --out report.html
+
+    Plots: score distribution per scorer, margins of the curated pairs, reply length against score, chosen
+    against rejected length before and after length control, pairwise judges' position consistency and panel
+    agreement (where the run has them), and the pairs kept and dropped by each curation filter; then the most
+    and least confident pairs with their texts. Styles and plots (SVG) are inline and the page runs no script.
+    It reads the warehouse read-only, also while a run writes it.
+    """
+    from prefsynth.report import write_report
+
+    try:
+        data, path = write_report(db, out, run_id)
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    print(f"report of run {data.run['run_id']} ({data.run['status']}, {len(data.pairs)} pairs) -> {path} "
+          f"({path.stat().st_size / 1024:.0f} KiB)")
 
 
 @app.command("eval")

@@ -30,6 +30,7 @@ from prefsynth.flows.engine import Writer, writer_for
 from prefsynth.flows.exclusive import warehouse_turn
 from prefsynth.flows.stream import Streaming
 from prefsynth.flows.teach import Taught, teach
+from prefsynth.report.summary import artifact_table, markdown
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import RunSummary, StageCounts, StageResult, columns
 from prefsynth.tasks._async import run_async
@@ -44,6 +45,7 @@ from prefsynth.tasks.scorers import PairwiseScorer, Scorer, build_scorer
 from prefsynth.tasks.screen import same_text, screen
 from prefsynth.tasks.teacher import Teacher
 from prefsynth.warehouse.ids import canonical_json
+from prefsynth.warehouse.report import ReportData, report_data
 from prefsynth.warehouse.store import Store
 
 PROMPTS_PER_BLOCK = 256  # prompts planned against the warehouse in one read
@@ -89,7 +91,8 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
             summary.seconds = time.monotonic() - started
             summary.budget = run_budget.spent() if run_budget is not None else None
             store.end_run(summary.run_id, summary.status, summary.model_dump())
-    _publish(summary)
+            report = _report(store, summary.run_id)
+    _publish(summary, report)
     check_outcome(summary, config)
     return summary
 
@@ -256,6 +259,7 @@ def curation(
     if spec.sampled_rule is not None:
         curated = curate(values, responses, scorer_id, spec, margin, agree)
         summary.curation = {**summary.curation, **curated.counts}
+        summary.lengths = curated.lengths
         out.append(curated.pairs)
         steps = ", ".join(f"{k} {v}" for k, v in curated.counts.items())
         logger.info(f"curate[{spec.sampled_rule}]: margin >= {margin:g}; {steps}")
@@ -368,7 +372,16 @@ def flow_run_id() -> str | None:
     return str(value) if value else None
 
 
-def _publish(summary: RunSummary) -> None:
+def _report(store: Store, run_id: str) -> ReportData | None:
+    """The run as `prefsynth report` shows it, for the artifacts; None (with a warning) if it cannot be read."""
+    try:
+        return report_data(store, run_id)
+    except Exception as err:  # noqa: BLE001 - the run is recorded; only its report artifacts are missing
+        get_run_logger().warning(f"the report artifacts of run {run_id} are left out: {type(err).__name__}: {err}")
+        return None
+
+
+def _publish(summary: RunSummary, report: ReportData | None = None) -> None:
     rows = [s.model_dump() for s in summary.stages]
     create_table_artifact(
         table=rows,
@@ -385,6 +398,12 @@ def _publish(summary: RunSummary) -> None:
         create_markdown_artifact(key="prefsynth-curation", markdown="\n".join(
             [f"# Curation of run {summary.run_id}", "", f"{summary.pairs} pairs.", "", *lines]),
             description="what each curation step kept and removed")  # fmt: skip
+    if report is not None:  # `prefsynth report`'s numbers: per scorer as a table, everything as markdown
+        create_table_artifact(table=artifact_table(report), key="prefsynth-report-scorers",
+                              description=f"run {summary.run_id}: each scorer's values and length correlation")
+        create_markdown_artifact(key="prefsynth-report", markdown=markdown(report),
+                                 description=f"run {summary.run_id}: scorers, margins, lengths, judges, panels, "
+                                 "curation filters (the HTML page: prefsynth report)")  # fmt: skip
     get_run_logger().info(
         f"done{'' if summary.status == 'completed' else f' ({summary.status})'}: {summary.pairs} pairs, "
         f"{summary.model_calls} new model calls, "

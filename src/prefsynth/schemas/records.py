@@ -470,6 +470,7 @@ class RunSummary(BaseModel):
     stages: list[StageCounts] = []
     pairs: int = 0
     curation: dict[str, int] = {}  # what each curation step removed (tasks/curate.py STEPS)
+    lengths: dict[str, Any] = {}  # chosen against rejected length, before and after length control (Curated.lengths)
     exports: list[str] = []
     seconds: float = 0.0
     budget: str | None = None  # what the run's new calls spent against its budget, if it has one

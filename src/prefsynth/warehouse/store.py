@@ -685,7 +685,19 @@ class Store:
         out["truncation"] = self._dicts("SELECT * FROM v_truncation ORDER BY model")
         out["costs"] = self.costs()
         out["human_accuracy"] = self.human_accuracy()
+        out["length_control"] = self.length_control()
         return out
+
+    def length_control(self) -> list[dict[str, Any]]:
+        """Per run whose curation had length control: the pairs and the lengths of chosen against rejected
+        before and after it (medians in tokens, share with the longer reply chosen), from its summary."""
+        cols = ", ".join(f"json_extract(e.summary, '$.lengths.{when}.{key}')::{kind} AS {when}_{key}"
+                         for when in ("before", "after") for key, kind in (
+                             ("pairs", "BIGINT"), ("chosen_median", "DOUBLE"), ("rejected_median", "DOUBLE"),
+                             ("chosen_longer", "DOUBLE")))  # fmt: skip
+        return self._dicts(f"SELECT e.run_id, {cols} FROM run_ends e JOIN runs r USING (run_id) "
+                           "WHERE json_extract(e.summary, '$.lengths.length_control')::BOOLEAN "
+                           "ORDER BY r.started_at, e.run_id")  # fmt: skip
 
     def costs(self) -> list[dict[str, Any]]:
         """Calls, tokens and cost (None without a price) per run, stage and model, oldest run first. Cached
