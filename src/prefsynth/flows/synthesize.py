@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 from prefsynth.backends import budget
 from prefsynth.backends.budget import spending
 from prefsynth.backends.client import Endpoint, check_reachable
+from prefsynth.backends.hub import hub_token, push
 from prefsynth.backends.local import local_servers
 from prefsynth.errors import RunFailed
 from prefsynth.flows.engine import Writer, writer_for
@@ -212,11 +213,16 @@ def _run(
             logger.warning(f"export: this run made no {what}; {target.path} is left as it was")
             continue
         # the config owns its paths: overwrite
-        done = export(rows, target.path, target.format, target.margin, store.card_scorers(rows), run_id, overwrite=True)
+        done = export(rows, target.path, target.format, target.margin, store.card_scorers(rows), run_id,
+                      overwrite=True, splits=target.split_spec)  # fmt: skip
         store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), target.margin, done.row_ids,
-                              done.file_sha256, done.card_sha256, done.counts)  # fmt: skip
+                              done.file_sha256, done.card_sha256, done.counts, done.row_splits,
+                              done.splits)  # fmt: skip
         summary.exports.append(str(done.path))
         logger.info(f"export: {done.n_pairs} {what} -> {done.path} (margin: {target.margin})")
+        if target.push_to_hub is not None:  # the token was checked before the run started (api.py)
+            logger.info(f"export: pushed to {target.push_to_hub}: "
+                        f"{push(done, target.push_to_hub, target.private, hub_token())}")
 
 
 def check_budget(summary: RunSummary) -> None:

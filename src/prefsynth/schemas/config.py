@@ -406,12 +406,61 @@ ExportFormat = Literal["trl", "jsonl", "openrlhf", "sft"]
 MarginMode = Literal["none", "raw", "scaled", "teacher"]
 
 
+SPLIT_NAMES = ("train", "validation", "test")  # the names `datasets` and the Hub find in file names
+REPO_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
+
+
+def check_splits(fractions: dict[str, float]) -> dict[str, float]:
+    """Split fractions by prompt, in SPLIT_NAMES order: known names, each in (0, 1], summing to 1."""
+    if not fractions:
+        raise ValueError("splits: name at least one split, e.g. {train: 0.9, test: 0.1}")
+    unknown = sorted(set(fractions) - set(SPLIT_NAMES))
+    if unknown:
+        raise ValueError(f"splits: unknown split name {unknown[0]!r}; use {', '.join(SPLIT_NAMES)} (the names "
+                         "`datasets` and the Hub recognise in file names)")
+    for name, value in fractions.items():
+        if not 0 < value <= 1:
+            raise ValueError(f"splits: {name} must be a fraction of the prompts in (0, 1], got {value:g}")
+    total = sum(fractions.values())
+    if abs(total - 1) > 1e-9:
+        raise ValueError(f"splits: the fractions must sum to 1, got {total:g}")
+    return {name: fractions[name] for name in SPLIT_NAMES if name in fractions}
+
+
+class Splits(Strict):
+    """Train/test splits by prompt: every pair of a prompt lands in the split its seeded hash draws."""
+
+    fractions: dict[str, float]
+    seed: int = 0
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
+        return check_splits(value)
+
+
 class ExportTarget(Strict):
     format: ExportFormat = "trl"
     path: str = Field(..., description="Output folder (relative to the current directory).")
     margin: MarginMode = Field(
         "none", description="Write a `margin` column (read by TRL's RewardTrainer): none, raw, scaled or teacher."
     )
+    splits: dict[str, float] | None = Field(
+        None, description="Split the rows by prompt, e.g. {train: 0.9, test: 0.1}: one file per split (train, "
+        "validation, test), a prompt's pairs all in one split, drawn from a seeded hash of its id.")  # fmt: skip
+    seed: int = Field(0, description="The seed of the split draw (the same seed, the same split).")
+    push_to_hub: str | None = Field(None, pattern=REPO_ID, description="After the export, push its files and "
+                                    "card to this Hub dataset repo (ORG/NAME); needs a token (HF_TOKEN).")  # fmt: skip
+    private: bool = Field(False, description="push_to_hub: create the repo private.")
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        return None if value is None else check_splits(value)
+
+    @property
+    def split_spec(self) -> Splits | None:
+        return None if self.splits is None else Splits(fractions=self.splits, seed=self.seed)
 
 
 class PipelineConfig(Strict):
