@@ -352,6 +352,9 @@ class CurationSpec(Strict):
     decontaminate: list[EvalSet] = Field([], description="Evaluation sets: prompts sharing an n-gram with one of "
                                          "their items are left out and listed in prompt_flags.")  # fmt: skip
     ngram: int = Field(13, ge=3, description="Words per n-gram of the contamination check.")
+    ngram_min: int = Field(5, ge=1, description="An evaluation item shorter than `ngram` words but of at least "
+                           "this many matches a prompt that contains its whole word sequence (shorter items "
+                           "match only a prompt equal to them).")  # fmt: skip
 
     @property
     def rules(self) -> list[str]:

@@ -5,8 +5,10 @@
 - **Near duplicates**: MinHash LSH (datasketch) over word 3-grams, at an estimated Jaccard similarity of at
   least `near_threshold`. Of a group, the prompt with the smallest id stays.
 - **Contamination**: a prompt sharing a word n-gram (default 13, as in GPT-3's decontamination) with an item
-  of a user-given evaluation set is left out; a prompt shorter than n words matches an item equal to it.
-  The match is kept (`prompt_flags`: the benchmark and the item).
+  of a user-given evaluation set is left out. An item shorter than n words (a short question) matches a
+  prompt that contains its whole word sequence, if it has at least `ngram_min` words; a shorter item only
+  matches a prompt equal to it (as does a prompt shorter than n words). The match is kept (`prompt_flags`:
+  the benchmark and the item).
 - **Same text**: a pair whose two replies are duplicates (exactly, or near with `dedup: near`) teaches
   nothing and is dropped.
 The n-gram join is polars; MinHash is the library's.
@@ -115,17 +117,28 @@ def read_eval_set(spec: EvalSet) -> pl.DataFrame:
     return frame.select(benchmark=pl.lit(spec.name or path.stem), item=pl.col(spec.field).cast(pl.String)).drop_nulls()
 
 
-def contaminated(texts: pl.DataFrame, items: pl.DataFrame, n: int) -> pl.DataFrame:
-    """prompt_id, benchmark, item, gram: each prompt that shares an n-gram with an evaluation item (the first
+def contaminated(texts: pl.DataFrame, items: pl.DataFrame, n: int, n_min: int | None = None) -> pl.DataFrame:
+    """prompt_id, benchmark, item, gram: each prompt that shares an n-gram with an evaluation item, or contains
+    the whole word sequence of an item shorter than n words and at least `n_min` (default n: none), (the first
     match by benchmark and item)."""
+    schema = {"prompt_id": pl.String, "benchmark": pl.String, "item": pl.String, "gram": pl.String}
     if items.is_empty() or texts.is_empty():
-        return pl.DataFrame(schema={"prompt_id": pl.String, "benchmark": pl.String, "item": pl.String,
-                                    "gram": pl.String})  # fmt: skip
+        return pl.DataFrame(schema=schema)
     indexed = items.with_row_index("id").with_columns(pl.col("id").cast(pl.String))
     item_grams = _ngrams(indexed.select("id", text="item"), n).join(indexed, on="id").drop("id")
-    prompt_grams = _ngrams(texts.rename({"prompt_id": "id"}), n).rename({"id": "prompt_id"})
-    hits = prompt_grams.join(item_grams, on="gram").sort("prompt_id", "benchmark", "item", "gram")
-    return hits.group_by("prompt_id", maintain_order=True).first().select("prompt_id", "benchmark", "item", "gram")
+    prompts = texts.rename({"prompt_id": "id"})
+    prompt_grams = _ngrams(prompts, n).rename({"id": "prompt_id"})
+    hits = [prompt_grams.join(item_grams, on="gram").select(*schema)]
+    # short items: the prompts' k-grams for each length k of such items (one join per length, not per item)
+    lengths = normalized(indexed["item"]).str.split(" ").list.len()
+    short = indexed.with_columns(k=lengths, gram=normalized(pl.col("item"))).filter(
+        (pl.col("k") < n) & (pl.col("k") >= (n_min or n)) & (pl.col("gram") != ""))  # fmt: skip
+    for k in sorted(short["k"].unique().to_list()):
+        grams = _ngrams(prompts, k).rename({"id": "prompt_id"})
+        hits.append(grams.join(short.filter(pl.col("k") == k).select("gram", "benchmark", "item"), on="gram")
+                    .select(*schema))  # fmt: skip
+    found = pl.concat(hits).sort("prompt_id", "benchmark", "item", "gram")
+    return found.group_by("prompt_id", maintain_order=True).first()
 
 
 @task(name="screen", cache_policy=NO_CACHE)
@@ -142,7 +155,7 @@ def screen(prompts: pl.DataFrame, spec: CurationSpec) -> list[PromptFlag]:
         items = pl.concat([read_eval_set(e) for e in spec.decontaminate])
         flags += [PromptFlag(prompt_id=r["prompt_id"], kind="contaminated", of_id=None, benchmark=r["benchmark"],
                              item=r["item"][:1000], similarity=None) for r in
-                  contaminated(texts, items, spec.ngram).iter_rows(named=True)]  # fmt: skip
+                  contaminated(texts, items, spec.ngram, spec.ngram_min).iter_rows(named=True)]  # fmt: skip
     return flags
 
 
