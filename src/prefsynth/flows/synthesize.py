@@ -41,7 +41,7 @@ from prefsynth.tasks.export import export
 from prefsynth.tasks.ingest import no_prompts, read_prompts
 from prefsynth.tasks.panel import agreed_only, panel_id, run_panel
 from prefsynth.tasks.scorers import PairwiseScorer, Scorer, build_scorer
-from prefsynth.tasks.screen import same_text, screen
+from prefsynth.tasks.screen import same_text, screen, screen_responses
 from prefsynth.tasks.teacher import Teacher
 from prefsynth.warehouse.ids import canonical_json
 from prefsynth.warehouse.store import Store
@@ -183,6 +183,13 @@ def _run(
         values = {n: v.filter(~pl.col("prompt_id").is_in(left_out)) for n, v in values.items()}
         kinds = dict(sorted(Counter(f.kind for f in flags).items()))
         logger.info(f"screen: {len(left_out)} prompts left out of curation {kinds} (table prompt_flags)")
+    if config.curation.dedup_responses:  # replies that duplicate a reply to another prompt
+        copies = screen_responses(store.responses_by_ids(values[name]["response_id"]), config.curation)
+        store.write(run_id, StageResult(*copies))
+        dropped = [f.response_id for f in copies]
+        values = {n: v.filter(~pl.col("response_id").is_in(dropped)) for n, v in values.items()}
+        summary.curation = {**summary.curation, "duplicate_responses": len(dropped)}
+        logger.info(f"screen: {len(dropped)} replies duplicate a reply to another prompt (table prompt_flags)")
     on_budget = summary.status != "budget_exhausted"  # a spent budget makes no teacher call
     taught = teacher_stage(store, run_id, config, teacher, scorers, values[name]) if teacher and on_budget else None
     if taught is not None:

@@ -349,6 +349,9 @@ class CurationSpec(Strict):
         "exact", description="Leave out duplicate prompts (the smallest id of a group stays) and pairs of the same "
         "text: exact (after normalization) or near (MinHash LSH at near_threshold) as well.")  # fmt: skip
     near_threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity of near duplicates.")
+    dedup_responses: bool = Field(False, description="Also leave out of curation a reply that duplicates a reply "
+                                  "to another prompt (per `dedup`: exact, or near as well); listed in "
+                                  "prompt_flags.")  # fmt: skip
     decontaminate: list[EvalSet] = Field([], description="Evaluation sets: prompts sharing an n-gram with one of "
                                          "their items are left out and listed in prompt_flags.")  # fmt: skip
     ngram: int = Field(13, ge=3, description="Words per n-gram of the contamination check.")
@@ -370,6 +373,8 @@ class CurationSpec(Strict):
         sampled = [r for r in self.rules if r in SAMPLED_RULES]
         if len(sampled) > 1:
             raise ValueError(f"curation.rule: give one rule over sampled responses, not {sampled}")
+        if self.dedup_responses and self.dedup == "none":
+            raise ValueError("curation.dedup_responses follows `dedup`: set dedup to exact or near")
         return self
 
 

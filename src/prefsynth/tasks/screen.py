@@ -11,6 +11,11 @@
   the benchmark and the item).
 - **Same text**: a pair whose two replies are duplicates (exactly, or near with `dedup: near`) teaches
   nothing and is dropped.
+- **Duplicate responses across prompts** (`dedup_responses`): a reply that duplicates a reply to another prompt
+  (exactly, or near with `dedup: near`), such as the same boilerplate answer to different questions, is left
+  out of curation; of a group the reply with the smallest id stays, and replies to that reply's own prompt
+  are not duplicates of it (same-text pairs handle those). Listed in `prompt_flags` with `response_id` and
+  the reply it duplicates (`of_id`).
 The n-gram join is polars; MinHash is the library's.
 """
 
@@ -67,14 +72,17 @@ def _words(text: str) -> list[str]:
     return re.sub(r"[^\w\s]", "", unicodedata.normalize("NFKC", text).lower()).split() or [""]
 
 
-def _near(ids: list[str], words: list[list[str]], threshold: float) -> pl.DataFrame:
+def _near(ids: list[str], words: list[list[str]], threshold: float, groups: list[str] | None = None) -> pl.DataFrame:
+    """prompt_id (the id), duplicate_of, kind, similarity of the near duplicates among `ids`; with `groups`
+    (one per id), an item is never a duplicate of an item of its own group."""
     from datasketch import MinHashLSH
 
     hashes = dict(zip(ids, _minhashes(words), strict=True))
+    group = dict(zip(ids, groups or ids, strict=True))
     lsh = MinHashLSH(threshold=min(threshold, 0.9), num_perm=NUM_PERM)  # candidates; each is checked below
     rows = []
     for pid, mh in hashes.items():  # in id order: the smallest id of a group stays
-        found = [(other, mh.jaccard(hashes[other])) for other in lsh.query(mh)]
+        found = [(other, mh.jaccard(hashes[other])) for other in lsh.query(mh) if group[other] != group[pid]]
         found = [(o, s) for o, s in found if s >= threshold]
         if found:
             other, similarity = min(found)
@@ -83,6 +91,34 @@ def _near(ids: list[str], words: list[list[str]], threshold: float) -> pl.DataFr
             lsh.insert(pid, mh)
     return pl.DataFrame(rows, schema={"prompt_id": pl.String, "duplicate_of": pl.String, "kind": pl.String,
                                       "similarity": pl.Float64})  # fmt: skip
+
+
+def response_duplicates(texts: pl.DataFrame, near_threshold: float | None) -> pl.DataFrame:
+    """response_id, prompt_id, duplicate_of, kind (exact | near), similarity of every response among `texts`
+    (response_id, prompt_id, text) that duplicates a response to another prompt (the smallest id stays)."""
+    keyed = texts.with_columns(norm=normalized(pl.col("text"))).filter(pl.col("norm") != "")
+    keyed = keyed.with_columns(key=pl.col("norm").hash()).drop("norm").sort("response_id")
+    first = keyed.group_by("key").agg(duplicate_of=pl.col("response_id").min())
+    first = first.join(keyed.select(duplicate_of="response_id", of_prompt="prompt_id"), on="duplicate_of")
+    exact = keyed.join(first, on="key").filter(pl.col("prompt_id") != pl.col("of_prompt"))
+    exact = exact.select("response_id", "prompt_id", "duplicate_of", kind=pl.lit("exact"), similarity=pl.lit(1.0))
+    if near_threshold is None:
+        return exact.sort("response_id")
+    kept = keyed.join(exact.select("response_id"), on="response_id", how="anti").sort("response_id")
+    near = _near(kept["response_id"].to_list(), [_words(t) for t in kept["text"]], near_threshold,
+                 kept["prompt_id"].to_list()).rename({"prompt_id": "response_id"})  # fmt: skip
+    near = near.join(kept.select("response_id", "prompt_id"), on="response_id").select(exact.columns)
+    return pl.concat([exact, near]).sort("response_id")
+
+
+@task(name="screen-responses", cache_policy=NO_CACHE)
+def screen_responses(texts: pl.DataFrame, spec: CurationSpec) -> list[PromptFlag]:
+    """Prefect task: the flags of responses (response_id, prompt_id, text) that duplicate a response to another
+    prompt, per `spec.dedup` (exact, or near as well)."""
+    dups = response_duplicates(texts, spec.near_threshold if spec.dedup == "near" else None)
+    return [PromptFlag(prompt_id=r["prompt_id"], kind=f"{r['kind']}_duplicate_response", of_id=r["duplicate_of"],
+                       benchmark=None, item=None, similarity=r["similarity"], response_id=r["response_id"])
+            for r in dups.iter_rows(named=True)]  # fmt: skip
 
 
 def _ngrams(texts: pl.DataFrame, n: int) -> pl.DataFrame:
