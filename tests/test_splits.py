@@ -145,6 +145,11 @@ def test_a_snapshot_keeps_its_recorded_split(tmp_path):
     assert again.exit_code == 0 and "the bytes differ" in again.output
     assert pl.read_parquet(tmp_path / "b" / "train.parquet").height == 0
     assert pl.read_parquet(tmp_path / "b" / "test.parquet").height == 80
+    with duckdb.connect(str(db)) as con:  # a split the snapshot does not name: an error, not a lost row
+        con.execute("UPDATE snapshot_rows SET split = NULL WHERE row_id = 'p00-a'")
+    lost = runner.invoke(app, ["export", "--db", str(db), "--out", str(tmp_path / "c"), "--snapshot",
+                               _only_snapshot(db)])  # fmt: skip
+    assert lost.exit_code == 2 and "rows whose split is none of ['train', 'test']" in lost.output
 
 
 def _only_snapshot(db: Path) -> str:

@@ -122,6 +122,8 @@ def write_dataset(rows: pl.DataFrame, out_dir: str | Path, fmt: str, overwrite: 
     if splits is not None and "split" not in shaped.columns:
         shaped = assign_splits(shaped, splits)
     names: list[str | None] = list(splits.fractions) if splits is not None else [None]
+    if splits is not None and not shaped["split"].is_in(list(splits.fractions)).fill_null(False).all():  # no row lost
+        raise ExportError(f"rows whose split is none of {list(splits.fractions)}: {shaped['split'].unique().to_list()}")
     out = Path(out_dir)  # the rows are checked above, before any file is touched
     paths = {name: _target(out, FILES[fmt] if name is None else split_file(FILES[fmt], name), overwrite)
              for name in names}  # every target is checked before any is written  # fmt: skip
