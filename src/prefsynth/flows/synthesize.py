@@ -26,7 +26,7 @@ from prefsynth.backends.budget import spending
 from prefsynth.backends.client import Endpoint, check_reachable
 from prefsynth.backends.hub import hub_token, push
 from prefsynth.backends.local import local_servers
-from prefsynth.errors import RunFailed
+from prefsynth.errors import ExportError, RunFailed
 from prefsynth.flows.engine import Writer, writer_for
 from prefsynth.flows.exclusive import warehouse_turn
 from prefsynth.flows.stream import Streaming
@@ -228,8 +228,12 @@ def _run(
         summary.exports.append(str(done.path))
         logger.info(f"export: {done.n_pairs} {what} -> {done.path} (margin: {target.margin})")
         if target.push_to_hub is not None:  # the token was checked before the run started (api.py)
-            logger.info(f"export: pushed to {target.push_to_hub}: "
-                        f"{push(done, target.push_to_hub, target.private, hub_token())}")
+            try:
+                url = push(done, target.push_to_hub, target.private, hub_token())
+                logger.info(f"export: pushed to {target.push_to_hub}: {url}")
+            except ExportError as err:  # the run and its export stand; the push can be made again
+                logger.error(f"{err}. Push it again: prefsynth export --snapshot {done.snapshot_id[:12]} --out "
+                             f"{target.path} --overwrite --push-to-hub {target.push_to_hub}")  # fmt: skip
 
 
 def check_budget(summary: RunSummary) -> None:
