@@ -24,8 +24,9 @@ from prefect.runtime import flow_run
 from prefsynth.backends import budget
 from prefsynth.backends.budget import spending
 from prefsynth.backends.client import Endpoint, check_reachable
+from prefsynth.backends.hub import hub_token, push
 from prefsynth.backends.local import local_servers
-from prefsynth.errors import RunFailed
+from prefsynth.errors import ExportError, RunFailed
 from prefsynth.flows.engine import Writer, writer_for
 from prefsynth.flows.exclusive import warehouse_turn
 from prefsynth.flows.stream import Streaming
@@ -42,7 +43,7 @@ from prefsynth.tasks.ingest import no_prompts, read_prompts
 from prefsynth.tasks.panel import agreed_only, panel_id, run_panel
 from prefsynth.tasks.review import decisions, human_override
 from prefsynth.tasks.scorers import PairwiseScorer, Scorer, build_scorer
-from prefsynth.tasks.screen import same_text, screen
+from prefsynth.tasks.screen import same_text, screen, screen_responses
 from prefsynth.tasks.teacher import Teacher
 from prefsynth.warehouse.ids import canonical_json
 from prefsynth.warehouse.report import ReportData, report_data
@@ -186,6 +187,13 @@ def _run(
         values = {n: v.filter(~pl.col("prompt_id").is_in(left_out)) for n, v in values.items()}
         kinds = dict(sorted(Counter(f.kind for f in flags).items()))
         logger.info(f"screen: {len(left_out)} prompts left out of curation {kinds} (table prompt_flags)")
+    if config.curation.dedup_responses:  # replies that duplicate a reply to another prompt
+        copies = screen_responses(store.responses_by_ids(values[name]["response_id"]), config.curation)
+        store.write(run_id, StageResult(*copies))
+        dropped = [f.response_id for f in copies]
+        values = {n: v.filter(~pl.col("response_id").is_in(dropped)) for n, v in values.items()}
+        summary.curation = {**summary.curation, "duplicate_responses": len(dropped)}
+        logger.info(f"screen: {len(dropped)} replies duplicate a reply to another prompt (table prompt_flags)")
     on_budget = summary.status != "budget_exhausted"  # a spent budget makes no teacher call
     taught = teacher_stage(store, run_id, config, teacher, scorers, values[name]) if teacher and on_budget else None
     if taught is not None:
@@ -219,11 +227,20 @@ def _run(
             logger.warning(f"export: this run made no {what}; {target.path} is left as it was")
             continue
         # the config owns its paths: overwrite
-        done = export(rows, target.path, target.format, target.margin, store.card_scorers(rows), run_id, overwrite=True)
+        done = export(rows, target.path, target.format, target.margin, store.card_scorers(rows), run_id,
+                      overwrite=True, splits=target.split_spec)  # fmt: skip
         store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), target.margin, done.row_ids,
-                              done.file_sha256, done.card_sha256, done.counts)  # fmt: skip
+                              done.file_sha256, done.card_sha256, done.counts, done.row_splits,
+                              done.splits)  # fmt: skip
         summary.exports.append(str(done.path))
         logger.info(f"export: {done.n_pairs} {what} -> {done.path} (margin: {target.margin})")
+        if target.push_to_hub is not None:  # the token was checked before the run started (api.py)
+            try:
+                url = push(done, target.push_to_hub, target.private, hub_token())
+                logger.info(f"export: pushed to {target.push_to_hub}: {url}")
+            except ExportError as err:  # the run and its export stand; the push can be made again
+                logger.error(f"{err}. Push it again: prefsynth export --snapshot {done.snapshot_id[:12]} --out "
+                             f"{target.path} --overwrite --push-to-hub {target.push_to_hub}")  # fmt: skip
 
 
 def check_budget(summary: RunSummary) -> None:

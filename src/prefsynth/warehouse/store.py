@@ -360,33 +360,36 @@ class Store:
         return self._transaction(write)
 
     def record_snapshot(self, snapshot_id: str, run_id: str | None, fmt: str, path: str, margin: str,
-                        row_ids: list[str], file_sha256: str, card_sha256: str,
-                        counts: dict[str, int]) -> bool:  # fmt: skip
-        """One exported file as an immutable snapshot: its rows (pairs, or anchors for `sft`), margin mode and
-        content hashes. A snapshot already recorded (the same rows, format and margin) is kept: False."""
-        links = pl.DataFrame({"snapshot_id": [snapshot_id] * len(row_ids), "row_id": row_ids},
-                             schema={"snapshot_id": pl.String, "row_id": pl.String})
+                        row_ids: list[str], file_sha256: str, card_sha256: str, counts: dict[str, int],
+                        row_splits: list[str] | None = None, splits: dict[str, Any] | None = None) -> bool:  # fmt: skip
+        """One export as an immutable snapshot: its rows (pairs, or anchors for `sft`) and with splits each row's
+        split, margin mode, content hashes, and `splits` (seed, fractions, each split's file and hash). A
+        snapshot already recorded (the same rows, format, margin and splits) is kept: False."""
+        links = pl.DataFrame({"snapshot_id": [snapshot_id] * len(row_ids), "row_id": row_ids,
+                              "split": row_splits if row_splits is not None else [None] * len(row_ids)},
+                             schema={"snapshot_id": pl.String, "row_id": pl.String, "split": pl.String})  # fmt: skip
         with self._lock:  # its rows first, then the snapshot: one statement each, so it also works through a run
             self._insert_rows("snapshot_rows", links)  # that holds the file (sharing.py), which has no transaction
             added = self.con.execute(
                 "INSERT INTO dataset_snapshots (snapshot_id, run_id, format, path, n_pairs, margin, file_sha256, "
-                "card_sha256, counts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                "card_sha256, counts, splits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [snapshot_id, run_id, fmt, path, len(row_ids), margin, file_sha256, card_sha256,
-                 json.dumps(counts, sort_keys=True)]).fetchone()[0]  # fmt: skip
+                 json.dumps(counts, sort_keys=True), None if splits is None else json.dumps(splits)]
+            ).fetchone()[0]  # fmt: skip
         return bool(added)
 
     def snapshots(self) -> list[dict[str, Any]]:
         return self._dicts("SELECT * FROM dataset_snapshots ORDER BY created_at, snapshot_id")
 
     def snapshot(self, snapshot_id: str) -> tuple[dict[str, Any], pl.DataFrame] | None:
-        """A snapshot (a unique prefix of its id will do) and the rows it exported, or None."""
+        """A snapshot (a unique prefix of its id will do) and the rows it exported (with their `split`), or None."""
         found = self._dicts_with("SELECT * FROM dataset_snapshots WHERE starts_with(snapshot_id, $1) "
                                  "ORDER BY snapshot_id", [snapshot_id])  # fmt: skip
         if len(found) != 1:
             return None
         snap = found[0]
         view, key = export_view(snap["format"])
-        rows = self._query(f"SELECT v.* FROM {view} v JOIN snapshot_rows s ON s.row_id = v.{key} AND "
+        rows = self._query(f"SELECT v.*, s.split FROM {view} v JOIN snapshot_rows s ON s.row_id = v.{key} AND "
                            f"s.snapshot_id = $1 WHERE v.run_id = $2 ORDER BY v.prompt_id, v.{key}",
                            [snap["snapshot_id"], snap["run_id"]])  # fmt: skip
         return snap, rows
