@@ -43,3 +43,15 @@ def test_items_below_ngram_min_match_only_equal_prompts_and_long_items_still_by_
     hits = contaminated(texts, items, 13, 5)
     assert hits.select("prompt_id", "benchmark").rows() == [("b", "tiny"), ("c", "long")]
     assert len(hits.filter(pl.col("prompt_id") == "c")["gram"][0].split()) == 13
+
+
+def test_a_short_prompt_inside_a_long_eval_item_is_caught():
+    """The reverse direction: a benchmark's question asked alone, its item holding context and answer."""
+    items = pl.DataFrame({"benchmark": ["quiz"], "item": [f"Context: {LONG} Question: Which planet is closest to "
+                                                          "the Sun? Answer: Mercury."]})  # fmt: skip
+    texts = _texts({"alone": QUESTION, "common": "Which planet do you like the most?",
+                    "tiny": "the sun"})  # fmt: skip
+    hits = contaminated(texts, items, 13, 5)
+    assert hits.select("prompt_id", "benchmark", "gram").rows() == [("alone", "quiz",
+                                                                     "which planet is closest to the sun")]
+    assert contaminated(texts, items, 13, 8).is_empty()  # the 7-word prompt is below ngram_min 8

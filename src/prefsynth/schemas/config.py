@@ -358,9 +358,9 @@ class CurationSpec(Strict):
     human_override: bool = Field(
         True, description="Human verdicts (`prefsynth review import`) override the machine's: a pair people "
         "prefer the other way round is flipped (scorer `human`), a tie drops it. Without labels nothing changes.")
-    ngram_min: int = Field(5, ge=1, description="An evaluation item shorter than `ngram` words but of at least "
-                           "this many matches a prompt that contains its whole word sequence (shorter items "
-                           "match only a prompt equal to them).")  # fmt: skip
+    ngram_min: int = Field(5, ge=1, description="An evaluation item (or a prompt) shorter than `ngram` words but "
+                           "of at least this many matches a prompt (an item) that contains its whole word "
+                           "sequence; shorter texts match only equal ones.")  # fmt: skip
 
     @property
     def rules(self) -> list[str]:

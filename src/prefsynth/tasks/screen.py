@@ -6,9 +6,9 @@
   least `near_threshold`. Of a group, the prompt with the smallest id stays.
 - **Contamination**: a prompt sharing a word n-gram (default 13, as in GPT-3's decontamination) with an item
   of a user-given evaluation set is left out. An item shorter than n words (a short question) matches a
-  prompt that contains its whole word sequence, if it has at least `ngram_min` words; a shorter item only
-  matches a prompt equal to it (as does a prompt shorter than n words). The match is kept (`prompt_flags`:
-  the benchmark and the item).
+  prompt that contains its whole word sequence, and a prompt shorter than n words matches an item that
+  contains it (a benchmark question asked alone), if the shorter text has at least `ngram_min` words; below
+  that, only equal texts match. The match is kept (`prompt_flags`: the benchmark and the item).
 - **Same text**: a pair whose two replies are duplicates (exactly, or near with `dedup: near`) teaches
   nothing and is dropped.
 - **Duplicate responses across prompts** (`dedup_responses`): a reply that duplicates a reply to another prompt
@@ -154,9 +154,9 @@ def read_eval_set(spec: EvalSet) -> pl.DataFrame:
 
 
 def contaminated(texts: pl.DataFrame, items: pl.DataFrame, n: int, n_min: int | None = None) -> pl.DataFrame:
-    """prompt_id, benchmark, item, gram: each prompt that shares an n-gram with an evaluation item, or contains
-    the whole word sequence of an item shorter than n words and at least `n_min` (default n: none), (the first
-    match by benchmark and item)."""
+    """prompt_id, benchmark, item, gram: each prompt that shares an n-gram with an evaluation item, or where the
+    shorter of the two (fewer than n words, at least `n_min`; default n: none) is a whole word sequence of the
+    other (the first match by benchmark and item)."""
     schema = {"prompt_id": pl.String, "benchmark": pl.String, "item": pl.String, "gram": pl.String}
     if items.is_empty() or texts.is_empty():
         return pl.DataFrame(schema=schema)
@@ -165,16 +165,24 @@ def contaminated(texts: pl.DataFrame, items: pl.DataFrame, n: int, n_min: int | 
     prompts = texts.rename({"prompt_id": "id"})
     prompt_grams = _ngrams(prompts, n).rename({"id": "prompt_id"})
     hits = [prompt_grams.join(item_grams, on="gram").select(*schema)]
-    # short items: the prompts' k-grams for each length k of such items (one join per length, not per item)
-    lengths = normalized(indexed["item"]).str.split(" ").list.len()
-    short = indexed.with_columns(k=lengths, gram=normalized(pl.col("item"))).filter(
-        (pl.col("k") < n) & (pl.col("k") >= (n_min or n)) & (pl.col("gram") != ""))  # fmt: skip
-    for k in sorted(short["k"].unique().to_list()):
+    # a short item inside a prompt, or a short prompt inside an item: the longer side's k-grams for each length
+    # k of the shorter side's texts (one join per length, not per text)
+    for k, short_items in _short(indexed, "item", n, n_min):
         grams = _ngrams(prompts, k).rename({"id": "prompt_id"})
-        hits.append(grams.join(short.filter(pl.col("k") == k).select("gram", "benchmark", "item"), on="gram")
-                    .select(*schema))  # fmt: skip
+        hits.append(grams.join(short_items.select("gram", "benchmark", "item"), on="gram").select(*schema))
+    for k, short_prompts in _short(prompts, "text", n, n_min):
+        grams = _ngrams(indexed.select("id", text="item"), k).join(indexed, on="id").drop("id")
+        hits.append(grams.join(short_prompts.select("gram", prompt_id="id"), on="gram").select(*schema))
     found = pl.concat(hits).sort("prompt_id", "benchmark", "item", "gram")
     return found.group_by("prompt_id", maintain_order=True).first()
+
+
+def _short(frame: pl.DataFrame, column: str, n: int, n_min: int | None) -> list[tuple[int, pl.DataFrame]]:
+    """Per word count k in [n_min, n): the rows whose normalized `column` has k words, with it as `gram`."""
+    short = frame.with_columns(gram=normalized(pl.col(column))).with_columns(
+        k=pl.col("gram").str.split(" ").list.len()).filter(
+        (pl.col("k") < n) & (pl.col("k") >= (n_min or n)) & (pl.col("gram") != ""))  # fmt: skip
+    return [(k, short.filter(pl.col("k") == k)) for k in sorted(short["k"].unique().to_list())]
 
 
 @task(name="screen", cache_policy=NO_CACHE)
