@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from prefsynth.errors import PrefsynthError, WarehouseError
 from prefsynth.schemas.records import TABLES, HumanLabel, Message, Pair, Prompt, ReviewTask, StageResult, columns
+from prefsynth.warehouse import ducklake
 from prefsynth.warehouse.sharing import QueryServer, RemoteConnection, serving
 
 _log = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ def _open_failure(path: Path, err: duckdb.Error) -> str:
 
 
 class Store:
-    """A DuckDB warehouse file: migrations on open, batched writes, the reads the pipeline needs."""
+    """A DuckDB warehouse file (or a DuckLake warehouse: ducklake.py): migrations on open, batched writes, the
+    reads the pipeline needs."""
 
     def __init__(self, path: str | Path, read_only: bool = False, create: bool = True, wait_s: float | None = None,
                  notify: Callable[[str], None] = _log.warning) -> None:  # fmt: skip
@@ -163,13 +165,17 @@ class Store:
         Without it, a file a run holds is read (and written, e.g. an export's snapshot row) through that run.
         """
         self.path = Path(path)
-        if (read_only or not create) and not self.path.exists():
-            raise WarehouseError(f"warehouse not found: {self.path}")
-        if not read_only:
-            _make_folder(self.path)
-        self.con: Any = _connect(self.path, read_only, wait_s, notify)
         self._lock = threading.Lock()
         self._server: QueryServer | None = None
+        lake = ducklake.parse(path) if ducklake.is_lake(path) else None
+        if lake is None and (read_only or not create) and not self.path.exists():
+            raise WarehouseError(f"warehouse not found: {self.path}")
+        if lake is None and not read_only:
+            _make_folder(self.path)
+        self.con: Any = ducklake.connect(lake, read_only) if lake else _connect(self.path, read_only, wait_s, notify)
+        if lake is not None and (read_only or not create) and self.schema_version() == 0:
+            self.close()
+            raise WarehouseError(f"warehouse not found: {lake.url} (its catalog has no prefsynth tables)")
         remote = isinstance(self.con, RemoteConnection)
         if not read_only and not remote:
             self.migrate()
@@ -177,7 +183,7 @@ class Store:
             self.close()
             raise WarehouseError(f"warehouse {self.path} has schema version {version}, this prefsynth needs "
                                  f"{len(_migrations())}: open it once read-write (e.g. `prefsynth run`) to migrate it")
-        if wait_s is not None:
+        if wait_s is not None and lake is None:  # a lake's catalog takes other processes itself
             self._server = QueryServer(self.path, self.con, self._lock).start()
 
     def close(self) -> None:
@@ -210,16 +216,18 @@ class Store:
             version = int(item.name.split("_", 1)[0])
             if version in done:
                 continue
-            self.con.execute("BEGIN")
-            try:
+
+            def step(version: int = version, item: Any = item) -> bool:
+                """Apply one migration unless another process has (a DuckLake warehouse has several writers)."""
+                if self.con.execute("SELECT count(*) FROM schema_version WHERE version = ?", [version]).fetchone()[0]:
+                    return False
                 self.con.execute(item.read_text(encoding="utf-8"))
                 self.con.execute("INSERT INTO schema_version (version, name) VALUES (?, ?)", [version, item.name])
-                self.con.execute("COMMIT")
-            except Exception:
-                self.con.execute("ROLLBACK")
-                raise
+                return True
+
+            if self._transaction(step):
+                applied.append(version)
             self.con.execute("CHECKPOINT")
-            applied.append(version)
         return applied
 
     def schema_version(self) -> int:
@@ -255,15 +263,21 @@ class Store:
         return self.con.execute(f"SELECT count(*) FROM {_table(table)}").fetchone()[0]
 
     def _transaction(self, fn: Any) -> Any:
-        with self._lock:
-            self.con.execute("BEGIN")
-            try:
-                out = fn()
-                self.con.execute("COMMIT")
-                return out
-            except BaseException:
-                self.con.execute("ROLLBACK")
-                raise
+        """fn() in one transaction. On a DuckLake commit conflict (another writer committed meanwhile) it runs
+        again, so fn must be replayable (ducklake.py)."""
+        for attempt in itertools.count():
+            with self._lock:
+                self.con.execute("BEGIN")
+                try:
+                    out = fn()
+                    self.con.execute("COMMIT")
+                    return out
+                except BaseException as err:
+                    self.con.execute("ROLLBACK")
+                    if (wait := ducklake.retry_wait(self.con, err, attempt)) is None:
+                        raise
+            time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def begin_run(
         self, run_id: str, name: str, config_json: str, flow_run_id: str | None, kind: str = "synthesize"
@@ -298,6 +312,9 @@ class Store:
     def ingest_prompts(self, run_id: str, prompts: Iterable[Prompt], batch: int = 10_000) -> tuple[int, int, int]:
         """Write a run's prompts (new ones) and links as they are read, in one transaction, so a bad record
         late in the source leaves nothing behind. Returns (read, new, distinct prompts linked to the run)."""
+
+        if getattr(self.con, "replays", False):  # a transaction that may run again reads its input again
+            prompts = list(prompts)
 
         def write() -> tuple[int, int, int]:
             read = new = linked = 0
