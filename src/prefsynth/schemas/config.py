@@ -481,7 +481,9 @@ class PipelineConfig(Strict):
     scorers: list[ScorerEntry] = Field(..., min_length=1)
     curation: CurationSpec = CurationSpec()
     export: list[ExportTarget] = []
-    warehouse: str = Field("prefsynth.duckdb", description="DuckDB file (relative to the current directory).")
+    warehouse: str = Field("prefsynth.duckdb", description="DuckDB file (relative to the current directory), or a "
+                           "DuckLake warehouse: ducklake:postgres://USER@HOST:PORT/DBNAME?data_path=FOLDER "
+                           "(password from PGPASSWORD).")  # fmt: skip
     warehouse_wait_s: float = Field(600, ge=0, description="How long a run waits for another process to let "
                                     "go of the warehouse file before it gives up.")  # fmt: skip
     panel: PanelSpec | None = Field(None, description="Aggregate several scorers and measure their agreement.")
@@ -491,6 +493,20 @@ class PipelineConfig(Strict):
     failures_fatal: bool = Field(False, description="Exit non-zero when any item failed.")
     budget: Budget | None = Field(None, exclude_if=_unset, description="Stop making new calls at this many "
                                   "tokens or this cost (per run; a loop's budget covers all its rounds).")  # fmt: skip
+
+    @field_validator("warehouse")
+    @classmethod
+    def _warehouse(cls, value: str) -> str:
+        """A DuckLake name is checked here (no password in it: configs are stored and logged)."""
+        from prefsynth.errors import WarehouseError
+        from prefsynth.warehouse import ducklake
+
+        if ducklake.is_lake(value):
+            try:
+                ducklake.parse(value)
+            except WarehouseError as err:
+                raise ValueError(str(err)) from None
+        return value
 
     @model_validator(mode="after")
     def _names(self) -> PipelineConfig:

@@ -45,6 +45,7 @@ PREFIX = "ducklake:"
 PASSWORD_ENV = "PGPASSWORD"
 MAX_ATTEMPTS = 30  # commits of one transaction before a conflict is an error
 _GATE = "prefsynth_write_gate"
+retried = 0  # transactions of this process run again after a commit conflict (the tests and bench read it)
 _EXTENSIONS = {"ducklake": "ducklake", "postgres": "postgres_scanner"}  # package -> duckdb's extension name
 
 
@@ -329,4 +330,6 @@ def _conflict_wait(err: BaseException, attempt: int) -> float | None:
     text = str(err)
     if "conflict" not in text.lower() and "Failed to commit DuckLake transaction" not in text:
         return None
+    global retried
+    retried += 1
     return random.uniform(0.01, 0.05) * min(2**attempt, 20)  # jitter: the writers do not collide again in step

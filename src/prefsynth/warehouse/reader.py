@@ -11,6 +11,7 @@ from typing import Any
 import polars as pl
 
 from prefsynth.errors import WarehouseError
+from prefsynth.warehouse.ducklake import is_lake
 from prefsynth.warehouse.store import Store
 
 _RUNS = """
@@ -30,7 +31,7 @@ class Warehouse:
 
     def __init__(self, path: str | Path = "prefsynth.duckdb") -> None:
         self.path = Path(path)
-        if not self.path.exists():
+        if not is_lake(path) and not self.path.exists():
             raise WarehouseError(f"warehouse not found: {self.path}")
 
     def __repr__(self) -> str:
