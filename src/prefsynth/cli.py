@@ -46,7 +46,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
-DB_HELP = "DuckDB warehouse file."
+DB_HELP = ("DuckDB warehouse file, or a DuckLake warehouse: ducklake:postgres://USER@HOST:PORT/DBNAME "
+           "(password from PGPASSWORD).")
 DbOption = Annotated[Path | None, typer.Option("--db", help=DB_HELP + " Overrides the config's `warehouse`.")]
 
 
