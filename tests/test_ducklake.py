@@ -244,3 +244,5 @@ def test_the_pipeline_gives_the_same_pairs_on_both_backends_with_two_processes_o
         exported.append(pl.read_parquet(out / "train.parquet").select("prompt", "chosen", "rejected"))
     assert len(exported[0]) == len(pairs) and exported[0].sort(pl.all()).equals(exported[1].sort(pl.all()))
     assert _lake_rows(catalog, "SELECT count(*) FROM dataset_snapshots") == [(1,)]
+    report = CliRunner().invoke(app, ["report", "--db", catalog, "--out", str(tmp_path / "report.html")])
+    assert report.exit_code == 0 and "<svg" in (tmp_path / "report.html").read_text(), report.output
