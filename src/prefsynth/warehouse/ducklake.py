@@ -23,6 +23,7 @@ as it talks to a duckdb connection, with the same SQL:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import importlib.metadata
 import itertools
@@ -230,15 +231,19 @@ def connect(lake: Lake, read_only: bool) -> LakeConnection:
 
 
 def _make_gate(con: duckdb.DuckDBPyConnection) -> None:
-    """The write gate's table and its row, once per catalog (two first writers may both add a row: harmless,
-    a bump updates every row)."""
+    """The write gate's table and its row, made in one transaction once per catalog (a bump must never find
+    the table empty; two first writers that both create it conflict, and the later one finds it)."""
     for attempt in range(MAX_ATTEMPTS):
         try:
+            con.execute("BEGIN")
             con.execute(f"CREATE TABLE IF NOT EXISTS {_GATE} (writes BIGINT)")
             if not con.execute(f"SELECT count(*) FROM {_GATE}").fetchone()[0]:
                 con.execute(f"INSERT INTO {_GATE} VALUES (0)")
+            con.execute("COMMIT")
             return
         except duckdb.Error as err:
+            with contextlib.suppress(duckdb.Error):  # a failed COMMIT has ended the transaction already
+                con.execute("ROLLBACK")
             if (wait := _conflict_wait(err, attempt)) is None:
                 raise
             time.sleep(wait)
