@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[local]'
 	touch $(STAMP)
 
-# the tests (and ruff) also need dev and cover in-process reward models: the transformers extra (CPU torch)
+# the tests (and ruff) also need dev and cover in-process reward models: the transformers extra (CPU torch),
+# and the Ray runner: the ray extra (ray, prefect-ray)
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[dev,local,transformers]'
+	$(PY) -m pip install -q -e '.[dev,local,transformers,ray]'
 	touch $(TEST_STAMP)
 
 install: $(STAMP)

@@ -47,6 +47,8 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 DB_HELP = "DuckDB warehouse file."
+RUNNER_HELP = ("threads | ray: where in-process reward models and dedup run (overrides the config's `runner`); "
+               "ray needs prefsynth[ray] and uses ray_address / RAY_ADDRESS, else a local Ray instance.")
 DbOption = Annotated[Path | None, typer.Option("--db", help=DB_HELP + " Overrides the config's `warehouse`.")]
 
 
@@ -90,7 +92,7 @@ def _fail(err: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _run_config(config_path: Path | None, db: Path | None, packaged: bool = False) -> None:
+def _run_config(config_path: Path | None, db: Path | None, packaged: bool = False, runner: str | None = None) -> None:
     """`prefsynth.run` with progress bars, then the summary table and the timings split."""
     signal.signal(signal.SIGTERM, _stop)  # `timeout`, `docker stop`, a scheduler's preemption: stop as on Ctrl-C
     try:
@@ -99,9 +101,9 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
         with _Bars().shown():
             if packaged:
                 with resources.as_file(resources.files("prefsynth").joinpath("examples", "quickstart.yaml")) as p:
-                    result = run(p, db=db)
+                    result = run(p, db=db, runner=runner)
             else:
-                result = run(config_path, db=db)  # type: ignore[arg-type]
+                result = run(config_path, db=db, runner=runner)  # type: ignore[arg-type]
     except RunFailed as err:  # the flow failed the run (no results, or failures_fatal): show it, exit 1
         if err.summary is not None:
             _show_summary(err.summary)
@@ -165,16 +167,17 @@ def _import_seconds() -> float:
 def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")],
     db: DbOption = None,
+    runner: Annotated[str | None, typer.Option("--runner", help=RUNNER_HELP)] = None,
 ) -> None:
     """Run a pipeline config: ingest, generate, score, curate, export.
 
-    Example: prefsynth run examples/quickstart.yaml --db my.duckdb
+    Example: prefsynth run examples/quickstart.yaml --db my.duckdb --runner ray
 
     A rerun of the same config makes no new model calls; new prompts compute only what is missing. With a
     `budget` in the config, the run stops making calls when it is spent and exits 3 (status
     budget_exhausted); run it again to continue.
     """
-    _run_config(config, db)
+    _run_config(config, db, runner=runner)
 
 
 @app.command()

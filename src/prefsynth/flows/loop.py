@@ -114,7 +114,8 @@ def synthesis_loop(config: PipelineConfig, db: str | None = None) -> LoopSummary
         for model in (checker, optimizer):
             servers.check(model)
         judges = LoopJudges(spec, servers.endpoint(checker), servers.endpoint(optimizer))
-        loop_id = content_id("loop", canonical_json(config.model_dump(exclude={"warehouse"})), judges.template)
+        stored = config.model_dump(exclude={"warehouse", "runner", "ray_address"})  # not where it runs
+        loop_id = content_id("loop", canonical_json(stored), judges.template)
         summary = LoopSummary(loop_id=loop_id, run_id=uuid.uuid4().hex, name=config.name, warehouse=warehouse)
         target = version("target", config.generation.system_prompt or DEFAULT_TARGET, None, loop_id, 1)
         judge = version("judge", judge_spec.rubric, None, loop_id, 1)  # type: ignore[attr-defined]

@@ -434,6 +434,11 @@ class PipelineConfig(Strict):
     failures_fatal: bool = Field(False, description="Exit non-zero when any item failed.")
     budget: Budget | None = Field(None, exclude_if=_unset, description="Stop making new calls at this many "
                                   "tokens or this cost (per run; a loop's budget covers all its rounds).")  # fmt: skip
+    runner: Literal["threads", "ray"] = Field("threads", exclude_if=lambda v: v == "threads", description=(
+        "Where in-process heavy steps (in-process reward models, dedup) run: `threads` of the flow process, or "
+        "`ray` (extra prefsynth[ray]): Prefect tasks on a Ray cluster through prefect-ray."))  # fmt: skip
+    ray_address: str | None = Field(None, exclude_if=_unset, description="With runner: ray, the Ray cluster "
+                                    "(e.g. ray://head:10001); default RAY_ADDRESS, else a local Ray instance.")
 
     @model_validator(mode="after")
     def _names(self) -> PipelineConfig:
