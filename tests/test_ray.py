@@ -4,12 +4,15 @@ real DuckDB, real Prefect, a small transformers classifier built by the test).""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import pickle
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import duckdb
@@ -20,7 +23,7 @@ from typer.testing import CliRunner
 from prefsynth.backends.client import ClientPool, ModelClient
 from prefsynth.backends.hf_reward import HFRewardModel, shared_model
 from prefsynth.cli import app
-from prefsynth.flows.runner import RayRunner
+from prefsynth.flows.runner import Batches, RayRunner
 from prefsynth.tasks.scorers.reward_model import RewardModelSpec, reward_batch
 from prefsynth.warehouse.store import Store
 from tests.conftest import write_jsonl
@@ -132,24 +135,61 @@ def test_ray_runner_gives_exactly_the_threads_runners_scores(tmp_path, prefect_h
 
 @pytest.mark.transformers
 @pytest.mark.ray
-def test_a_task_given_the_store_is_refused_and_the_model_loads_once_per_process(tmp_path, prefect_harness,
-                                                                                local_ray):  # fmt: skip
+def test_a_task_given_the_store_is_refused_and_the_model_loads_once_per_process(
+    tmp_path, prefect_harness, local_ray, one_torch_thread
+):
     from prefect_ray import RayTaskRunner
 
     folder = make_model(tmp_path / "rm")
-    spec = RewardModelSpec(path=str(folder), batch_size=2)
+    spec = RewardModelSpec(path=str(folder), batch_size=1)
     identity = HFRewardModel(folder, spec.max_length).identity
     with Store(tmp_path / "w.duckdb") as store, RayTaskRunner() as runner:
         with pytest.raises(TypeError, match="pickle"):  # a live DuckDB connection cannot travel to a worker
             runner.submit(reward_batch, {"spec": spec, "identity": store, "conversations": CONVERSATIONS})
         on_ray = RayRunner(runner).call(reward_batch, spec=spec, identity=identity, conversations=CONVERSATIONS)
     here = reward_batch.fn(spec, identity, CONVERSATIONS)
-    assert [r.value for r in on_ray] == pytest.approx([r.value for r in here], abs=1e-5)
-    assert all(r.value is not None for r in here)
+    assert all(r.value is not None for r in here) and len({r.value for r in here}) == 3
+    assert [(r.value, r.details) for r in on_ray] == [(r.value, r.details) for r in here]  # one task, three items
     # one instance per process and folder identity: a worker loads the model once for all its batches
     assert shared_model(str(folder), spec.max_length, identity) is shared_model(str(folder), spec.max_length, identity)
     wrong = reward_batch.fn(spec, "hf:sha256:other", CONVERSATIONS)
     assert all(r.value is None and "other files" in (r.error or "") for r in wrong)
+
+
+class FakeRay:
+    """Stands in for a RayRunner: runs the 'task' here (doubling numbers), keeps each batch, and holds the
+    first task run until released, so that items arrive while all task runs are busy."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = threading.Event()
+
+    def call(self, task: Any, **parameters: Any) -> list[int]:
+        self.batches.append(parameters["items"])
+        if len(self.batches) == 1:
+            assert self.release.wait(10)
+        return [2 * x for x in parameters["items"]]
+
+
+def test_batches_go_at_once_when_a_task_run_is_free_and_together_when_all_are_busy():
+    fake = FakeRay()
+    task = SimpleNamespace(name="double")
+    batches = Batches(fake, task, "items", size=3, fixed={}, in_flight=1)  # type: ignore[arg-type]
+
+    async def main() -> list[list[int]]:
+        first = asyncio.create_task(batches([1]))
+        await asyncio.sleep(0)  # the first goes alone, at once; the rest wait for its task run
+        rest = [asyncio.create_task(batches([x])) for x in (2, 3, 4, 5)]
+        await asyncio.sleep(0)
+        fake.release.set()
+        return [await first, *[await r for r in rest]]
+
+    try:
+        assert asyncio.run(main()) == [[2], [4], [6], [8], [10]]  # each caller gets its own results
+    finally:
+        batches.close()
+    assert fake.batches == [[1], [2, 3, 4], [5]]  # at most `size` per task run
+    assert batches.task_runs == 3
 
 
 def test_runner_ray_without_the_extra_is_a_clear_error(tmp_path, monkeypatch):

@@ -8,8 +8,8 @@ per-endpoint limiters: Ray adds nothing to waiting on a server.
 A task sent to Ray takes plain data and returns plain data: a scorer's spec and a batch of conversations,
 the run's prompts and the curation spec; never the Store, a client or a closure. The flow writes what comes
 back; workers never open the warehouse. Prefect sees batches, never one task per response: the responses
-that reach a reward model while the others stream are gathered into batches of its `batch_size` (or what
-arrived within `LINGER_S`), each one task run.
+that reach a reward model while the others stream are gathered into batches of up to `ITEMS_PER_TASK` (a
+whole number of its `batch_size`), each one task run; the forward passes inside are `batch_size` at a time.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from prefsynth.tasks.scorers import Scorer
 from prefsynth.tasks.scorers.reward_model import RewardModelScorer, reward_batch
 
 RAY_HINT = "pip install 'prefsynth[ray]'"
-LINGER_S = 0.2  # how long a batch waits for more items before it goes as it is
+ITEMS_PER_TASK = 32  # items per task run (a whole number of the model's batches): amortizes Prefect's bookkeeping
 
 X = TypeVar("X")
 Y = TypeVar("Y")
@@ -72,36 +72,37 @@ class RayRunner:
 
 
 class Batches(Generic[X, Y]):
-    """`await batches(items)` gives the task's results for `items`, computed in task runs of up to `size`
-    items gathered from every caller (a batch goes when full, or `LINGER_S` after its first item came);
-    at most `in_flight` task runs at once, each waited on in a thread of its own."""
+    """`await batches(items)` gives the task's results for `items`, computed in task runs of up to `size` items
+    gathered from every caller. A batch goes at once while fewer than `in_flight` task runs are out; when all
+    are busy, items wait and go together as the next batch (larger under load, no wait when idle). Each task
+    run is waited on in a thread of its own."""
 
     def __init__(self, ray: RayRunner, task: Task[..., list[Y]], items: str, size: int, fixed: dict[str, Any],
                  in_flight: int) -> None:  # fmt: skip
         self._ray, self._task, self._items, self.size, self._fixed = ray, task, items, size, fixed
+        self.in_flight = in_flight
         self._pending: list[tuple[X, asyncio.Future[Y]]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._slots = asyncio.Semaphore(in_flight)
+        self._out = 0  # task runs submitted and not finished
         self._pool = concurrent.futures.ThreadPoolExecutor(in_flight, thread_name_prefix="prefsynth-ray")
         self._running: set[asyncio.Task[None]] = set()
         self.task_runs = 0
+
+    @property
+    def capacity(self) -> int:
+        """Items the task runs can hold at once."""
+        return self.in_flight * self.size
 
     async def __call__(self, items: list[X]) -> list[Y]:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
         self._pending += zip(items, futures, strict=True)
-        if len(self._pending) >= self.size:
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(LINGER_S, self._flush)
+        self._send()
         return list(await asyncio.gather(*futures))
 
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        while self._pending:
+    def _send(self) -> None:
+        while self._pending and self._out < self.in_flight:
             chunk, self._pending = self._pending[: self.size], self._pending[self.size :]
+            self._out += 1
             job = asyncio.get_running_loop().create_task(self._run(chunk))
             self._running.add(job)
             job.add_done_callback(self._running.discard)
@@ -109,20 +110,21 @@ class Batches(Generic[X, Y]):
     async def _run(self, chunk: list[tuple[X, asyncio.Future[Y]]]) -> None:
         items = [item for item, _ in chunk]
         parameters = {**self._fixed, self._items: items}
-        async with self._slots:
-            try:
-                context = contextvars.copy_context()  # the flow run's context: each batch is its task run
-                loop = asyncio.get_running_loop()
-                results = await loop.run_in_executor(self._pool, context.run, self._submit, parameters)
-                self.task_runs += 1
-                if len(results) != len(items):
-                    raise RuntimeError(f"task {self._task.name} returned {len(results)} results for {len(items)} "
-                                       "items")  # fmt: skip
-            except BaseException as err:  # the callers raise it (a bug, not a failed item: those are results)
-                for _, future in chunk:
-                    if not future.done():
-                        future.set_exception(err)
-                return
+        try:
+            context = contextvars.copy_context()  # the flow run's context: each batch is one of its task runs
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._pool, context.run, self._submit, parameters)
+            self.task_runs += 1
+            if len(results) != len(items):
+                raise RuntimeError(f"task {self._task.name} returned {len(results)} results for {len(items)} items")
+        except BaseException as err:  # the callers raise it (a bug, not a failed item: those are results)
+            for _, future in chunk:
+                if not future.done():
+                    future.set_exception(err)
+            return
+        finally:
+            self._out -= 1
+            self._send()  # what waited goes now, as one batch
         for (_, future), result in zip(chunk, results, strict=True):
             if not future.done():
                 future.set_result(result)
@@ -161,5 +163,6 @@ def offload(scorers: list[Scorer], ray: RayRunner | None) -> None:
         return
     for scorer in scorers:
         if isinstance(scorer, RewardModelScorer) and scorer.local is not None:
-            scorer.offload = ray.batches(reward_batch, "conversations", scorer.spec.batch_size,
-                                         spec=scorer.spec, identity=scorer.local.identity)  # fmt: skip
+            size = scorer.spec.batch_size * max(1, ITEMS_PER_TASK // scorer.spec.batch_size)
+            batches = ray.batches(reward_batch, "conversations", size, spec=scorer.spec, identity=scorer.local.identity)
+            scorer.offload, scorer.extra_in_flight = batches, batches.capacity
