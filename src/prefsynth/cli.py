@@ -47,8 +47,8 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 DB_HELP = "DuckDB warehouse file."
-RUNNER_HELP = ("threads | ray: where in-process reward models and dedup run (overrides the config's `runner`); "
-               "ray needs prefsynth[ray] and uses ray_address / RAY_ADDRESS, else a local Ray instance.")
+RUNNER_HELP = ("threads | ray: where in-process reward models and dedup run (overrides the config's `runner`). "
+               "ray needs prefsynth's `ray` extra; it uses ray_address or RAY_ADDRESS, else a local Ray instance.")
 DbOption = Annotated[Path | None, typer.Option("--db", help=DB_HELP + " Overrides the config's `warehouse`.")]
 
 
