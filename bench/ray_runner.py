@@ -132,7 +132,7 @@ def main() -> int:
     for arm, seconds in arms.items():
         lines.append(f"{arm}: flow {seconds:.2f} s ({n / seconds:.0f} responses/s), {seconds / arms['threads']:.2f}x "
                      f"threads; largest reward difference to the first run {diff[arm]:.2e}")  # fmt: skip
-    lines.append(f"ray.init of a local instance (in ray_cold's time): {ray_start:.2f} s")
+    lines.append(f"ray.init of a local instance (timed before the warm arms; ray_cold pays it too): {ray_start:.2f} s")
     for line in lines:
         print(line, flush=True)
     if not args.no_append:

@@ -32,6 +32,7 @@ from prefsynth.tasks.scorers import Scorer
 from prefsynth.tasks.scorers.reward_model import RewardModelScorer, reward_batch
 
 RAY_HINT = "pip install 'prefsynth[ray]'"
+MAX_IN_FLIGHT = 128  # task runs out at once per in-process model (2 per Ray CPU up to this; a thread each waits)
 ITEMS_PER_TASK = 32  # items per task run (a whole number of the model's batches): amortizes Prefect's bookkeeping
 
 X = TypeVar("X")
@@ -62,7 +63,8 @@ class RayRunner:
 
     def batches(self, task: Task[..., list[Y]], items: str, size: int, **fixed: Any) -> Batches[Any, Y]:
         """A gatherer of items for `task(**fixed, <items>=[...])`, `size` per task run."""
-        batches: Batches[Any, Y] = Batches(self, task, items, size, fixed, in_flight=2 * self.cpus)
+        in_flight = min(2 * self.cpus, MAX_IN_FLIGHT)
+        batches: Batches[Any, Y] = Batches(self, task, items, size, fixed, in_flight=in_flight)
         self._batches.append(batches)
         return batches
 

@@ -113,7 +113,11 @@ class RewardModelScorer(PointwiseScorer):
         if todo:
             conversations = [conversation(item) for item in todo]
             if self.offload is not None:
-                results = await self.offload(conversations)
+                try:
+                    results = await self.offload(conversations)
+                except Exception as err:  # a batch lost on the way (Ray retries dead workers): its items fail, the
+                    error = f"offloaded batch failed: {type(err).__name__}: {err}"  # run goes on, a rerun retries
+                    results = [RewardResult(error=error) for _ in conversations]
             else:
                 results = await asyncio.to_thread(
                     self.local.rewards, conversations, self.spec.label_index, self.spec.batch_size
