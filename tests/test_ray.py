@@ -24,10 +24,12 @@ from prefsynth.backends.client import ClientPool, ModelClient
 from prefsynth.backends.hf_reward import HFRewardModel, shared_model
 from prefsynth.cli import app
 from prefsynth.flows.runner import Batches, RayRunner
-from prefsynth.tasks.scorers.reward_model import RewardModelSpec, reward_batch
+from prefsynth.schemas.records import Failure, Score
+from prefsynth.tasks.score import score_items
+from prefsynth.tasks.scorers.reward_model import RewardModelScorer, RewardModelSpec, reward_batch
 from prefsynth.warehouse.store import Store
 from tests.conftest import write_jsonl
-from tests.test_reward_model import make_model
+from tests.test_reward_model import items, make_model
 
 cli = CliRunner()
 CONVERSATIONS = [[{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": text}]
@@ -190,6 +192,22 @@ def test_batches_go_at_once_when_a_task_run_is_free_and_together_when_all_are_bu
         batches.close()
     assert fake.batches == [[1], [2, 3, 4], [5]]  # at most `size` per task run
     assert batches.task_runs == 3
+
+
+@pytest.mark.transformers
+def test_a_lost_offloaded_batch_fails_its_items_not_the_run(tmp_path):
+    scorer = RewardModelScorer(RewardModelSpec(path=str(make_model(tmp_path / "rm"))), {})
+    sent: list[int] = []
+
+    async def lost(conversations: list[Any]) -> list[Any]:
+        sent.append(len(conversations))
+        raise ConnectionError("worker died")
+
+    scorer.offload = lost
+    result = asyncio.run(score_items(scorer, items()))
+    assert sent == [3] and not result.of(Score)
+    assert [f.error for f in result.of(Failure)] == ["reward model: offloaded batch failed: ConnectionError: worker "
+                                                     "died"] * 3  # fmt: skip
 
 
 def test_runner_ray_without_the_extra_is_a_clear_error(tmp_path, monkeypatch):
