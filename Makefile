@@ -27,7 +27,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/prefsynth demo
 
-test: $(TEST_STAMP)
+# the browser tests (tests/test_report_browser.py) render `prefsynth report` in Debian's headless Chromium
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq && apt-get install -y -qq chromium
+
+test: $(TEST_STAMP) $(CHROMIUM)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 

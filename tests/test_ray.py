@@ -65,13 +65,14 @@ def one_torch_thread() -> Iterator[None]:
 
 def _job(tmp_path: Path, folder: Path) -> Path:
     """Three prompts (two of them duplicates once normalized, which the screen flags) x 2 SmolLM2 samples,
-    scored by the in-process reward model one response per forward pass (as the threads runner streams)."""
+    scored by the in-process reward model one response per forward pass (as the threads runner streams);
+    replies are screened for duplicates across prompts too."""
     prompts = write_jsonl(tmp_path / "p.jsonl", ["Name a fruit.", "name a FRUIT!", "What is 5 - 2?"])
     raw = {"name": "ray", "prompts": {"path": str(prompts)},
            "generation": {"models": [{"gguf": "smollm2-135m-instruct"}], "samples_per_prompt": 2,
                           "sampling": {"temperature": 1.0, "max_tokens": 12, "seed": 1}},
            "scorers": [{"kind": "reward_model", "name": "reward", "path": str(folder), "batch_size": 1}],
-           "curation": {"min_margin": 0.0, "allow_truncated": True},
+           "curation": {"min_margin": 0.0, "allow_truncated": True, "dedup_responses": True},
            "warehouse": str(tmp_path / "threads.duckdb")}  # fmt: skip
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -123,13 +124,13 @@ def test_ray_runner_gives_exactly_the_threads_runners_scores(tmp_path, prefect_h
     assert ray_rows == threads  # every value (and its logits) bit for bit, per response id
     # the scores came from Ray task runs, in batches, with plain data only; the screen ran there too
     names = [name for name, _ in sent]
-    assert names.count("reward-batch") >= 1 and names.count("screen") == 1
+    assert names.count("reward-batch") >= 1 and names.count("screen") == names.count("screen-responses") == 1
     assert sum(len(p["conversations"]) for n, p in sent if n == "reward-batch") == 6
     for _, parameters in sent:
         _plain(parameters)
         pickle.dumps(parameters)  # plain pickle: no closure, lambda or live connection
-    # the screen's flags and the curated pairs are those of the threads run
-    flags = "SELECT prompt_id, kind, of_id FROM prompt_flags WHERE run_id = '{}' ORDER BY prompt_id"
+    # the screens' flags and the curated pairs are those of the threads run
+    flags = "SELECT prompt_id, response_id, kind, of_id FROM prompt_flags WHERE run_id = '{}' ORDER BY ALL"
     assert _q(ray_db, flags.format(runs[1])) == _q(ray_db, flags.format(runs[0])) != []
     pairs = "SELECT pair_id FROM run_pairs WHERE run_id = '{}' ORDER BY pair_id"
     assert _q(ray_db, pairs.format(runs[1])) == _q(ray_db, pairs.format(runs[0])) != []

@@ -4,6 +4,7 @@
     result = prefsynth.run("examples/quickstart.yaml", prompts=["Name a prime.", "Say hi."])
     result.pairs          # polars DataFrame of chosen/rejected pairs with their texts
     result.dataset        # the same pairs as a datasets.Dataset in TRL's conversational format
+    result.dataset_dict({"train": 0.9, "test": 0.1}, seed=0)   # split by prompt, as `export` splits
 """
 
 from __future__ import annotations
@@ -64,6 +65,18 @@ class RunResult:
         from prefsynth.tasks.export import to_trl
 
         return datasets.Dataset.from_polars(to_trl(self.pairs))
+
+    def dataset_dict(self, splits: Mapping[str, float], seed: int = 0) -> datasets.DatasetDict:
+        """The pairs as a `datasets.DatasetDict`, split by prompt as an export with these `splits` (e.g.
+        {"train": 0.9, "test": 0.1}) and `seed` splits them: the same prompts land in the same splits."""
+        from prefsynth.schemas.config import Splits
+        from prefsynth.tasks.export import dataset_dict
+
+        try:
+            spec = Splits(fractions=dict(splits), seed=seed)
+        except ValueError as err:
+            raise ConfigError(str(err).split("Value error, ", 1)[-1].split(" [type=")[0]) from None
+        return dataset_dict(self.pairs, spec)
 
 
 def as_config(config: ConfigLike, base_dir: str | Path | None = None) -> PipelineConfig:
@@ -137,6 +150,10 @@ def _config(config: ConfigLike, prompts: Any, base_dir: str | Path | None) -> Pi
     if prompts is not None and isinstance(config, Mapping) and "prompts" not in config:
         config = {**config, "prompts": {"in_memory": "python"}}
     cfg = as_config(config, base_dir)
+    if any(target.push_to_hub for target in cfg.export):  # no token, no network: stop before any work
+        from prefsynth.backends.hub import hub_token
+
+        hub_token()
     return with_prompts(cfg) if prompts is not None else cfg
 
 

@@ -304,7 +304,9 @@ def stats(
     before retries and seconds throttled by rate limits. Panels: Krippendorff's alpha and mean Kendall tau of
     their members. Prompt versions of synthesis loops (`prefsynth loop`): each one's rounds, pairs, accepted
     pairs and acceptance rate. Scorers against human labels (`prefsynth review import`): each scorer's n,
-    accuracy, ties and failed over the pairs people decided, as `prefsynth eval` reports them.
+    accuracy, ties and failed over the pairs people decided, as `prefsynth eval` reports them. Length control
+    (max_length_ratio, length_matched): per run, the pairs and the median lengths of chosen against rejected
+    before and after it.
     """
     from prefsynth.warehouse.store import Store
 
@@ -359,7 +361,9 @@ def stats(
                               ("panels (latest run of each)", data["panels"], ("panel_id", "run_id")),
                               ("scorers against human labels (prefsynth review import)", data["human_accuracy"],
                                ("scorer_id",)),
-                              ("replies cut off at max_tokens", data["truncation"], ())):  # fmt: skip
+                              ("replies cut off at max_tokens", data["truncation"], ()),
+                              ("length control: chosen against rejected tokens, before and after",
+                               data["length_control"], ())):  # fmt: skip
         if not rows:
             continue
         table = Table(title=title)
@@ -394,6 +398,9 @@ def _cell(value: object) -> str:
 FORMAT_HELP = ("trl (train.parquet), jsonl (train.jsonl), openrlhf (openrlhf.jsonl), "
                "or sft (sft.jsonl: the teacher's anchors).")
 MARGIN_HELP = "Write a `margin` column, which TRL's RewardTrainer trains with: none (default), raw, scaled, teacher."
+SPLITS_HELP = ("Split by prompt into one file per split, e.g. train=0.9,test=0.1 (train, validation, test; "
+               "fractions summing to 1).")  # fmt: skip
+HUB_HELP = "Then push the files and card to this Hub dataset repo (ORG/NAME); needs HF_TOKEN and HF_HUB_OFFLINE=0."
 
 
 @app.command()
@@ -406,6 +413,10 @@ def export(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset already in --out.")] = False,
     snapshot: Annotated[str | None, typer.Option("--snapshot", help="Write this snapshot again (an id or a "
                                                  "unique prefix, see `prefsynth datasets`).")] = None,  # fmt: skip
+    splits: Annotated[str | None, typer.Option("--splits", help=SPLITS_HELP)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="The seed of the split draw.")] = 0,
+    push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", help=HUB_HELP)] = None,
+    private: Annotated[bool, typer.Option("--private", help="--push-to-hub: create the repo private.")] = False,
 ) -> None:
     """Write the pairs of the latest completed run as a preference dataset, with its card (README.md).
 
@@ -422,12 +433,21 @@ def export(
     A folder that already holds this format's file is left alone unless --overwrite is given. The warehouse
     must exist, and --run must name one of its runs.
 
-    Every export is recorded as an immutable snapshot: its rows, margin mode, and the SHA-256 of its file and
-    card. --snapshot ID writes that snapshot again (its format and margin; --format, --margin and --run do
-    not apply) and says whether the bytes are the same.
+    --splits train=0.9,test=0.1 splits by prompt (a prompt's pairs all in one split, drawn from a seeded hash
+    of its id: --seed) into one file per split: train.parquet and test.parquet for trl (train.jsonl/test.jsonl,
+    openrlhf_train.jsonl/..., sft_train.jsonl/...). The card states the splits, seed and counts.
+
+    Every export is recorded as an immutable snapshot: its rows (and each row's split), margin mode, and the
+    SHA-256 of its files and card. --snapshot ID writes that snapshot again (its format, margin and splits;
+    --format, --margin, --run, --splits and --seed do not apply) and says whether the bytes are the same.
+
+    --push-to-hub ORG/NAME then pushes the written files and card, unchanged, to that Hub dataset repo (with
+    --private, a new repo is private). It needs a token (HF_TOKEN or `hf auth login`) and HF_HUB_OFFLINE=0;
+    without them it stops before writing anything.
     """
+    token, split_spec = _export_checks(push_to_hub, splits, seed, snapshot is not None)
     if snapshot is not None:
-        return _export_snapshot(snapshot, out, db, overwrite)
+        return _export_snapshot(snapshot, out, db, overwrite, push_to_hub, private, token)
     from prefsynth.tasks.export import FILES, write_dataset
     from prefsynth.tasks.margins import MARGIN_MODES
     from prefsynth.warehouse.store import Store
@@ -446,21 +466,68 @@ def export(
             chosen_run, rows = store.export_rows(run_id, fmt)
             if chosen_run is None:
                 raise PrefsynthError(f"{db} has no completed run to export")
-            done = write_dataset(rows, out, fmt, overwrite, margin, store.card_scorers(rows), chosen_run)
+            done = write_dataset(rows, out, fmt, overwrite, margin, store.card_scorers(rows), chosen_run, split_spec)
             store.record_snapshot(done.snapshot_id, chosen_run, fmt, str(done.path), margin, done.row_ids,
-                                  done.file_sha256, done.card_sha256, done.counts)  # fmt: skip
+                                  done.file_sha256, done.card_sha256, done.counts, done.row_splits,
+                                  done.splits)  # fmt: skip
     except PrefsynthError as err:
         raise _fail(err) from None
     what = "anchors" if fmt == "sft" else "pairs"
     if done.n_pairs == 0:
         hint = " (a run with `teacher.anchors: true` has them)" if fmt == "sft" else ""
         console.print(f"[yellow]warning:[/] run {chosen_run} has no {what}{hint}; wrote an empty dataset")
-    print(f"{done.n_pairs} {what} from run {chosen_run} -> {done.path} (margin: {margin}); snapshot "
+    parts = "" if done.splits is None else " (" + ", ".join(f"{k} {v['rows']}" for k, v in
+                                                             done.splits["files"].items()) + ")"  # fmt: skip
+    print(f"{done.n_pairs} {what}{parts} from run {chosen_run} -> {done.path} (margin: {margin}); snapshot "
           f"{done.snapshot_id[:12]}")
+    if push_to_hub is not None and token is not None:
+        _push(done, push_to_hub, private, token)
 
 
-def _export_snapshot(snapshot: str, out: Path, db: Path, overwrite: bool) -> None:
-    """`export --snapshot`: the snapshot's rows again, in its format and margin mode, checked by hash."""
+def _export_checks(repo: str | None, splits: str | None, seed: int, snapshot: bool) -> tuple[str | None, object]:
+    """Before any work: the Hub token (with --push-to-hub) and the --splits; (token, Splits or None)."""
+    import re
+
+    from prefsynth.backends.hub import hub_token
+    from prefsynth.schemas.config import REPO_ID, Splits
+
+    try:
+        if repo is not None and not re.match(REPO_ID, repo):
+            raise PrefsynthError(f"--push-to-hub must be a Hub repo id ORG/NAME, got {repo!r}")
+        token = hub_token() if repo is not None else None
+        if splits is None or snapshot:
+            return token, None
+        fractions = {}
+        for part in splits.split(","):
+            name, _, value = part.partition("=")
+            try:
+                fractions[name.strip()] = float(value)
+            except ValueError:
+                raise PrefsynthError(f"--splits: write NAME=FRACTION,..., e.g. train=0.9,test=0.1; got {splits!r}") \
+                    from None
+        try:
+            return token, Splits(fractions=fractions, seed=seed)
+        except ValueError as err:  # pydantic's ValidationError: its message is check_splits'
+            raise PrefsynthError("--" + str(err).split("Value error, ", 1)[-1].split(" [type=")[0]) from None
+    except PrefsynthError as err:
+        raise _fail(err) from None
+
+
+def _push(done: object, repo: str, private: bool, token: str) -> None:
+    from prefsynth.backends.hub import push
+
+    try:
+        url = push(done, repo, private, token)  # type: ignore[arg-type]
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    print(f"pushed to the Hub dataset {repo}: {url}")
+
+
+def _export_snapshot(snapshot: str, out: Path, db: Path, overwrite: bool, repo: str | None = None,
+                     private: bool = False, token: str | None = None) -> None:  # fmt: skip
+    """`export --snapshot`: the snapshot's rows again, in its format, margin mode and splits, checked by hash;
+    pushed to `repo` only if the bytes are the recorded ones."""
+    from prefsynth.schemas.config import Splits
     from prefsynth.tasks.export import write_dataset
     from prefsynth.warehouse.store import Store
 
@@ -474,21 +541,29 @@ def _export_snapshot(snapshot: str, out: Path, db: Path, overwrite: bool) -> Non
             if len(rows) != snap["n_pairs"]:
                 raise PrefsynthError(f"snapshot {snap['snapshot_id'][:12]} had {snap['n_pairs']} rows; the warehouse "
                                      f"now holds {len(rows)} of them")  # fmt: skip
+            recorded = json.loads(snap["splits"]) if snap.get("splits") else None
+            splits = None if recorded is None else Splits(fractions=recorded["fractions"], seed=recorded["seed"])
             done = write_dataset(rows, out, snap["format"], overwrite, snap["margin"] or "none",
-                                 store.card_scorers(rows), snap["run_id"])  # fmt: skip
+                                 store.card_scorers(rows), snap["run_id"], splits)  # fmt: skip
     except PrefsynthError as err:
         raise _fail(err) from None
     same = done.file_sha256 == snap["file_sha256"] and done.card_sha256 == snap["card_sha256"]
+    files = "files" if done.splits else "file"
     print(f"snapshot {snap['snapshot_id'][:12]}: {done.n_pairs} rows -> {done.path} ("
-          + ("byte-for-byte the same file and card)" if same else "the bytes differ from the recorded ones: "
+          + (f"byte-for-byte the same {files} and card)" if same else "the bytes differ from the recorded ones: "
              "another prefsynth, datasets or pyarrow version writes them differently)"))  # fmt: skip
     if not same and snap["file_sha256"] is None:
         console.print("[yellow]note:[/] this snapshot was exported before hashes were recorded")
+    if repo is not None and token is not None:
+        if not same:
+            raise _fail(PrefsynthError(f"not pushed to {repo}: the files written differ from the snapshot's"))
+        _push(done, repo, private, token)
 
 
 @app.command()
 def datasets(db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("prefsynth.duckdb")) -> None:
-    """List the exported snapshots: id, run, format, margin mode, rows per source, file hash, path, time.
+    """List the exported snapshots: id, run, format, margin mode, rows per source and per split, file hash,
+    path, time.
 
     Example: prefsynth datasets --db prefsynth.duckdb
     Write one again with `prefsynth export --snapshot ID --out DIR`.
@@ -501,13 +576,47 @@ def datasets(db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("pre
     except PrefsynthError as err:
         raise _fail(err) from None
     table = Table(title=f"dataset snapshots in {db}")
-    for col in ("snapshot", "run", "format", "margin", "rows", "per source", "sha256", "path", "created"):
+    for col in ("snapshot", "run", "format", "margin", "rows", "per source", "splits", "sha256", "path", "created"):
         table.add_column(col, justify="right" if col == "rows" else "left")
     for s in snaps:
         table.add_row(s["snapshot_id"][:12], (s["run_id"] or "")[:12], s["format"], s["margin"] or "–",
-                      str(s["n_pairs"]), s["counts"] or "–", (s["file_sha256"] or "–")[:12], escape(s["path"]),
-                      str(s["created_at"])[:19])  # fmt: skip
+                      str(s["n_pairs"]), s["counts"] or "–", _split_cell(s.get("splits")),
+                      (s["file_sha256"] or "–")[:12], escape(s["path"]), str(s["created_at"])[:19])  # fmt: skip
     Console().print(table)
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option("--out", help="The HTML file to write.")],
+    db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("prefsynth.duckdb"),
+    run_id: Annotated[str | None, typer.Option("--run", help="A run id (default: the newest completed).")] = None,
+) -> None:
+    """Write one run as a self-contained HTML page: plots and tables, viewable offline.
+
+    Example: prefsynth report --db prefsynth.duckdb --out report.html
+
+    Plots: score distribution per scorer, margins of the curated pairs, reply length against score, chosen
+    against rejected length before and after length control, pairwise judges' position consistency and panel
+    agreement (where the run has them), and the pairs kept and dropped by each curation filter; then the most
+    and least confident pairs with their texts. Styles and plots (SVG) are inline and the page runs no script.
+    It reads the warehouse read-only, also while a run writes it.
+    """
+    from prefsynth.report import write_report
+
+    try:
+        data, path = write_report(db, out, run_id)
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    print(f"report of run {data.run['run_id']} ({data.run['status']}, {len(data.pairs)} pairs) -> {path} "
+          f"({path.stat().st_size / 1024:.0f} KiB)")
+
+
+def _split_cell(recorded: str | None) -> str:
+    """'train 18, test 2 (seed 0)' of a snapshot's splits JSON, or '–'."""
+    if not recorded:
+        return "–"
+    splits = json.loads(recorded)
+    return ", ".join(f"{k} {v['rows']}" for k, v in splits["files"].items()) + f" (seed {splits['seed']})"
 
 
 @app.command("eval")

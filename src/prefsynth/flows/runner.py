@@ -2,11 +2,11 @@
 as Prefect tasks on a Ray cluster through prefect-ray's `RayTaskRunner` (`runner: ray`, extra prefsynth[ray]).
 
 The steps offloaded are an in-process reward model's forward passes (tokenization included) and the
-screening of prompts (dedup, decontamination). HTTP model calls stay on the flow's event loop with their
-per-endpoint limiters: Ray adds nothing to waiting on a server.
+screens before curation (dedup of prompts and of replies, decontamination). HTTP model calls stay on the
+flow's event loop with their per-endpoint limiters: Ray adds nothing to waiting on a server.
 
 A task sent to Ray takes plain data and returns plain data: a scorer's spec and a batch of conversations,
-the run's prompts and the curation spec; never the Store, a client or a closure. The flow writes what comes
+the run's prompts or replies and the curation spec; never the Store, a client or a closure. The flow writes what comes
 back; workers never open the warehouse. Prefect sees batches, never one task per response: the responses
 that reach a reward model while the others stream are gathered into batches of up to `ITEMS_PER_TASK` (a
 whole number of its `batch_size`), each one task run; the forward passes inside are `batch_size` at a time.
@@ -157,6 +157,11 @@ def task_runner(config: PipelineConfig) -> Iterator[RayRunner | None]:
             yield ray
         finally:
             ray.close()
+
+
+def on(ray: RayRunner | None, task: Task[..., Y], **parameters: Any) -> Y:
+    """`task` run here (in the flow's process, as a plain call of a Prefect task) or on Ray."""
+    return task(**parameters) if ray is None else ray.call(task, **parameters)
 
 
 def offload(scorers: list[Scorer], ray: RayRunner | None) -> None:

@@ -24,13 +24,15 @@ from prefect.runtime import flow_run
 from prefsynth.backends import budget
 from prefsynth.backends.budget import spending
 from prefsynth.backends.client import Endpoint, check_reachable
+from prefsynth.backends.hub import hub_token, push
 from prefsynth.backends.local import local_servers
-from prefsynth.errors import RunFailed
+from prefsynth.errors import ExportError, RunFailed
 from prefsynth.flows.engine import Writer, writer_for
 from prefsynth.flows.exclusive import warehouse_turn
-from prefsynth.flows.runner import RayRunner, offload, task_runner
+from prefsynth.flows.runner import RayRunner, offload, on, task_runner
 from prefsynth.flows.stream import Streaming
 from prefsynth.flows.teach import Taught, teach
+from prefsynth.report.summary import artifact_table, markdown
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import RunSummary, StageCounts, StageResult, columns
 from prefsynth.tasks._async import run_async
@@ -42,9 +44,10 @@ from prefsynth.tasks.ingest import no_prompts, read_prompts
 from prefsynth.tasks.panel import agreed_only, panel_id, run_panel
 from prefsynth.tasks.review import decisions, human_override
 from prefsynth.tasks.scorers import PairwiseScorer, Scorer, build_scorer
-from prefsynth.tasks.screen import same_text, screen
+from prefsynth.tasks.screen import same_text, screen, screen_responses
 from prefsynth.tasks.teacher import Teacher
 from prefsynth.warehouse.ids import canonical_json
+from prefsynth.warehouse.report import ReportData, report_data
 from prefsynth.warehouse.store import Store
 
 PROMPTS_PER_BLOCK = 256  # prompts planned against the warehouse in one read
@@ -92,7 +95,8 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
             summary.seconds = time.monotonic() - started
             summary.budget = run_budget.spent() if run_budget is not None else None
             store.end_run(summary.run_id, summary.status, summary.model_dump())
-    _publish(summary)
+            report = _report(store, summary.run_id)
+    _publish(summary, report)
     check_outcome(summary, config)
     return summary
 
@@ -179,14 +183,21 @@ def _run(
         diagnose(store, run_id, scorers, scored, responses)
 
     name = config.curation_scorer_name
-    prompts = store.prompt_messages(run_id)
-    flags = screen(prompts, config.curation) if ray is None else ray.call(screen, prompts=prompts, spec=config.curation)
+    flags = on(ray, screen, prompts=store.prompt_messages(run_id), spec=config.curation)
     store.write(run_id, StageResult(*flags))
     if flags:  # duplicates and contaminated prompts are left out of the teacher's work and of curation
         left_out = sorted({f.prompt_id for f in flags})
         values = {n: v.filter(~pl.col("prompt_id").is_in(left_out)) for n, v in values.items()}
         kinds = dict(sorted(Counter(f.kind for f in flags).items()))
         logger.info(f"screen: {len(left_out)} prompts left out of curation {kinds} (table prompt_flags)")
+    if config.curation.dedup_responses:  # replies that duplicate a reply to another prompt
+        texts = store.responses_by_ids(values[name]["response_id"])
+        copies = on(ray, screen_responses, texts=texts, spec=config.curation)
+        store.write(run_id, StageResult(*copies))
+        dropped = [f.response_id for f in copies]
+        values = {n: v.filter(~pl.col("response_id").is_in(dropped)) for n, v in values.items()}
+        summary.curation = {**summary.curation, "duplicate_responses": len(dropped)}
+        logger.info(f"screen: {len(dropped)} replies duplicate a reply to another prompt (table prompt_flags)")
     on_budget = summary.status != "budget_exhausted"  # a spent budget makes no teacher call
     taught = teacher_stage(store, run_id, config, teacher, scorers, values[name]) if teacher and on_budget else None
     if taught is not None:
@@ -220,11 +231,20 @@ def _run(
             logger.warning(f"export: this run made no {what}; {target.path} is left as it was")
             continue
         # the config owns its paths: overwrite
-        done = export(rows, target.path, target.format, target.margin, store.card_scorers(rows), run_id, overwrite=True)
+        done = export(rows, target.path, target.format, target.margin, store.card_scorers(rows), run_id,
+                      overwrite=True, splits=target.split_spec)  # fmt: skip
         store.record_snapshot(done.snapshot_id, run_id, done.format, str(done.path), target.margin, done.row_ids,
-                              done.file_sha256, done.card_sha256, done.counts)  # fmt: skip
+                              done.file_sha256, done.card_sha256, done.counts, done.row_splits,
+                              done.splits)  # fmt: skip
         summary.exports.append(str(done.path))
         logger.info(f"export: {done.n_pairs} {what} -> {done.path} (margin: {target.margin})")
+        if target.push_to_hub is not None:  # the token was checked before the run started (api.py)
+            try:
+                url = push(done, target.push_to_hub, target.private, hub_token())
+                logger.info(f"export: pushed to {target.push_to_hub}: {url}")
+            except ExportError as err:  # the run and its export stand; the push can be made again
+                logger.error(f"{err}. Push it again: prefsynth export --snapshot {done.snapshot_id[:12]} --out "
+                             f"{target.path} --overwrite --push-to-hub {target.push_to_hub}")  # fmt: skip
 
 
 def check_budget(summary: RunSummary) -> None:
@@ -260,6 +280,7 @@ def curation(
     if spec.sampled_rule is not None:
         curated = curate(values, responses, scorer_id, spec, margin, agree)
         summary.curation = {**summary.curation, **curated.counts}
+        summary.lengths = curated.lengths
         out.append(curated.pairs)
         steps = ", ".join(f"{k} {v}" for k, v in curated.counts.items())
         logger.info(f"curate[{spec.sampled_rule}]: margin >= {margin:g}; {steps}")
@@ -372,7 +393,16 @@ def flow_run_id() -> str | None:
     return str(value) if value else None
 
 
-def _publish(summary: RunSummary) -> None:
+def _report(store: Store, run_id: str) -> ReportData | None:
+    """The run as `prefsynth report` shows it, for the artifacts; None (with a warning) if it cannot be read."""
+    try:
+        return report_data(store, run_id)
+    except Exception as err:  # noqa: BLE001 - the run is recorded; only its report artifacts are missing
+        get_run_logger().warning(f"the report artifacts of run {run_id} are left out: {type(err).__name__}: {err}")
+        return None
+
+
+def _publish(summary: RunSummary, report: ReportData | None = None) -> None:
     rows = [s.model_dump() for s in summary.stages]
     create_table_artifact(
         table=rows,
@@ -389,6 +419,12 @@ def _publish(summary: RunSummary) -> None:
         create_markdown_artifact(key="prefsynth-curation", markdown="\n".join(
             [f"# Curation of run {summary.run_id}", "", f"{summary.pairs} pairs.", "", *lines]),
             description="what each curation step kept and removed")  # fmt: skip
+    if report is not None:  # `prefsynth report`'s numbers: per scorer as a table, everything as markdown
+        create_table_artifact(table=artifact_table(report), key="prefsynth-report-scorers",
+                              description=f"run {summary.run_id}: each scorer's values and length correlation")
+        create_markdown_artifact(key="prefsynth-report", markdown=markdown(report),
+                                 description=f"run {summary.run_id}: scorers, margins, lengths, judges, panels, "
+                                 "curation filters (the HTML page: prefsynth report)")  # fmt: skip
     get_run_logger().info(
         f"done{'' if summary.status == 'completed' else f' ({summary.status})'}: {summary.pairs} pairs, "
         f"{summary.model_calls} new model calls, "

@@ -349,12 +349,18 @@ class CurationSpec(Strict):
         "exact", description="Leave out duplicate prompts (the smallest id of a group stays) and pairs of the same "
         "text: exact (after normalization) or near (MinHash LSH at near_threshold) as well.")  # fmt: skip
     near_threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity of near duplicates.")
+    dedup_responses: bool = Field(False, description="Also leave out of curation a reply that duplicates a reply "
+                                  "to another prompt (per `dedup`: exact, or near as well); listed in "
+                                  "prompt_flags.")  # fmt: skip
     decontaminate: list[EvalSet] = Field([], description="Evaluation sets: prompts sharing an n-gram with one of "
                                          "their items are left out and listed in prompt_flags.")  # fmt: skip
     ngram: int = Field(13, ge=3, description="Words per n-gram of the contamination check.")
     human_override: bool = Field(
         True, description="Human verdicts (`prefsynth review import`) override the machine's: a pair people "
         "prefer the other way round is flipped (scorer `human`), a tie drops it. Without labels nothing changes.")
+    ngram_min: int = Field(5, ge=1, description="An evaluation item (or a prompt) shorter than `ngram` words but "
+                           "of at least this many matches a prompt (an item) that contains its whole word "
+                           "sequence; shorter texts match only equal ones.")  # fmt: skip
 
     @property
     def rules(self) -> list[str]:
@@ -370,6 +376,8 @@ class CurationSpec(Strict):
         sampled = [r for r in self.rules if r in SAMPLED_RULES]
         if len(sampled) > 1:
             raise ValueError(f"curation.rule: give one rule over sampled responses, not {sampled}")
+        if self.dedup_responses and self.dedup == "none":
+            raise ValueError("curation.dedup_responses follows `dedup`: set dedup to exact or near")
         return self
 
 
@@ -409,12 +417,61 @@ ExportFormat = Literal["trl", "jsonl", "openrlhf", "sft"]
 MarginMode = Literal["none", "raw", "scaled", "teacher"]
 
 
+SPLIT_NAMES = ("train", "validation", "test")  # the names `datasets` and the Hub find in file names
+REPO_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
+
+
+def check_splits(fractions: dict[str, float]) -> dict[str, float]:
+    """Split fractions by prompt, in SPLIT_NAMES order: known names, each in (0, 1], summing to 1."""
+    if not fractions:
+        raise ValueError("splits: name at least one split, e.g. {train: 0.9, test: 0.1}")
+    unknown = sorted(set(fractions) - set(SPLIT_NAMES))
+    if unknown:
+        raise ValueError(f"splits: unknown split name {unknown[0]!r}; use {', '.join(SPLIT_NAMES)} (the names "
+                         "`datasets` and the Hub recognise in file names)")
+    for name, value in fractions.items():
+        if not 0 < value <= 1:
+            raise ValueError(f"splits: {name} must be a fraction of the prompts in (0, 1], got {value:g}")
+    total = sum(fractions.values())
+    if abs(total - 1) > 1e-9:
+        raise ValueError(f"splits: the fractions must sum to 1, got {total:g}")
+    return {name: fractions[name] for name in SPLIT_NAMES if name in fractions}
+
+
+class Splits(Strict):
+    """Train/test splits by prompt: every pair of a prompt lands in the split its seeded hash draws."""
+
+    fractions: dict[str, float]
+    seed: int = 0
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
+        return check_splits(value)
+
+
 class ExportTarget(Strict):
     format: ExportFormat = "trl"
     path: str = Field(..., description="Output folder (relative to the current directory).")
     margin: MarginMode = Field(
         "none", description="Write a `margin` column (read by TRL's RewardTrainer): none, raw, scaled or teacher."
     )
+    splits: dict[str, float] | None = Field(
+        None, description="Split the rows by prompt, e.g. {train: 0.9, test: 0.1}: one file per split (train, "
+        "validation, test), a prompt's pairs all in one split, drawn from a seeded hash of its id.")  # fmt: skip
+    seed: int = Field(0, description="The seed of the split draw (the same seed, the same split).")
+    push_to_hub: str | None = Field(None, pattern=REPO_ID, description="After the export, push its files and "
+                                    "card to this Hub dataset repo (ORG/NAME); needs a token (HF_TOKEN).")  # fmt: skip
+    private: bool = Field(False, description="push_to_hub: create the repo private.")
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        return None if value is None else check_splits(value)
+
+    @property
+    def split_spec(self) -> Splits | None:
+        return None if self.splits is None else Splits(fractions=self.splits, seed=self.seed)
 
 
 class PipelineConfig(Strict):

@@ -234,16 +234,18 @@ class Pair(Record):
 
 
 class PromptFlag(Record):
-    """A prompt a run's curation left out: a duplicate of another, or found in an evaluation set."""
+    """A prompt a run's curation left out: a duplicate of another, or found in an evaluation set; or one of its
+    responses (`response_id`) left out as a duplicate of a response to another prompt."""
 
     table = "prompt_flags"
 
     prompt_id: str
-    kind: str  # exact_duplicate | near_duplicate | contaminated
-    of_id: str | None  # the prompt it duplicates (the one that stays)
+    kind: str  # exact_duplicate | near_duplicate | contaminated | exact_duplicate_response | near_duplicate_response
+    of_id: str | None  # the prompt (or response) it duplicates (the one that stays)
     benchmark: str | None  # the evaluation set it was found in
     item: str | None  # the matching item's text (first 1000 characters)
     similarity: float | None  # estimated Jaccard similarity of a near duplicate (1.0: exact)
+    response_id: str | None = None  # a duplicate response (of_id: the response it duplicates), else None
 
 
 class RunAnchor(Record):
@@ -470,6 +472,7 @@ class RunSummary(BaseModel):
     stages: list[StageCounts] = []
     pairs: int = 0
     curation: dict[str, int] = {}  # what each curation step removed (tasks/curate.py STEPS)
+    lengths: dict[str, Any] = {}  # chosen against rejected length, before and after length control (Curated.lengths)
     exports: list[str] = []
     seconds: float = 0.0
     budget: str | None = None  # what the run's new calls spent against its budget, if it has one

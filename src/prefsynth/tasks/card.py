@@ -62,18 +62,19 @@ def score_unit(name: str, kind: str, config: dict[str, Any]) -> str:
     return f"scorer `{name}`'s own units"
 
 
-def dataset_card(rows: pl.DataFrame, run_id: str | None, fmt: str, file: str, mode: str,
-                 scorers: pl.DataFrame, others: list[str]) -> str:  # fmt: skip
-    """The card of `file`: `rows` are with_margins' output (source, scorer_id, score_gap), `scorers` the
-    scorers table's rows of their scorers, `others` dataset files in the folder this card does not describe."""
+def dataset_card(rows: pl.DataFrame, run_id: str | None, fmt: str, files: list[str], mode: str,
+                 scorers: pl.DataFrame, others: list[str], splits: dict[str, Any] | None = None) -> str:  # fmt: skip
+    """The card of `files`: `rows` are with_margins' output (source, scorer_id, score_gap), `scorers` the
+    scorers table's rows of their scorers, `others` dataset files in the folder this card does not describe,
+    `splits` an export's split record (export.Exported.splits)."""
     known = {r["scorer_id"]: r for r in scorers.iter_rows(named=True)}
     # No `configs:` in the metadata: datasets (5.2) caches a folder whose card lists configs by the folder's name
     # and the card alone, so `load_dataset(folder)` after a re-export there would return the earlier rows.
     lines = ["---", "tags:", "- prefsynth", "- preference", "---", "",
              f"# Preference pairs from prefsynth run `{run_id or '–'}`", "",
-             f"`{file}` holds {len(rows)} pairs of run `{run_id or '–'}` in the `{fmt}` format: {FORMATS[fmt]}.",
-             ""]  # fmt: skip
-    lines += _others(others)
+             f"{_names(files)} {_hold(files)} {len(rows)} pairs of run `{run_id or '–'}` in the `{fmt}` format: "
+             f"{FORMATS[fmt]}.", ""]  # fmt: skip
+    lines += _others(others) + _splits(splits, "pairs")
     lines += ["## Pairs per source", "", "| source | pairs | scorer | unit of `score_gap` | `margin` |",
               "|---|---|---|---|---|"]  # fmt: skip
     groups = rows.group_by(GROUP).agg(pl.len().alias("n"), pl.col("score_gap").max().alias("top")).sort(GROUP)
@@ -104,22 +105,51 @@ def dataset_card(rows: pl.DataFrame, run_id: str | None, fmt: str, file: str, mo
     return "\n".join(lines) + "\n"
 
 
-def sft_card(rows: pl.DataFrame, run_id: str | None, file: str, others: list[str]) -> str:
+def sft_card(rows: pl.DataFrame, run_id: str | None, files: list[str], others: list[str],
+             splits: dict[str, Any] | None = None) -> str:  # fmt: skip
     """The card of an `sft` export: `rows` are v_run_anchors rows (model, finish_reason)."""
     cut = rows.filter(pl.col("finish_reason") == "length").height if len(rows) else 0
     models = ", ".join(f"`{m}`" for m in sorted(set(rows["model"].to_list()))) if len(rows) else "–"
     lines = ["---", "tags:", "- prefsynth", "- sft", "---", "",
              f"# SFT targets from prefsynth run `{run_id or '–'}`", "",
-             f"`{file}` holds {len(rows)} answers of the run's teacher ({models}) to the run's prompts, in TRL's "
-             "conversational prompt-completion format: `prompt` is a message list and `completion` one assistant "
-             "message. TRL's SFTTrainer reads it and by default trains on the completion only.", ""]  # fmt: skip
-    lines += _others(others)
+             f"{_names(files)} {_hold(files)} {len(rows)} answers of the run's teacher ({models}) to the run's "
+             "prompts, in TRL's conversational prompt-completion format: `prompt` is a message list and "
+             "`completion` one assistant message. TRL's SFTTrainer reads it and by default trains on the "
+             "completion only.", ""]  # fmt: skip
+    lines += _others(others) + _splits(splits, "answers")
     lines += ["## Columns", "",
               "- `source`: `teacher_anchor`, the teacher's own answer to the prompt (`model`).",
               f"- `finish_reason`: `length` means the answer was cut off at the teacher's `max_tokens` ({cut} of "
               f"{len(rows)} here); filter them out, or raise `teacher.max_tokens`.",
               "- `prompt_id`, `response_id`, `run_id` trace each row back to the warehouse."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _names(files: list[str]) -> str:
+    names = [f"`{f}`" for f in files]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _hold(files: list[str]) -> str:
+    return "holds" if len(files) == 1 else "hold"
+
+
+def _splits(splits: dict[str, Any] | None, what: str) -> list[str]:
+    """The splits section: how rows were split, and each split's file, rows and prompts."""
+    if splits is None:
+        return []
+    lines = ["## Splits", "",
+             f"Split by prompt with seed {splits['seed']}: every {what[:-1]} of a prompt is in one split, so no "
+             "prompt is in two. A prompt's split is drawn from the first 52 bits of "
+             f"sha256(\"{splits['seed']}:<prompt_id>\"): the same seed gives the same split, and a prompt keeps its "
+             "split as the dataset grows. Each prompt is drawn independently, so the shares follow the fractions "
+             "only on average.", "",
+             f"| split | file | {what} | prompts | fraction asked |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, part in splits["files"].items():
+        lines.append(f"| {name} | `{part['file']}` | {part['rows']} | {part['prompts']} | "
+                     f"{splits['fractions'][name]:g} |")  # fmt: skip
+    return [*lines, "", "`datasets.load_dataset(\"<this folder>\")` reads these files as a DatasetDict with these "
+            "splits (the file names say which).", ""]  # fmt: skip
 
 
 def _others(others: list[str]) -> list[str]:

@@ -9,7 +9,8 @@ source sampled), each prompt's usable responses (a value, not cut off at max_tok
 - top_k_vs_bottom_k: each of the k highest against each of the k lowest (k at most half the responses).
 Then: the margin (chosen - rejected >= the threshold, and > 0), the length ratio, agreement of other
 scorers, and at most max_pairs_per_prompt per prompt (largest margins first, or the most similar lengths
-first with length_matched). `curation_counts` says what each step removed.
+first with length_matched). `Curated.counts` says what each step removed; `Curated.lengths` how length control
+(max_length_ratio, length_matched) changed the lengths of chosen against rejected (`length_profile`).
 With a teacher:
 - refined_vs_original (teacher_refinement): each kept teacher refinement against its parent, margin s_w - s_l
   on the teacher's calibrated 1-10 scale (kept: texts differ and the margin > teacher.min_gap).
@@ -37,6 +38,8 @@ from prefsynth.warehouse.ids import canonical_json, pair_id
 VALID = pl.col("value").is_not_null() & pl.col("value").is_finite()
 STEPS = ("truncated_responses", "prompts_without_two", "below_margin", "length_ratio", "disagreement",
          "over_cap")  # fmt: skip
+# log2(chosen tokens / rejected tokens): the bin edges of Curated.lengths' histograms (the outer bins take the rest)
+RATIO_BINS = tuple(x / 2 for x in range(-6, 7))
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Curated:
 
     pairs: pl.DataFrame
     counts: dict[str, int] = field(default_factory=dict)
+    lengths: dict[str, object] = field(default_factory=dict)  # {"length_control", "before", "after"}
 
     def empty_because(self) -> str | None:
         """The step that removed the most, when nothing is left of scored prompts."""
@@ -84,6 +88,44 @@ def rule_of(spec: CurationSpec, scorer_id: str, margin: float, agree_ids: list[s
     if agree_ids:
         rule["require_agreement"] = sorted(agree_ids)
     return rule
+
+
+def length_profile(pairs: pl.DataFrame) -> dict[str, object]:
+    """Lengths of chosen against rejected over pairs with chosen_tokens and rejected_tokens: medians, the
+    share where the chosen reply is longer, and the histogram of log2(chosen / rejected) over RATIO_BINS."""
+    known = pairs.drop_nulls(["chosen_tokens", "rejected_tokens"])
+    log2 = (known["chosen_tokens"].clip(1).cast(pl.Float64) / known["rejected_tokens"].clip(1)).log(2)
+    inner = [int(((log2 >= lo) & (log2 < hi)).sum()) for lo, hi in zip(RATIO_BINS[:-1], RATIO_BINS[1:], strict=True)]
+    inner[0] += int((log2 < RATIO_BINS[0]).sum())
+    inner[-1] += int((log2 >= RATIO_BINS[-1]).sum())
+
+    def median(col: str) -> float | None:
+        return None if known.is_empty() else float(known[col].median())  # type: ignore[arg-type]
+
+    return {"pairs": len(pairs), "with_lengths": len(known), "chosen_median": median("chosen_tokens"),
+            "rejected_median": median("rejected_tokens"),
+            "chosen_longer": None if known.is_empty() else
+            round(float((known["chosen_tokens"] > known["rejected_tokens"]).mean()), 4),  # type: ignore[arg-type]
+            "log2_ratio_bins": list(RATIO_BINS), "log2_ratio_counts": inner}  # fmt: skip
+
+
+def _agreeing(pairs: pl.DataFrame, agree: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    """The pairs whose chosen response each of these scorers scores strictly above the rejected one."""
+    for other in agree.values():
+        vals = other.select("response_id", "value")
+        joined = pairs.join(vals.rename({"response_id": "chosen_id", "value": "_c"}), on="chosen_id", how="left")
+        joined = joined.join(vals.rename({"response_id": "rejected_id", "value": "_r"}), on="rejected_id", how="left")
+        agrees = (pl.col("_c") > pl.col("_r")) & pl.col("_c").is_finite() & pl.col("_r").is_finite()
+        pairs = joined.filter(agrees).drop("_c", "_r")
+    return pairs
+
+
+def _capped(pairs: pl.DataFrame, cap: int | None, by_ratio: bool) -> pl.DataFrame:
+    """At most `cap` pairs per prompt: the most similar lengths first (`by_ratio`), then the largest margins."""
+    order = (["ratio"] if by_ratio else []) + ["margin", "chosen_id", "rejected_id"]
+    descending = ([False] if by_ratio else []) + [True, False, False]
+    pairs = pairs.sort(["prompt_id", *order], descending=[False, *descending], nulls_last=True)
+    return pairs if cap is None else pairs.group_by("prompt_id", maintain_order=True).head(cap)
 
 
 def _draw(seed: int, response_id: str) -> str:
@@ -152,28 +194,26 @@ def sampled_pairs(scores: pl.DataFrame, responses: pl.DataFrame, scorer_id: str,
     known = pl.col("_tc").is_not_null() & pl.col("_tr").is_not_null()  # one unknown length: an unknown ratio
     pairs = pairs.with_columns(ratio=pl.when(known).then(
         pl.max_horizontal("_tc", "_tr") / pl.min_horizontal("_tc", "_tr").clip(1)))
+    # the same steps without length control (no length_ratio, the margin order): what it changed
+    length_control = spec.max_length_ratio is not None or spec.length_matched
+    before = _capped(_agreeing(pairs, agree), spec.max_pairs_per_prompt, False) if length_control else None
     if spec.max_length_ratio is not None:
         fits = pl.col("ratio").is_null() | (pl.col("ratio") <= spec.max_length_ratio)  # unknown lengths stay
         pairs = step("length_ratio", pairs.filter(fits))
-    for other in agree.values():
-        vals = other.select("response_id", "value")
-        joined = pairs.join(vals.rename({"response_id": "chosen_id", "value": "_c"}), on="chosen_id", how="left")
-        joined = joined.join(vals.rename({"response_id": "rejected_id", "value": "_r"}), on="rejected_id", how="left")
-        agrees = (pl.col("_c") > pl.col("_r")) & pl.col("_c").is_finite() & pl.col("_r").is_finite()
-        pairs = step("disagreement", joined.filter(agrees).drop("_c", "_r"))
+    if agree:
+        pairs = step("disagreement", _agreeing(pairs, agree))
     cap = spec.max_pairs_per_prompt or (1 if spec.length_matched else None)
-    order = (["ratio"] if spec.length_matched else []) + ["margin", "chosen_id", "rejected_id"]
-    descending = ([False] if spec.length_matched else []) + [True, False, False]
-    pairs = pairs.sort(["prompt_id", *order], descending=[False, *descending], nulls_last=True)
-    if cap is not None:
-        pairs = step("over_cap", pairs.group_by("prompt_id", maintain_order=True).head(cap))
+    capped = _capped(pairs, cap, spec.length_matched)
+    pairs = step("over_cap", capped) if cap is not None else capped
     pairs = pairs.sort("prompt_id", "chosen_id", "rejected_id")
     counts["kept"] = len(pairs)
+    lengths = {name: length_profile(frame.select(chosen_tokens="_tc", rejected_tokens="_tr"))
+               for name, frame in (("before", before if before is not None else pairs), ("after", pairs))}
     ids = [pair_id(c, r, rule, (sc, sr)) for c, r, sc, sr in
            pairs.select("chosen_id", "rejected_id", "score_chosen", "score_rejected").iter_rows()]  # fmt: skip
     out = pairs.with_columns(pair_id=pl.Series(ids, dtype=pl.String), scorer_id=pl.lit(scorer_id),
                              rule=pl.lit(canonical_json(rule)), source=pl.lit("sampled"))  # fmt: skip
-    return Curated(out.select(list(columns("pairs"))), counts)
+    return Curated(out.select(list(columns("pairs"))), counts, {"length_control": length_control, **lengths})
 
 
 def best_vs_worst(scores: pl.DataFrame, scorer_id: str, spec: CurationSpec,

@@ -5,10 +5,17 @@
 - **Near duplicates**: MinHash LSH (datasketch) over word 3-grams, at an estimated Jaccard similarity of at
   least `near_threshold`. Of a group, the prompt with the smallest id stays.
 - **Contamination**: a prompt sharing a word n-gram (default 13, as in GPT-3's decontamination) with an item
-  of a user-given evaluation set is left out; a prompt shorter than n words matches an item equal to it.
-  The match is kept (`prompt_flags`: the benchmark and the item).
+  of a user-given evaluation set is left out. An item shorter than n words (a short question) matches a
+  prompt that contains its whole word sequence, and a prompt shorter than n words matches an item that
+  contains it (a benchmark question asked alone), if the shorter text has at least `ngram_min` words; below
+  that, only equal texts match. The match is kept (`prompt_flags`: the benchmark and the item).
 - **Same text**: a pair whose two replies are duplicates (exactly, or near with `dedup: near`) teaches
   nothing and is dropped.
+- **Duplicate responses across prompts** (`dedup_responses`): a reply that duplicates a reply to another prompt
+  (exactly, or near with `dedup: near`), such as the same boilerplate answer to different questions, is left
+  out of curation; of a group the reply with the smallest id stays, and replies to that reply's own prompt
+  are not duplicates of it (same-text pairs handle those). Listed in `prompt_flags` with `response_id` and
+  the reply it duplicates (`of_id`).
 The n-gram join is polars; MinHash is the library's.
 """
 
@@ -65,14 +72,17 @@ def _words(text: str) -> list[str]:
     return re.sub(r"[^\w\s]", "", unicodedata.normalize("NFKC", text).lower()).split() or [""]
 
 
-def _near(ids: list[str], words: list[list[str]], threshold: float) -> pl.DataFrame:
+def _near(ids: list[str], words: list[list[str]], threshold: float, groups: list[str] | None = None) -> pl.DataFrame:
+    """prompt_id (the id), duplicate_of, kind, similarity of the near duplicates among `ids`; with `groups`
+    (one per id), an item is never a duplicate of an item of its own group."""
     from datasketch import MinHashLSH
 
     hashes = dict(zip(ids, _minhashes(words), strict=True))
+    group = dict(zip(ids, groups or ids, strict=True))
     lsh = MinHashLSH(threshold=min(threshold, 0.9), num_perm=NUM_PERM)  # candidates; each is checked below
     rows = []
     for pid, mh in hashes.items():  # in id order: the smallest id of a group stays
-        found = [(other, mh.jaccard(hashes[other])) for other in lsh.query(mh)]
+        found = [(other, mh.jaccard(hashes[other])) for other in lsh.query(mh) if group[other] != group[pid]]
         found = [(o, s) for o, s in found if s >= threshold]
         if found:
             other, similarity = min(found)
@@ -81,6 +91,34 @@ def _near(ids: list[str], words: list[list[str]], threshold: float) -> pl.DataFr
             lsh.insert(pid, mh)
     return pl.DataFrame(rows, schema={"prompt_id": pl.String, "duplicate_of": pl.String, "kind": pl.String,
                                       "similarity": pl.Float64})  # fmt: skip
+
+
+def response_duplicates(texts: pl.DataFrame, near_threshold: float | None) -> pl.DataFrame:
+    """response_id, prompt_id, duplicate_of, kind (exact | near), similarity of every response among `texts`
+    (response_id, prompt_id, text) that duplicates a response to another prompt (the smallest id stays)."""
+    keyed = texts.with_columns(norm=normalized(pl.col("text"))).filter(pl.col("norm") != "")
+    keyed = keyed.with_columns(key=pl.col("norm").hash()).drop("norm").sort("response_id")
+    first = keyed.group_by("key").agg(duplicate_of=pl.col("response_id").min())
+    first = first.join(keyed.select(duplicate_of="response_id", of_prompt="prompt_id"), on="duplicate_of")
+    exact = keyed.join(first, on="key").filter(pl.col("prompt_id") != pl.col("of_prompt"))
+    exact = exact.select("response_id", "prompt_id", "duplicate_of", kind=pl.lit("exact"), similarity=pl.lit(1.0))
+    if near_threshold is None:
+        return exact.sort("response_id")
+    kept = keyed.join(exact.select("response_id"), on="response_id", how="anti").sort("response_id")
+    near = _near(kept["response_id"].to_list(), [_words(t) for t in kept["text"]], near_threshold,
+                 kept["prompt_id"].to_list()).rename({"prompt_id": "response_id"})  # fmt: skip
+    near = near.join(kept.select("response_id", "prompt_id"), on="response_id").select(exact.columns)
+    return pl.concat([exact, near]).sort("response_id")
+
+
+@task(name="screen-responses", cache_policy=NO_CACHE)
+def screen_responses(texts: pl.DataFrame, spec: CurationSpec) -> list[PromptFlag]:
+    """Prefect task: the flags of responses (response_id, prompt_id, text) that duplicate a response to another
+    prompt, per `spec.dedup` (exact, or near as well)."""
+    dups = response_duplicates(texts, spec.near_threshold if spec.dedup == "near" else None)
+    return [PromptFlag(prompt_id=r["prompt_id"], kind=f"{r['kind']}_duplicate_response", of_id=r["duplicate_of"],
+                       benchmark=None, item=None, similarity=r["similarity"], response_id=r["response_id"])
+            for r in dups.iter_rows(named=True)]  # fmt: skip
 
 
 def _ngrams(texts: pl.DataFrame, n: int) -> pl.DataFrame:
@@ -115,17 +153,36 @@ def read_eval_set(spec: EvalSet) -> pl.DataFrame:
     return frame.select(benchmark=pl.lit(spec.name or path.stem), item=pl.col(spec.field).cast(pl.String)).drop_nulls()
 
 
-def contaminated(texts: pl.DataFrame, items: pl.DataFrame, n: int) -> pl.DataFrame:
-    """prompt_id, benchmark, item, gram: each prompt that shares an n-gram with an evaluation item (the first
-    match by benchmark and item)."""
+def contaminated(texts: pl.DataFrame, items: pl.DataFrame, n: int, n_min: int | None = None) -> pl.DataFrame:
+    """prompt_id, benchmark, item, gram: each prompt that shares an n-gram with an evaluation item, or where the
+    shorter of the two (fewer than n words, at least `n_min`; default n: none) is a whole word sequence of the
+    other (the first match by benchmark and item)."""
+    schema = {"prompt_id": pl.String, "benchmark": pl.String, "item": pl.String, "gram": pl.String}
     if items.is_empty() or texts.is_empty():
-        return pl.DataFrame(schema={"prompt_id": pl.String, "benchmark": pl.String, "item": pl.String,
-                                    "gram": pl.String})  # fmt: skip
+        return pl.DataFrame(schema=schema)
     indexed = items.with_row_index("id").with_columns(pl.col("id").cast(pl.String))
     item_grams = _ngrams(indexed.select("id", text="item"), n).join(indexed, on="id").drop("id")
-    prompt_grams = _ngrams(texts.rename({"prompt_id": "id"}), n).rename({"id": "prompt_id"})
-    hits = prompt_grams.join(item_grams, on="gram").sort("prompt_id", "benchmark", "item", "gram")
-    return hits.group_by("prompt_id", maintain_order=True).first().select("prompt_id", "benchmark", "item", "gram")
+    prompts = texts.rename({"prompt_id": "id"})
+    prompt_grams = _ngrams(prompts, n).rename({"id": "prompt_id"})
+    hits = [prompt_grams.join(item_grams, on="gram").select(*schema)]
+    # a short item inside a prompt, or a short prompt inside an item: the longer side's k-grams for each length
+    # k of the shorter side's texts (one join per length, not per text)
+    for k, short_items in _short(indexed, "item", n, n_min):
+        grams = _ngrams(prompts, k).rename({"id": "prompt_id"})
+        hits.append(grams.join(short_items.select("gram", "benchmark", "item"), on="gram").select(*schema))
+    for k, short_prompts in _short(prompts, "text", n, n_min):
+        grams = _ngrams(indexed.select("id", text="item"), k).join(indexed, on="id").drop("id")
+        hits.append(grams.join(short_prompts.select("gram", prompt_id="id"), on="gram").select(*schema))
+    found = pl.concat(hits).sort("prompt_id", "benchmark", "item", "gram")
+    return found.group_by("prompt_id", maintain_order=True).first()
+
+
+def _short(frame: pl.DataFrame, column: str, n: int, n_min: int | None) -> list[tuple[int, pl.DataFrame]]:
+    """Per word count k in [n_min, n): the rows whose normalized `column` has k words, with it as `gram`."""
+    short = frame.with_columns(gram=normalized(pl.col(column))).with_columns(
+        k=pl.col("gram").str.split(" ").list.len()).filter(
+        (pl.col("k") < n) & (pl.col("k") >= (n_min or n)) & (pl.col("gram") != ""))  # fmt: skip
+    return [(k, short.filter(pl.col("k") == k)) for k in sorted(short["k"].unique().to_list())]
 
 
 @task(name="screen", cache_policy=NO_CACHE)
@@ -142,7 +199,7 @@ def screen(prompts: pl.DataFrame, spec: CurationSpec) -> list[PromptFlag]:
         items = pl.concat([read_eval_set(e) for e in spec.decontaminate])
         flags += [PromptFlag(prompt_id=r["prompt_id"], kind="contaminated", of_id=None, benchmark=r["benchmark"],
                              item=r["item"][:1000], similarity=None) for r in
-                  contaminated(texts, items, spec.ngram).iter_rows(named=True)]  # fmt: skip
+                  contaminated(texts, items, spec.ngram, spec.ngram_min).iter_rows(named=True)]  # fmt: skip
     return flags
 
 

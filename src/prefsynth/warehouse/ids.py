@@ -62,3 +62,21 @@ def score_id(response: str, scorer: str) -> str:
 def pair_id(chosen: str, rejected: str, rule: dict[str, Any], scores: tuple[float, float]) -> str:
     """Scores are part of the id: a win share or a panel value can change when the other responses do."""
     return content_id("pair", chosen, rejected, rule, [round(s, 9) for s in scores])
+
+
+DRAW_BITS = 52  # a double holds every such fraction exactly
+
+
+def split_draws(prompt_ids: Any, seed: int) -> Any:
+    """prompt_id, draw in [0, 1) of each id (a polars Series): the first 52 bits of
+    sha256("{seed}:{prompt_id}") over 2**52. DuckDB's sha256 in memory (not the warehouse): vectorized and
+    the same on every machine and version, unlike polars' hash."""
+    import duckdb
+    import polars as pl
+
+    ids = pl.DataFrame({"prompt_id": prompt_ids}, schema={"prompt_id": pl.String}).unique().sort("prompt_id")
+    with duckdb.connect() as con:
+        con.register("_ids", ids.to_arrow())
+        sql = (f"SELECT prompt_id, ('0x' || substr(sha256($1 || ':' || prompt_id), 1, {DRAW_BITS // 4}))::UBIGINT "
+               f"/ {2**DRAW_BITS}.0 AS draw FROM _ids ORDER BY prompt_id")  # fmt: skip
+        return con.execute(sql, [str(seed)]).pl()

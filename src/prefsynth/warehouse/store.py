@@ -30,6 +30,9 @@ from prefsynth.warehouse.sharing import QueryServer, RemoteConnection, serving
 
 _log = logging.getLogger(__name__)
 READER_WAIT_S = 15.0  # how long a reader waits for a file that a process holds without serving it
+# A writer checkpoints when its WAL reaches this (duckdb's default, 16 MiB, checkpoints every few batches and
+# rewrites the growing key indexes each time: 1.7x slower bulk writes). Data in the WAL replays after a crash.
+CHECKPOINT_THRESHOLD = "256MiB"
 STATS_TABLES = ("runs", "prompts", "responses", "scores", "judgments", "comparisons", "failures", "pairs",
                 "refinements", "run_anchors", "prompt_flags", "dataset_snapshots", "logprobs", "prompt_routes", "evals",
                 "model_calls", "prompt_versions", "loop_rounds", "review_tasks", "human_labels")
@@ -172,6 +175,7 @@ class Store:
         self._server: QueryServer | None = None
         remote = isinstance(self.con, RemoteConnection)
         if not read_only and not remote:
+            self.con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
             self.migrate()
         elif (version := self.schema_version()) < len(_migrations()):
             self.close()
@@ -360,33 +364,36 @@ class Store:
         return self._transaction(write)
 
     def record_snapshot(self, snapshot_id: str, run_id: str | None, fmt: str, path: str, margin: str,
-                        row_ids: list[str], file_sha256: str, card_sha256: str,
-                        counts: dict[str, int]) -> bool:  # fmt: skip
-        """One exported file as an immutable snapshot: its rows (pairs, or anchors for `sft`), margin mode and
-        content hashes. A snapshot already recorded (the same rows, format and margin) is kept: False."""
-        links = pl.DataFrame({"snapshot_id": [snapshot_id] * len(row_ids), "row_id": row_ids},
-                             schema={"snapshot_id": pl.String, "row_id": pl.String})
+                        row_ids: list[str], file_sha256: str, card_sha256: str, counts: dict[str, int],
+                        row_splits: list[str] | None = None, splits: dict[str, Any] | None = None) -> bool:  # fmt: skip
+        """One export as an immutable snapshot: its rows (pairs, or anchors for `sft`) and with splits each row's
+        split, margin mode, content hashes, and `splits` (seed, fractions, each split's file and hash). A
+        snapshot already recorded (the same rows, format, margin and splits) is kept: False."""
+        links = pl.DataFrame({"snapshot_id": [snapshot_id] * len(row_ids), "row_id": row_ids,
+                              "split": row_splits if row_splits is not None else [None] * len(row_ids)},
+                             schema={"snapshot_id": pl.String, "row_id": pl.String, "split": pl.String})  # fmt: skip
         with self._lock:  # its rows first, then the snapshot: one statement each, so it also works through a run
             self._insert_rows("snapshot_rows", links)  # that holds the file (sharing.py), which has no transaction
             added = self.con.execute(
                 "INSERT INTO dataset_snapshots (snapshot_id, run_id, format, path, n_pairs, margin, file_sha256, "
-                "card_sha256, counts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                "card_sha256, counts, splits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [snapshot_id, run_id, fmt, path, len(row_ids), margin, file_sha256, card_sha256,
-                 json.dumps(counts, sort_keys=True)]).fetchone()[0]  # fmt: skip
+                 json.dumps(counts, sort_keys=True), None if splits is None else json.dumps(splits)]
+            ).fetchone()[0]  # fmt: skip
         return bool(added)
 
     def snapshots(self) -> list[dict[str, Any]]:
         return self._dicts("SELECT * FROM dataset_snapshots ORDER BY created_at, snapshot_id")
 
     def snapshot(self, snapshot_id: str) -> tuple[dict[str, Any], pl.DataFrame] | None:
-        """A snapshot (a unique prefix of its id will do) and the rows it exported, or None."""
+        """A snapshot (a unique prefix of its id will do) and the rows it exported (with their `split`), or None."""
         found = self._dicts_with("SELECT * FROM dataset_snapshots WHERE starts_with(snapshot_id, $1) "
                                  "ORDER BY snapshot_id", [snapshot_id])  # fmt: skip
         if len(found) != 1:
             return None
         snap = found[0]
         view, key = export_view(snap["format"])
-        rows = self._query(f"SELECT v.* FROM {view} v JOIN snapshot_rows s ON s.row_id = v.{key} AND "
+        rows = self._query(f"SELECT v.*, s.split FROM {view} v JOIN snapshot_rows s ON s.row_id = v.{key} AND "
                            f"s.snapshot_id = $1 WHERE v.run_id = $2 ORDER BY v.prompt_id, v.{key}",
                            [snap["snapshot_id"], snap["run_id"]])  # fmt: skip
         return snap, rows
@@ -685,7 +692,19 @@ class Store:
         out["truncation"] = self._dicts("SELECT * FROM v_truncation ORDER BY model")
         out["costs"] = self.costs()
         out["human_accuracy"] = self.human_accuracy()
+        out["length_control"] = self.length_control()
         return out
+
+    def length_control(self) -> list[dict[str, Any]]:
+        """Per run whose curation had length control: the pairs and the lengths of chosen against rejected
+        before and after it (medians in tokens, share with the longer reply chosen), from its summary."""
+        cols = ", ".join(f"json_extract(e.summary, '$.lengths.{when}.{key}')::{kind} AS {when}_{key}"
+                         for when in ("before", "after") for key, kind in (
+                             ("pairs", "BIGINT"), ("chosen_median", "DOUBLE"), ("rejected_median", "DOUBLE"),
+                             ("chosen_longer", "DOUBLE")))  # fmt: skip
+        return self._dicts(f"SELECT e.run_id, {cols} FROM run_ends e JOIN runs r USING (run_id) "
+                           "WHERE json_extract(e.summary, '$.lengths.length_control')::BOOLEAN "
+                           "ORDER BY r.started_at, e.run_id")  # fmt: skip
 
     def costs(self) -> list[dict[str, Any]]:
         """Calls, tokens and cost (None without a price) per run, stage and model, oldest run first. Cached
