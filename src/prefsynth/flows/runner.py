@@ -6,10 +6,11 @@ screens before curation (dedup of prompts and of replies, decontamination). HTTP
 flow's event loop with their per-endpoint limiters: Ray adds nothing to waiting on a server.
 
 A task sent to Ray takes plain data and returns plain data: a scorer's spec and a batch of conversations,
-the run's prompts or replies and the curation spec; never the Store, a client or a closure. The flow writes what comes
-back; workers never open the warehouse. Prefect sees batches, never one task per response: the responses
-that reach a reward model while the others stream are gathered into batches of up to `ITEMS_PER_TASK` (a
-whole number of its `batch_size`), each one task run; the forward passes inside are `batch_size` at a time.
+the run's prompts or replies and the curation spec; never the Store, a client or a closure. The flow
+writes what comes back; workers never open the warehouse. Prefect sees batches, never one task per
+response: the responses that reach a reward model while the others stream are gathered into batches of up
+to `ITEMS_PER_TASK` (a whole number of its `batch_size`), each one task run; the forward passes inside are
+`batch_size` at a time.
 """
 
 from __future__ import annotations
