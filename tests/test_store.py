@@ -174,7 +174,7 @@ def test_a_sigkilled_writer_leaves_a_complete_schema_and_every_committed_batch(t
     path = tmp_path / "w.duckdb"
     committed = _write_until_killed(path, stop_after)
     with Store(path) as store:  # before the migrations were checkpointed: "Failure while replaying WAL file"
-        assert store.schema_version() == len(_migrations())
+        assert store.schema_version() == int(_migrations()[-1].name.split("_", 1)[0])  # numbers may skip
         assert _catalog(store) == expected
         rows = store.con.execute("SELECT split_part(attempt_id, '-', 1), count(*) FROM model_calls GROUP BY 1")
         per_batch = {int(b[1:]): n for b, n in rows.fetchall()}

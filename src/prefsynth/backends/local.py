@@ -256,9 +256,12 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
                   "tokens_per_minute": spec.tokens_per_minute, "global_limit": spec.global_limit,
                   "price": (spec.price.input_per_mtok, spec.price.output_per_mtok) if spec.price else None}  # fmt: skip
         if spec.gguf is None:
+            replicas = spec.replicas
+            limits["concurrency"] = sum(n for _, n in replicas)
             return Endpoint(
                 identity=spec.identity,
-                base_url=str(spec.base_url),
+                base_url=replicas[0][0],
+                replicas=tuple(replicas) if len(replicas) > 1 else (),
                 model=str(spec.model),
                 api_key=spec.api_key(),
                 is_local=False,
