@@ -179,3 +179,66 @@ def test_the_cache_does_not_know_which_replica_answered(tmp_path, prefect_harnes
         stats = store.stats()
     rows = {r["replica"]: r for r in stats["replicas"]}
     assert set(rows) == {a.base_url, b.base_url} and sum(r["answered"] for r in rows.values()) == 24
+
+
+# ---- two real llama.cpp servers, one SIGKILLed mid-run ------------------------------------------------------
+@pytest.mark.model
+def test_two_real_llama_servers_one_killed_mid_run_the_run_completes_and_no_call_is_made_twice(
+    tmp_path, prefect_harness
+):
+    import os
+    import signal
+
+    import duckdb
+
+    from prefsynth.backends.local import LocalServer, resolve_gguf
+    from tests.fault_proxy import FaultProxy
+
+    path, identity = resolve_gguf("smollm2-135m-instruct")
+    survivor, victim = (LocalServer(path, identity, 2048, 1) for _ in range(2))
+    try:
+        for server in (survivor, victim):
+            server.launch()
+        for server in (survivor, victim):
+            server.wait_ready()
+        with FaultProxy(survivor.base_url, rates={}) as proxy:  # no faults: it counts the survivor's requests
+            model = {"name": "smol", "model": "smollm2-135m-instruct", "server": "llama-cpp", "revision": identity,
+                     "base_urls": [proxy.base_url, victim.base_url], "max_concurrency": 1, "max_retries": 1}
+            config = small_config(
+                tmp_path, write_jsonl(tmp_path / "p.jsonl", ["Name a color.", "What is 2 + 2?", "Name a fruit.",
+                                                             "What do cows eat?"]),
+                generation={"models": [model], "samples_per_prompt": 2,
+                            "sampling": {"temperature": 1.0, "max_tokens": 8, "seed": 1}},
+                scorers=[{"kind": "pointwise_judge", "model": model, "max_tokens": 40}])  # fmt: skip
+            killed_after: list[int] = []
+
+            def kill_when_started() -> None:  # SIGKILL the victim once the survivor has answered 3 requests
+                while proxy.forwarded < 3:
+                    time.sleep(0.05)
+                killed_after.append(proxy.forwarded)
+                os.killpg(victim.proc.pid, signal.SIGKILL)
+
+            killer = threading.Thread(target=kill_when_started, daemon=True)
+            killer.start()
+            summary = synthesize(config=config)
+            killer.join(timeout=5)
+            survivor_answers = proxy.forwarded
+    finally:
+        survivor.stop()
+        victim.stop()
+    assert killed_after and victim.proc.poll() is not None  # the precondition: the victim died during the run
+    assert summary.status == "completed"
+    with duckdb.connect(str(config.warehouse), read_only=True) as con:
+        calls = con.execute("SELECT call_id, status, endpoint, failed_on FROM model_calls").fetchall()
+        responses = con.execute("SELECT count(*) FROM responses").fetchone()[0]
+    # every sample was generated, and every call (8 samples, 8 ratings, a repair when a rating is unreadable)
+    # was answered: none failed for want of a server
+    assert responses == 8 and len(calls) >= 16
+    ok = [c for c in calls if c[1] == "ok"]
+    assert len(ok) == len(calls) and len({c[0] for c in ok}) == len(ok)  # every call once, and answered once
+    by_victim = [c for c in ok if c[2] == victim.base_url]
+    assert 0 < len(by_victim) < len(ok) and sum(c[2] == proxy.base_url for c in ok) == survivor_answers
+    # the victim's requests that died with it (in flight, or refused until it was taken out) moved on
+    moved = [c for c in ok if c[3]]
+    assert moved and all(c[3] == [victim.base_url] and c[2] == proxy.base_url for c in moved)
+    assert len(moved) <= 1 + replicas_mod.TAKE_OUT_AFTER
