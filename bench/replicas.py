@@ -8,7 +8,7 @@ model. Arms, each on fresh servers:
             max_concurrency = its slots: one replica, two replicas, and two with one SIGKILLed after a third
             of the calls (its requests in flight move to the other)
   run       `prefsynth run` (the CLI, fresh warehouse) of P prompts x 2 samples + a pointwise judge (4P calls)
-            on one replica and on two (`base_urls`)
+            on one replica and on two (`base_urls`): whole command, and the flow alone (its `timings:` line)
 
     python bench/replicas.py [--calls 1200] [--prompts 200] [--slots 8] [--record]
 """
@@ -116,8 +116,14 @@ def run_arms(folder: Path, prompts: int, slots: int, r: dict[str, Any]) -> None:
                 s.close()
         r[f"run_{name}_seconds"] = run.seconds
         r[f"run_{name}_calls_per_s"] = 4 * prompts / run.seconds
+        flow = run.timings.get("flow")  # the flow alone: no imports, no Prefect API start
+        if flow:
+            r[f"run_{name}_flow_seconds"] = flow
+            r[f"run_{name}_flow_calls_per_s"] = 4 * prompts / flow
         r[f"run_{name}_requests_per_replica"] = "/".join(map(str, served))
     r["run_two_vs_one"] = r["run_two_calls_per_s"] / r["run_one_calls_per_s"]
+    if "run_two_flow_calls_per_s" in r and "run_one_flow_calls_per_s" in r:
+        r["run_two_vs_one_flow"] = r["run_two_flow_calls_per_s"] / r["run_one_flow_calls_per_s"]
 
 
 def main() -> int:

@@ -7,18 +7,20 @@ servers of SmolLM2 and SIGKILLs one mid-run."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
 import pytest
+from typer.testing import CliRunner
 
 from prefsynth.backends import replicas as replicas_mod
 from prefsynth.backends.client import ClientPool, Endpoint
 from prefsynth.backends.replicas import TAKE_OUT_AFTER, ReplicaSet
+from prefsynth.cli import app
 from prefsynth.flows.synthesize import synthesize
 from prefsynth.schemas.config import ModelSpec
 from prefsynth.schemas.records import ModelCall
-from prefsynth.warehouse.store import Store
 from tests.conftest import small_config, write_jsonl
 from tests.fake_server import FakeOpenAI, deterministic_reply
 
@@ -175,10 +177,13 @@ def test_the_cache_does_not_know_which_replica_answered(tmp_path, prefect_harnes
     assert first.status == swapped.status == only_b.status == "completed"
     assert made == 24 and a.requests and b.requests  # the precondition: both replicas answered a real run
     assert after == made  # the reruns, with the replicas swapped or one server left, were all cache hits
-    with Store(cfg.warehouse, read_only=True) as store:
-        stats = store.stats()
-    rows = {r["replica"]: r for r in stats["replicas"]}
+    out = CliRunner().invoke(app, ["stats", "--db", str(cfg.warehouse), "--json"])
+    assert out.exit_code == 0, out.output
+    rows = {r["replica"]: r for r in json.loads(out.output)["replicas"]}
     assert set(rows) == {a.base_url, b.base_url} and sum(r["answered"] for r in rows.values()) == 24
+    assert all(r["failed_requests"] == 0 for r in rows.values())
+    shown = CliRunner().invoke(app, ["stats", "--db", str(cfg.warehouse)], terminal_width=200)
+    assert "replicas: calls each answered" in shown.output and a.base_url in shown.output
 
 
 # ---- two real llama.cpp servers, one SIGKILLed mid-run ------------------------------------------------------

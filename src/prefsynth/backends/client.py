@@ -205,8 +205,8 @@ class ModelClient:
         self._reader = CacheReader(cache) if cache is not None and not isinstance(cache, CacheReader) else cache
         self._recent = Recent()
         self._inflight: dict[str, asyncio.Future[tuple[ModelCall, bool]]] = {}
-        self._limits = limits or EndpointLimits(endpoint.concurrency, endpoint.requests_per_minute,
-                                                endpoint.tokens_per_minute)
+        self._limits = limits or (server_limits([endpoint]) if endpoint.replicas else EndpointLimits(
+            endpoint.concurrency, endpoint.requests_per_minute, endpoint.tokens_per_minute))
         self._budget = budget.active()  # the run's, checked before each request (see budget.py)
         # as many kept-alive connections as requests in flight: the SDK's default keeps 100, so at higher
         # concurrency every response would close a connection and the next request open a new one

@@ -103,7 +103,8 @@ class ModelSpec(Strict):
     n_ctx: int = Field(2048, ge=256, description="Context length of a local server.")
     n_threads: int | None = Field(None, ge=1, description="CPU threads of a local server (default: all).")
     max_concurrency: int | None = Field(None, ge=1, le=50_000, description="Requests in flight at once (at "
-                                        "most 1024; with `batch`, the requests one batch job can hold).")  # fmt: skip
+                                        "most 1024; with `batch`, the requests one batch job can hold; with "
+                                        "`base_urls`, each replica's default).")  # fmt: skip
     batch: bool = Field(False, description="Send chat requests as OpenAI-style batch jobs (files + batches API): "
                         "cheaper and slower; set max_concurrency to the batch size.")  # fmt: skip
     timeout_s: float = Field(300.0, gt=0, description="Timeout of one request, queueing included.")
