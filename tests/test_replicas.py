@@ -182,7 +182,7 @@ def test_the_cache_does_not_know_which_replica_answered(tmp_path, prefect_harnes
     rows = {r["replica"]: r for r in json.loads(out.output)["replicas"]}
     assert set(rows) == {a.base_url, b.base_url} and sum(r["answered"] for r in rows.values()) == 24
     assert all(r["failed_requests"] == 0 for r in rows.values())
-    shown = CliRunner().invoke(app, ["stats", "--db", str(cfg.warehouse)], terminal_width=200)
+    shown = CliRunner().invoke(app, ["stats", "--db", str(cfg.warehouse)], env={"COLUMNS": "200"})
     assert "replicas: calls each answered" in shown.output and a.base_url in shown.output
 
 
