@@ -104,6 +104,18 @@ def test_the_replica_with_most_free_slots_gets_the_next_request():
 
 
 # ---- against loopback servers ----------------------------------------------------------------------------
+def test_a_run_starts_when_one_replica_answers_and_fails_fast_when_none_does():
+    from prefsynth.backends.client import check_reachable
+    from prefsynth.errors import EndpointError
+
+    with Replica() as down:
+        dead = down.base_url  # closed: its port refuses connections
+    with Replica() as up:
+        asyncio.run(check_reachable(_endpoint([(dead, 1), (up.base_url, 1)])))  # one answers: the run may start
+    with pytest.raises(EndpointError, match="unreachable"):
+        asyncio.run(check_reachable(_endpoint([(dead, 1), (dead.replace("/v1", "/w1"), 1)])))
+
+
 def test_requests_spread_over_replicas_by_free_slots():
     with Replica() as a, Replica() as b:
         calls = _chat_all(_endpoint([(a.base_url, 2), (b.base_url, 6)]), 80)
