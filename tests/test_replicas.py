@@ -79,7 +79,7 @@ def test_base_urls_config_rules():
     assert ModelSpec(base_urls=["http://a:1/v1/"], model="m").identity == one.identity  # one server: same model
     two = ModelSpec(base_urls=["http://a:1/v1", {"base_url": "http://b:2/v1", "max_concurrency": 2}], model="m",
                     max_concurrency=5, revision="r1")  # fmt: skip
-    assert two.replicas == [("http://a:1/v1", 5), ("http://b:2/v1", 2)]
+    assert two.servers == [("http://a:1/v1", 5), ("http://b:2/v1", 2)]
     swapped = ModelSpec(base_urls=["http://b:2/v1", "http://a:1/v1"], model="m", revision="r1")
     assert two.identity == swapped.identity == ModelSpec(base_url="http://c:3/v1", model="m", revision="r1").identity
     assert "base_urls" not in one.model_dump()  # a stored config without replicas keeps its old form
@@ -89,7 +89,8 @@ def test_base_urls_config_rules():
                        ({"base_urls": ["http://a/v1", "http://a/v1/"], "revision": "r"}, "twice"),
                        ({"base_urls": ["http://a/v1", "ftp://b"], "revision": "r"}, "http://"),
                        ({"base_urls": ["http://a/v1", "http://u:p@b/v1"], "revision": "r"}, "credentials"),
-                       ({"base_urls": ["http://a/v1", "http://b/v1"], "revision": "r", "batch": True}, "batch")):
+                       ({"base_urls": ["http://a/v1", "http://b/v1"], "revision": "r", "batch": True}, "batch"),
+                       ({"base_url": "http://a/v1", "replicas": 2}, "`gguf`")):
         with pytest.raises(ValueError, match=words):
             ModelSpec(model="m", **bad)
 
@@ -259,3 +260,18 @@ def test_two_real_llama_servers_one_killed_mid_run_the_run_completes_and_no_call
     moved = [c for c in ok if c[3]]
     assert moved and all(c[3] == [victim.base_url] and c[2] == proxy.base_url for c in moved)
     assert len(moved) <= 1 + replicas_mod.TAKE_OUT_AFTER
+
+
+@pytest.mark.model
+def test_replicas_of_the_embedded_model_start_several_llama_servers_and_share_the_work(tmp_path, prefect_harness):
+    model = {"gguf": "smollm2-135m-instruct", "replicas": 2}
+    config = small_config(tmp_path, write_jsonl(tmp_path / "p.jsonl", ["Name a color.", "Name a fruit.", "Say hi."]),
+                          generation={"models": [model], "samples_per_prompt": 2,
+                                      "sampling": {"temperature": 1.0, "max_tokens": 8, "seed": 1}},
+                          scorers=[{"kind": "pointwise_judge", "model": model, "max_tokens": 40}])  # fmt: skip
+    summary = synthesize(config=config)
+    assert summary.status == "completed"
+    out = CliRunner().invoke(app, ["stats", "--db", str(config.warehouse), "--json"])
+    rows = {r["replica"]: r["answered"] for r in json.loads(out.output)["replicas"]}
+    assert set(rows) == {"local#1", "local#2"} and all(rows.values())  # both servers answered
+    assert sum(rows.values()) == summary.model_calls  # every call was answered by one of them

@@ -68,6 +68,13 @@ class Endpoint:
     def public_url(self) -> str:
         return "local" if self.is_local else redact_url(self.base_url)
 
+    def replica_name(self, url: str) -> str:
+        """How records name a replica: its URL without credentials, or local#N for the Nth local server (its
+        port changes with every start)."""
+        if self.is_local:
+            return f"local#{[u for u, _ in self.replicas].index(url) + 1}"
+        return redact_url(url)
+
     @property
     def servers(self) -> tuple[str, ...]:
         """The base_url of each server: one, or the replicas (in a stable order, to key their shared limits)."""
@@ -377,8 +384,8 @@ class ModelClient:
             attempt_id=uuid.uuid4().hex,
             call_id=cid,
             model=self.endpoint.identity,
-            endpoint=redact_url(replica) if replica else self.endpoint.public_url,
-            failed_on=[redact_url(u) for u in lease.failed_on] if replica and lease else None,
+            endpoint=self.endpoint.replica_name(replica) if replica else self.endpoint.public_url,
+            failed_on=[self.endpoint.replica_name(u) for u in lease.failed_on] if replica and lease else None,
             kind=kind,
             request=request,
             response=response,

@@ -101,7 +101,11 @@ class ModelSpec(Strict):
         "auto", description="How to ask for prompt log-probs (auto: prompt_logprobs for vLLM and local models)."
     )
     n_ctx: int = Field(2048, ge=256, description="Context length of a local server.")
-    n_threads: int | None = Field(None, ge=1, description="CPU threads of a local server (default: all).")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads of a local server (default: the cores / "
+                                  "`replicas`).")  # fmt: skip
+    replicas: int | None = Field(None, ge=1, le=16, exclude_if=_unset, description="A local GGUF model: how many "
+                                 "llama.cpp servers to start (each answers one request at a time; requests spread "
+                                 "over them as over `base_urls`). Endpoints list `base_urls` instead.")  # fmt: skip
     max_concurrency: int | None = Field(None, ge=1, le=50_000, description="Requests in flight at once (at "
                                         "most 1024; with `batch`, the requests one batch job can hold; with "
                                         "`base_urls`, each replica's default).")  # fmt: skip
@@ -128,6 +132,8 @@ class ModelSpec(Strict):
             self._check_replicas()
         if self.gguf and (self.base_url or self.base_urls or self.model):
             raise ValueError("give either `gguf` (a local model) or `base_url` + `model` (an endpoint), not both")
+        if self.replicas is not None and not self.gguf:
+            raise ValueError("`replicas` starts local servers of a `gguf` model; an endpoint lists `base_urls`")
         if self.gguf and self.batch:
             raise ValueError("`batch` is for endpoint models: a local model has no batch API")
         if not self.batch and (self.max_concurrency or 0) > 1024:
@@ -137,7 +143,7 @@ class ModelSpec(Strict):
         if not self.gguf:
             if not (self.base_url or self.base_urls) or not self.model:
                 raise ValueError("an endpoint model needs both `base_url` and `model` (or give `gguf`)")
-            for url, _ in self.replicas:
+            for url, _ in self.servers:
                 if not url.startswith(("http://", "https://")):
                     raise ValueError(f"`base_url` must start with http:// or https://, got {url!r}")
                 _no_credentials(url)
@@ -151,7 +157,7 @@ class ModelSpec(Strict):
             raise ValueError("give either `base_url` (one server) or `base_urls` (replicas), not both")
         if not self.base_urls:
             raise ValueError("`base_urls` lists at least one replica")
-        urls = [url.rstrip("/") for url, _ in self.replicas]
+        urls = [url.rstrip("/") for url, _ in self.servers]
         if len(set(urls)) < len(urls):
             raise ValueError("`base_urls` lists a replica twice")
         if len(urls) > 1 and self.batch:
@@ -161,7 +167,7 @@ class ModelSpec(Strict):
                              "cache knows the model by name and revision, whichever replica answers")  # fmt: skip
 
     @property
-    def replicas(self) -> list[tuple[str, int]]:
+    def servers(self) -> list[tuple[str, int]]:
         """(base_url, max_concurrency) of each server of an endpoint model: one, or the `base_urls`."""
         if self.base_urls is None:
             return [(str(self.base_url), self.concurrency)] if self.base_url else []
@@ -186,7 +192,7 @@ class ModelSpec(Strict):
         server: `base_urls: [url]` is the same model as `base_url: url`). Never which replica answers."""
         if self.revision:
             return f"{self.model}@{self.revision}"
-        return f"{self.replicas[0][0].rstrip('/')}#{self.model}"
+        return f"{self.servers[0][0].rstrip('/')}#{self.model}"
 
     @property
     def concurrency(self) -> int:
