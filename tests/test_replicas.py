@@ -190,6 +190,11 @@ def test_the_cache_does_not_know_which_replica_answered(tmp_path, prefect_harnes
     assert first.status == swapped.status == only_b.status == "completed"
     assert made == 24 and a.requests and b.requests  # the precondition: both replicas answered a real run
     assert after == made  # the reruns, with the replicas swapped or one server left, were all cache hits
+    import duckdb
+
+    with duckdb.connect(str(cfg.warehouse), read_only=True) as con:  # and the rows they made are the same rows
+        assert con.execute("SELECT count(*), count(DISTINCT model_identity) FROM responses").fetchone() == (12, 1)
+        assert con.execute("SELECT count(*) FROM scorers").fetchone() == (1,)
     out = CliRunner().invoke(app, ["stats", "--db", str(cfg.warehouse), "--json"])
     assert out.exit_code == 0, out.output
     rows = {r["replica"]: r for r in json.loads(out.output)["replicas"]}
