@@ -301,7 +301,8 @@ def stats(
     verdict survives swapping the two responses) and first-position rate (share of decisive verdicts for
     the response shown first). Per endpoint: calls, the HTTP requests they took, retries, answers 429 and
     408/409/5xx, timeouts (abandoned requests a server may still bill), dropped connections, seconds slept
-    before retries and seconds throttled by rate limits. Panels: Krippendorff's alpha and mean Kendall tau of
+    before retries and seconds throttled by rate limits. Replicas (`base_urls`): the calls each answered and
+    its failed requests. Panels: Krippendorff's alpha and mean Kendall tau of
     their members. Prompt versions of synthesis loops (`prefsynth loop`): each one's rounds, pairs, accepted
     pairs and acceptance rate. Scorers against human labels (`prefsynth review import`): each scorer's n,
     accuracy, ties and failed over the pairs people decided, as `prefsynth eval` reports them. Length control
@@ -349,6 +350,13 @@ def stats(
         for row in data["retries_by_endpoint"]:
             retries.add_row(*(escape(_cell(v)) for v in row.values()))
         out.print(retries)
+    if data["replicas"]:
+        replicas = Table(title="replicas: calls each answered, and its failed requests (retried on the others)")
+        for col in ("model", "replica", "answered", "failed calls", "failed requests"):
+            replicas.add_column(col, justify="left" if col in ("model", "replica") else "right")
+        for row in data["replicas"]:
+            replicas.add_row(*(escape(_cell(v)) for v in row.values()))
+        out.print(replicas)
     if data["pairs_by_source"]:
         sources = Table(title="pairs by source")
         sources.add_column("source")

@@ -680,6 +680,9 @@ class Store:
             for m, k, c, e, pt, ct in per_model
         ]
         out["retries_by_endpoint"] = self.retries_by_endpoint()
+        out["replicas"] = self._dicts("SELECT model, replica, sum(answered)::BIGINT AS answered, "
+                                      "sum(failed_calls)::BIGINT AS failed_calls, sum(failed_requests)::BIGINT AS "
+                                      "failed_requests FROM v_replicas GROUP BY ALL ORDER BY ALL")  # fmt: skip
         latest = ("SELECT * EXCLUDE (created_at, rn) FROM (SELECT *, row_number() OVER "
                   "(PARTITION BY {key} ORDER BY created_at DESC, run_id) AS rn FROM {table}) WHERE rn = 1 "
                   "ORDER BY {order}")  # fmt: skip
