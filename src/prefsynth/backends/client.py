@@ -212,6 +212,7 @@ class ModelClient:
         self._reader = CacheReader(cache) if cache is not None and not isinstance(cache, CacheReader) else cache
         self._recent = Recent()
         self._inflight: dict[str, asyncio.Future[tuple[ModelCall, bool]]] = {}
+        self._own_limits = limits is None  # then this client stops its replicas' health probes on exit
         self._limits = limits or (server_limits([endpoint]) if endpoint.replicas else EndpointLimits(
             endpoint.concurrency, endpoint.requests_per_minute, endpoint.tokens_per_minute))
         self._budget = budget.active()  # the run's, checked before each request (see budget.py)
@@ -240,6 +241,8 @@ class ModelClient:
         )
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._own_limits and self._limits.replicas is not None:
+            self._limits.replicas.close()
         await self._client.close()
         for client in self._replicas.values():
             await client.close()
