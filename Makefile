@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # the tests (and ruff) also need dev and cover in-process reward models: the transformers extra (CPU torch),
-# and the DuckLake warehouse: the ducklake extra
+# the Ray runner: the ray extra (ray, prefect-ray), and the DuckLake warehouse: the ducklake extra
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[dev,local,transformers,ducklake]'
+	$(PY) -m pip install -q -e '.[dev,local,transformers,ray,ducklake]'
 	touch $(TEST_STAMP)
 
 install: $(STAMP)

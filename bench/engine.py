@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -51,9 +52,11 @@ GOALS = {"ceiling": "prefsynth/SDK <= 1.10", "faults": "prefsynth/SDK <= 1.25", 
 
 
 # ---- the loopback server -------------------------------------------------------------------------------
-def serve(latency: float, p429: float, p500: float, pslow: float, slow_s: float, seed: int) -> None:
-    """Run the server until killed; prints `port: N` once it listens. Plain HTTP/1.1 on asyncio streams."""
+def serve(latency: float, p429: float, p500: float, pslow: float, slow_s: float, seed: int, slots: int = 0) -> None:
+    """Run the server until killed; prints `port: N` once it listens. Plain HTTP/1.1 on asyncio streams.
+    `slots` > 0: at most that many answers are computed at once, the rest queue (a model server's slots)."""
     attempts: dict[str, int] = {}
+    busy = asyncio.Semaphore(slots) if slots > 0 else contextlib.nullcontext()
     stats: dict[str, float] = {}
     reasons = {200: b"OK", 404: b"Not Found", 429: b"Too Many Requests", 500: b"Internal Server Error"}
 
@@ -93,7 +96,8 @@ def serve(latency: float, p429: float, p500: float, pslow: float, slow_s: float,
                 bump("slow")
                 await asyncio.sleep(slow_s)
             elif latency > 0:
-                await asyncio.sleep(latency)
+                async with busy:
+                    await asyncio.sleep(latency)
             if judge:
                 text = json.dumps({"rationale": f"judged {h[:8]}", "score": 1 + int(h[8:16], 16) % 10})
             else:
@@ -140,9 +144,10 @@ class Loopback:
     """The server in its own process (own session), stopped by its pid on exit."""
 
     def __init__(self, latency: float = 0.2, p429: float = 0, p500: float = 0, pslow: float = 0,
-                 slow_s: float = 6.0, seed: int = 0) -> None:  # fmt: skip
+                 slow_s: float = 6.0, seed: int = 0, slots: int = 0) -> None:  # fmt: skip
         cmd = [sys.executable, __file__, "serve", "--latency", str(latency), "--p429", str(p429), "--p500",
-               str(p500), "--pslow", str(pslow), "--slow-s", str(slow_s), "--seed", str(seed)]  # fmt: skip
+               str(p500), "--pslow", str(pslow), "--slow-s", str(slow_s), "--seed", str(seed),
+               "--slots", str(slots)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line.startswith("port: "):
@@ -607,6 +612,7 @@ def main() -> int:
     for flag, default in (("--latency", 0.2), ("--p429", 0.0), ("--p500", 0.0), ("--pslow", 0.0), ("--slow-s", 6.0)):
         s.add_argument(flag, type=float, default=default)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--slots", type=int, default=0, help="answers computed at once (0: unlimited)")
     k = sub.add_parser("sdk", help="the openai SDK arm")
     k.add_argument("--url", required=True)
     k.add_argument("--bodies", required=True)
@@ -627,7 +633,7 @@ def main() -> int:
     parser.add_argument("--record", action="store_true", help="append the results to BENCHMARKS.md")
     args = parser.parse_args()
     if args.cmd == "serve":
-        serve(args.latency, args.p429, args.p500, args.pslow, args.slow_s, args.seed)
+        serve(args.latency, args.p429, args.p500, args.pslow, args.slow_s, args.seed, args.slots)
         return 0
     if args.cmd == "sdk":
         data = json.loads(Path(args.bodies).read_text())

@@ -27,6 +27,7 @@ def main() -> int:
         ["scale.py", "--sizes", "10000,100000" if args.quick else "10000,100000,1000000", *record],
         ["engine.py", *(["--quick"] if args.quick else []), *record],
         ["faults.py", *(["--prompts", "40"] if args.quick else []), *record],
+        ["replicas.py", *(["--calls", "300", "--prompts", "40"] if args.quick else []), *record],
     ]
     failed = []
     for script, *rest in runs:

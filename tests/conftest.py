@@ -28,6 +28,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("transformers") and missing:
         pytest.fail(f"needs {', '.join(missing)}: pip install -e '.[transformers]', or deselect these tests with "
                     "-m 'not transformers'", pytrace=False)  # fmt: skip
+    no_ray = [m for m in ("ray", "prefect_ray") if importlib.util.find_spec(m) is None]
+    if item.get_closest_marker("ray") and no_ray:
+        pytest.fail(f"needs {', '.join(no_ray)}: pip install -e '.[ray]', or deselect these tests with -m 'not ray'",
+                    pytrace=False)  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)

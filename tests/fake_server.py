@@ -80,7 +80,7 @@ class LoopbackServer(Served):
 
             def do_GET(self) -> None:  # noqa: N802
                 fake.authorizations.append(self.headers.get("authorization"))
-                self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+                self._send(*fake.models())
 
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
@@ -92,6 +92,10 @@ class LoopbackServer(Served):
 
     def keep(self, path: str, body: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def models(self) -> Reply:
+        """The answer to GET (e.g. /v1/models)."""
+        return 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]}
 
 
 class FakeOpenAI(LoopbackServer):

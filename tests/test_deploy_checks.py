@@ -11,6 +11,7 @@ import duckdb
 import pytest
 import yaml
 from prefect import Flow
+from prefect.exceptions import ParameterTypeError
 from typer.testing import CliRunner
 
 from prefsynth import cli
@@ -41,7 +42,10 @@ def test_the_entry_flow_takes_json_parameters(tmp_path) -> None:
     config = {"prompts": {"path": "p.jsonl"}, "generation": {"models": [{"base_url": "http://h/v1", "model": "m"}]},
               "scorers": [{"kind": "pointwise_judge", "model": {"base_url": "http://h/v1", "model": "m"}}]}  # fmt: skip
     params = {"config": config, "base_dir": str(tmp_path), "db": None}
-    assert deploy.run_config.validate_parameters(json.loads(json.dumps(params))) == params
+    assert deploy.run_config.validate_parameters(json.loads(json.dumps(params))) == {**params, "runner": None}
+    assert deploy.run_config.validate_parameters({"config": "c.yaml", "runner": "ray"})["runner"] == "ray"
+    with pytest.raises(ParameterTypeError):
+        deploy.run_config.validate_parameters({"config": "c.yaml", "runner": "dask"})
     assert deploy.run_config.validate_parameters({"config": "c.yaml"})["config"] == "c.yaml"
     schema = deploy.run_config.parameters.model_dump()["properties"]["config"]
     assert {t.get("type") for t in schema["anyOf"]} == {"string", "object"}

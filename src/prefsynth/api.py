@@ -103,6 +103,7 @@ def run(
     *,
     db: str | Path | None = None,
     base_dir: str | Path | None = None,
+    runner: str | None = None,
 ) -> RunResult:
     """Run a pipeline: ingest, generate, score, curate, export. A rerun computes only what is missing.
 
@@ -111,9 +112,10 @@ def run(
     DataFrame, or a `datasets.Dataset`. `db` overrides the config's warehouse. Local models and Prefect's
     temporary API (unless PREFECT_API_URL is set, or this is called inside a flow) start at once and stop
     when the run ends. Raises `RunFailed` (its `summary` is the run's) when the run produced no responses or
-    scores, or when items failed and the config sets `failures_fatal`.
+    scores, or when items failed and the config sets `failures_fatal`. `runner` ("threads" or "ray") overrides
+    the config's `runner`: where in-process reward models and dedup run.
     """
-    cfg = _config(config, prompts, base_dir)
+    cfg = with_runner(_config(config, prompts, base_dir), runner)
     if cfg.loop is not None:
         raise ConfigError("this config has a `loop` section: run it with `prefsynth loop` (or prefsynth.run_loop)")
     summary, timings = _execute(cfg, prompts, db, loop=False)
@@ -128,6 +130,20 @@ def run_loop(config: ConfigLike, prompts: Any = None, *, db: str | Path | None =
     if cfg.loop is None:
         raise ConfigError("this config has no `loop` section: run it with `prefsynth run`")
     return _execute(cfg, prompts, db, loop=True)
+
+
+def with_runner(config: PipelineConfig, runner: str | None) -> PipelineConfig:
+    """`config` with its `runner` replaced (validated), when one is given; checks that Ray is installed for `ray`
+    before anything starts."""
+    if runner is not None:
+        if runner not in ("threads", "ray"):
+            raise ConfigError(f"runner must be threads or ray, got {runner!r}")
+        config = config.model_copy(update={"runner": runner})
+    if config.runner == "ray":
+        from prefsynth.flows.runner import require_ray
+
+        require_ray()
+    return config
 
 
 def _config(config: ConfigLike, prompts: Any, base_dir: str | Path | None) -> PipelineConfig:

@@ -48,6 +48,8 @@ app = typer.Typer(
 console = Console(stderr=True)
 DB_HELP = ("DuckDB warehouse file, or a DuckLake warehouse: ducklake:postgres://USER@HOST:PORT/DBNAME "
            "(password from PGPASSWORD).")
+RUNNER_HELP = ("threads | ray: where in-process reward models and dedup run (overrides the config's `runner`). "
+               "ray needs prefsynth's `ray` extra; it uses ray_address or RAY_ADDRESS, else a local Ray instance.")
 DbOption = Annotated[Path | None, typer.Option("--db", help=DB_HELP + " Overrides the config's `warehouse`.")]
 
 
@@ -91,7 +93,7 @@ def _fail(err: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _run_config(config_path: Path | None, db: Path | None, packaged: bool = False) -> None:
+def _run_config(config_path: Path | None, db: Path | None, packaged: bool = False, runner: str | None = None) -> None:
     """`prefsynth.run` with progress bars, then the summary table and the timings split."""
     signal.signal(signal.SIGTERM, _stop)  # `timeout`, `docker stop`, a scheduler's preemption: stop as on Ctrl-C
     try:
@@ -100,9 +102,9 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
         with _Bars().shown():
             if packaged:
                 with resources.as_file(resources.files("prefsynth").joinpath("examples", "quickstart.yaml")) as p:
-                    result = run(p, db=db)
+                    result = run(p, db=db, runner=runner)
             else:
-                result = run(config_path, db=db)  # type: ignore[arg-type]
+                result = run(config_path, db=db, runner=runner)  # type: ignore[arg-type]
     except RunFailed as err:  # the flow failed the run (no results, or failures_fatal): show it, exit 1
         if err.summary is not None:
             _show_summary(err.summary)
@@ -166,16 +168,17 @@ def _import_seconds() -> float:
 def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")],
     db: DbOption = None,
+    runner: Annotated[str | None, typer.Option("--runner", help=RUNNER_HELP)] = None,
 ) -> None:
     """Run a pipeline config: ingest, generate, score, curate, export.
 
-    Example: prefsynth run examples/quickstart.yaml --db my.duckdb
+    Example: prefsynth run examples/quickstart.yaml --db my.duckdb --runner ray
 
     A rerun of the same config makes no new model calls; new prompts compute only what is missing. With a
     `budget` in the config, the run stops making calls when it is spent and exits 3 (status
     budget_exhausted); run it again to continue.
     """
-    _run_config(config, db)
+    _run_config(config, db, runner=runner)
 
 
 @app.command()
@@ -299,7 +302,8 @@ def stats(
     verdict survives swapping the two responses) and first-position rate (share of decisive verdicts for
     the response shown first). Per endpoint: calls, the HTTP requests they took, retries, answers 429 and
     408/409/5xx, timeouts (abandoned requests a server may still bill), dropped connections, seconds slept
-    before retries and seconds throttled by rate limits. Panels: Krippendorff's alpha and mean Kendall tau of
+    before retries and seconds throttled by rate limits. Replicas (`base_urls`): the calls each answered and
+    its failed requests. Panels: Krippendorff's alpha and mean Kendall tau of
     their members. Prompt versions of synthesis loops (`prefsynth loop`): each one's rounds, pairs, accepted
     pairs and acceptance rate. Scorers against human labels (`prefsynth review import`): each scorer's n,
     accuracy, ties and failed over the pairs people decided, as `prefsynth eval` reports them. Length control
@@ -347,6 +351,13 @@ def stats(
         for row in data["retries_by_endpoint"]:
             retries.add_row(*(escape(_cell(v)) for v in row.values()))
         out.print(retries)
+    if data["replicas"]:
+        replicas = Table(title="replicas: calls each answered, and its failed requests (retried on the others)")
+        for col in ("model", "replica", "answered", "failed calls", "failed requests"):
+            replicas.add_column(col, justify="left" if col in ("model", "replica") else "right")
+        for row in data["replicas"]:
+            replicas.add_row(*(escape(_cell(v)) for v in row.values()))
+        out.print(replicas)
     if data["pairs_by_source"]:
         sources = Table(title="pairs by source")
         sources.add_column("source")

@@ -6,7 +6,9 @@ with status "ok" in the warehouse is served from the cache and makes no request.
 backoff with jitter) and rate limits are in `limits.py`; each recorded call says how many HTTP requests it
 took and why. A `ClientPool` gives every stage of a run the same client per endpoint and one set of limits
 per server, so requests flow continuously up to each server's `max_concurrency` and a slow or retrying
-request holds one slot, never a batch. Cache look-ups of concurrent requests are
+request holds one slot, never a batch. An endpoint with several replicas (`base_urls`) spreads its requests
+over them and fails over between them (replicas.py); which replica answered is recorded, never part of the
+call's id. Cache look-ups of concurrent requests are
 batched into one warehouse read, off the event loop (`CacheReader`). A run's budget (budget.py) is
 checked just before a request is sent and charged when it returns; cached answers are free. With `batch`,
 an endpoint's chat requests go out as batch jobs (batch.py).
@@ -31,6 +33,7 @@ import openai
 from prefsynth.backends import budget, quirks
 from prefsynth.backends.batch import Batcher, BatchLedger, Pending, chat_answer
 from prefsynth.backends.limits import EndpointLimits, Tally, estimate_tokens, global_limit_name, send_with_retries
+from prefsynth.backends.replicas import Lease, ReplicaSet
 from prefsynth.backends.templates import PLAIN_TEMPLATE, ChatTemplate
 from prefsynth.schemas.records import ModelCall
 from prefsynth.warehouse.ids import call_id, canonical_json
@@ -57,10 +60,25 @@ class Endpoint:
     global_limit: bool = False  # also a Prefect global concurrency limit (see limits.py)
     batch: bool = False  # chat requests go out as batch jobs (batch.py)
     price: tuple[float, float] | None = None  # per 1M input and output tokens, recorded with each call
+    # (base_url, max_concurrency) of each replica when there are several (base_url is the first; concurrency
+    # their sum); empty for one server
+    replicas: tuple[tuple[str, int], ...] = ()
 
     @property
     def public_url(self) -> str:
         return "local" if self.is_local else redact_url(self.base_url)
+
+    def replica_name(self, url: str) -> str:
+        """How records name a replica: its URL without credentials, or local#N for the Nth local server (its
+        port changes with every start)."""
+        if self.is_local:
+            return f"local#{[u for u, _ in self.replicas].index(url) + 1}"
+        return redact_url(url)
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """The base_url of each server: one, or the replicas (in a stable order, to key their shared limits)."""
+        return tuple(sorted(url for url, _ in self.replicas)) if self.replicas else (self.base_url,)
 
 
 def redact_url(url: str) -> str:
@@ -194,21 +212,14 @@ class ModelClient:
         self._reader = CacheReader(cache) if cache is not None and not isinstance(cache, CacheReader) else cache
         self._recent = Recent()
         self._inflight: dict[str, asyncio.Future[tuple[ModelCall, bool]]] = {}
-        self._limits = limits or EndpointLimits(endpoint.concurrency, endpoint.requests_per_minute,
-                                                endpoint.tokens_per_minute)
+        self._own_limits = limits is None  # then this client stops its replicas' health probes on exit
+        self._limits = limits or (server_limits([endpoint]) if endpoint.replicas else EndpointLimits(
+            endpoint.concurrency, endpoint.requests_per_minute, endpoint.tokens_per_minute))
         self._budget = budget.active()  # the run's, checked before each request (see budget.py)
         # as many kept-alive connections as requests in flight: the SDK's default keeps 100, so at higher
         # concurrency every response would close a connection and the next request open a new one
-        limit = max(endpoint.concurrency, 1)
-        limits = httpx2.Limits(max_connections=limit, max_keepalive_connections=limit)
-        http = openai.DefaultAioHttpClient(limits=limits)
-        self._client = openai.AsyncOpenAI(
-            base_url=endpoint.base_url,
-            api_key=endpoint.api_key,
-            timeout=endpoint.timeout_s,
-            max_retries=0,  # retries are ours (limits.py), so that each one is counted
-            http_client=http,
-        )
+        self._client = self._open(endpoint.base_url, endpoint.concurrency)
+        self._replicas = {url: self._open(url, n) for url, n in endpoint.replicas}  # one client per replica
         self._batcher = None
         if endpoint.batch:
             if ledger is None:
@@ -218,8 +229,23 @@ class ModelClient:
     async def __aenter__(self) -> ModelClient:
         return self
 
+    def _open(self, base_url: str, concurrency: int) -> openai.AsyncOpenAI:
+        limit = max(concurrency, 1)
+        limits = httpx2.Limits(max_connections=limit, max_keepalive_connections=limit)
+        return openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=self.endpoint.api_key,
+            timeout=self.endpoint.timeout_s,
+            max_retries=0,  # retries are ours (limits.py), so that each one is counted
+            http_client=openai.DefaultAioHttpClient(limits=limits),
+        )
+
     async def __aexit__(self, *exc: object) -> None:
+        if self._own_limits and self._limits.replicas is not None:
+            self._limits.replicas.close()
         await self._client.close()
+        for client in self._replicas.values():
+            await client.close()
 
     def request_body(self, messages: list[dict[str, str]], **params: Any) -> dict[str, Any]:
         return {"messages": messages, **{k: v for k, v in params.items() if v is not None}}
@@ -261,7 +287,7 @@ class ModelClient:
         return await self._reader.logprob(lp_id) if self._reader is not None else None
 
     async def _once(
-        self, kind: str, body: dict[str, Any], send: Callable[[dict[str, Any]], Any]
+        self, kind: str, body: dict[str, Any], send: Callable[[dict[str, Any], openai.AsyncOpenAI], Any]
     ) -> tuple[ModelCall, bool]:
         cid = self.call_id(kind, body)
         request = canonical_json(body)
@@ -289,16 +315,17 @@ class ModelClient:
                     future.set_result((call, True))
                     return call, True
             else:
-                async with self._limits.slot(tally):  # the budget is checked once a slot is held
+                async with self._limits.slot(tally) as lease:  # the budget is checked once a slot is held
                     if refused is None and self._budget is not None:
                         refused = self._budget.refusal()
                     if refused is not None:  # not sent, and not recorded as a call
                         call = self._record(cid, kind, request, "error", None, refused, 0.0, Tally())
                         future.set_result((call, True))
                         return call, True
-                    response, error, latency = await self._send(body, send, tally)
+                    response, error, latency = await self._send(body, send, tally, lease)
             status = "ok" if error is None else "error"
-            call = self._record(cid, kind, request, status, response, error, latency, tally)
+            call = self._record(cid, kind, request, status, response, error, latency, tally,
+                                lease if self._batcher is None else None)  # fmt: skip
             if self._budget is not None:
                 self._budget.charge(call.prompt_tokens, call.completion_tokens, self.endpoint.price)
             if status == "ok":
@@ -310,13 +337,15 @@ class ModelClient:
                 future.cancel()
             del self._inflight[cid]
 
-    async def _send(self, body: dict[str, Any], send: Callable[[dict[str, Any]], Any], tally: Tally
-                    ) -> tuple[str | None, str | None, float]:  # fmt: skip
-        """One request with its retries (its caller holds the server's slot): (response, error, latency in ms)."""
+    async def _send(self, body: dict[str, Any], send: Callable[[dict[str, Any], openai.AsyncOpenAI], Any],
+                    tally: Tally, lease: Lease) -> tuple[str | None, str | None, float]:  # fmt: skip
+        """One request with its retries (its caller holds the server's slot, or a replica's in `lease`, which
+        says where each attempt goes): (response, error, latency in ms)."""
         start = time.perf_counter()
         try:
             response, error = await send_with_retries(
-                lambda: send(body), self._limits, self.endpoint.max_retries, estimate_tokens(body), tally
+                lambda: send(body, self._replicas.get(lease.url or "", self._client)), self._limits,
+                self.endpoint.max_retries, estimate_tokens(body), tally, lease,
             ), None
         except openai.APIError as err:
             response, error = None, describe_error(err)
@@ -326,37 +355,40 @@ class ModelClient:
             response, error = None, f"request failed: {type(err).__name__}: {str(err)[:300]}"
         return response, error, (time.perf_counter() - start) * 1000
 
-    async def _send_chat(self, body: dict[str, Any]) -> str:
+    async def _send_chat(self, body: dict[str, Any], client: openai.AsyncOpenAI) -> str:
         # a plain POST on the SDK's client (its timeouts and error types; retries are ours), without building
         # typed request and response models (measured: most of a call's CPU at hundreds of calls a second)
-        data = await self._client.post("/chat/completions", cast_to=object, body={"model": self.endpoint.model, **body})
+        data = await client.post("/chat/completions", cast_to=object, body={"model": self.endpoint.model, **body})
         return chat_answer(data)
 
-    async def _send_logprob(self, body: dict[str, Any]) -> str:
+    async def _send_logprob(self, body: dict[str, Any], client: openai.AsyncOpenAI) -> str:
         standard = {k: v for k, v in body.items() if k not in quirks.NONSTANDARD}
         extra = {k: v for k, v in body.items() if k in quirks.NONSTANDARD}
-        completion = await self._client.completions.create(
+        completion = await client.completions.create(
             model=self.endpoint.model, **standard, extra_body=extra or None
         )
         values = quirks.parse_logprobs(self.endpoint, completion.model_dump())
         return canonical_json({"logprobs": values, "prompt_tokens": len(values), "completion_tokens": 0})
 
-    async def _send_reward(self, body: dict[str, Any]) -> str:
+    async def _send_reward(self, body: dict[str, Any], client: openai.AsyncOpenAI) -> str:
         api = body["api"]
         payload = {"model": self.endpoint.model, **{k: v for k, v in body.items() if k != "api"}}
         # a raw POST on the SDK's client (its timeouts and error types; retries are ours);
         # an absolute URL is used as is (the pooling paths are not under base_url's /v1)
-        response = await self._client.post(quirks.reward_url(self.endpoint.base_url, api), cast_to=object, body=payload)
+        response = await client.post(quirks.reward_url(str(client.base_url), api), cast_to=object, body=payload)
         return canonical_json(quirks.compact_reward_response(api, response))
 
     def _record(self, cid: str, kind: str, request: str, status: str, response: str | None, error: str | None,
-                latency: float, tally: Tally) -> ModelCall:  # fmt: skip
+                latency: float, tally: Tally, lease: Lease | None = None) -> ModelCall:  # fmt: skip
         usage = json.loads(response) if response else {}
+        # on replicas: the one that answered (or failed last), and the replica of each failed attempt
+        replica = lease.url if lease is not None else None
         return ModelCall(
             attempt_id=uuid.uuid4().hex,
             call_id=cid,
             model=self.endpoint.identity,
-            endpoint=self.endpoint.public_url,
+            endpoint=self.endpoint.replica_name(replica) if replica else self.endpoint.public_url,
+            failed_on=[self.endpoint.replica_name(u) for u in lease.failed_on] if replica and lease else None,
             kind=kind,
             request=request,
             response=response,
@@ -380,19 +412,19 @@ class ClientPool:
         self._endpoints = list(endpoints)
         self._cache = cache
         self._clients: dict[tuple[str, str, str], ModelClient] = {}
-        self._limits: dict[str, EndpointLimits] = {}
+        self._limits: dict[tuple[str, ...], EndpointLimits] = {}
         self._reader: CacheReader | None = None
 
     def client(self, endpoint: Endpoint) -> ModelClient:
-        key = (endpoint.base_url, endpoint.identity, endpoint.model)
+        key = (endpoint.servers, endpoint.identity, endpoint.model)
         if key not in self._clients:
             if self._reader is None and self._cache is not None:
                 self._reader = CacheReader(self._cache)
-            if endpoint.base_url not in self._limits:
-                self._limits[endpoint.base_url] = server_limits(
-                    [e for e in [endpoint, *self._endpoints] if e.base_url == endpoint.base_url])
+            if endpoint.servers not in self._limits:
+                self._limits[endpoint.servers] = server_limits(
+                    [e for e in [endpoint, *self._endpoints] if e.servers == endpoint.servers])
             ledger = self._cache if hasattr(self._cache, "open_batches") else None
-            self._clients[key] = ModelClient(endpoint, self._reader, self._limits[endpoint.base_url],
+            self._clients[key] = ModelClient(endpoint, self._reader, self._limits[endpoint.servers],
                                              ledger)  # type: ignore[arg-type]  # fmt: skip
         return self._clients[key]
 
@@ -404,13 +436,16 @@ class ClientPool:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for limits in self._limits.values():
+            if limits.replicas is not None:
+                limits.replicas.close()
         for client in self._clients.values():
             with contextlib.suppress(Exception):
                 await client.__aexit__()
 
 
 def server_limits(endpoints: list[Endpoint]) -> EndpointLimits:
-    """The limits of one server named by `endpoints`: the smallest of each."""
+    """The limits of one server (or one set of replicas) named by `endpoints`: the smallest of each."""
     from prefsynth.flows.prefect_api import shared_server
 
     def least(values: Iterable[int | None]) -> int | None:
@@ -424,9 +459,27 @@ def server_limits(endpoints: list[Endpoint]) -> EndpointLimits:
         logging.getLogger("prefsynth.limits").info(
             "global_limit of %s: no Prefect server configured (PREFECT_API_URL); the limit holds within this run",
             endpoints[0].public_url)  # fmt: skip
+    replicas = None
+    if endpoints[0].replicas:  # each replica's smallest max_concurrency; probes with the first endpoint's key
+        slots = {url: min(dict(e.replicas)[url] for e in endpoints) for url, _ in endpoints[0].replicas}
+        replicas = ReplicaSet(list(slots.items()), lambda url: probe(endpoints[0], url))
     return EndpointLimits(min(e.concurrency for e in endpoints), least(e.requests_per_minute for e in endpoints),
                           least(e.tokens_per_minute for e in endpoints),
-                          global_limit_name(endpoints[0].base_url) if shared else None)  # fmt: skip
+                          global_limit_name(endpoints[0].base_url) if shared else None, replicas)  # fmt: skip
+
+
+async def probe(endpoint: Endpoint, base_url: str, timeout_s: float = 5.0) -> bool:
+    """Whether a replica answers `GET /models` (any answer but a 5xx: some servers do not implement it)."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=endpoint.api_key, timeout=timeout_s, max_retries=0)
+    try:
+        await client.models.list()
+    except openai.APIStatusError as err:
+        return err.status_code < 500
+    except openai.APIError:
+        return False
+    finally:
+        await client.close()
+    return True
 
 
 def _root_cause(err: BaseException) -> BaseException | None:
@@ -452,21 +505,28 @@ def describe_error(err: openai.APIError) -> str:
 
 
 async def check_reachable(endpoint: Endpoint, timeout_s: float = 10.0) -> None:
-    """Fail fast with the endpoint's URL (no secret) when it does not answer `GET /models`."""
+    """Fail fast with the endpoint's URL (no secret) when it does not answer `GET /models`. Replicas: when none
+    answers (one that does not is taken out at its first failures and probed back; see replicas.py)."""
+    if endpoint.replicas:
+        answers = await asyncio.gather(*(probe(endpoint, url, timeout_s) for url, _ in endpoint.replicas))
+        if any(answers):
+            return
+    await _check_server(endpoint, endpoint.base_url, timeout_s)
+
+
+async def _check_server(endpoint: Endpoint, base_url: str, timeout_s: float) -> None:
     from prefsynth.errors import EndpointError
 
-    client = openai.AsyncOpenAI(
-        base_url=endpoint.base_url, api_key=endpoint.api_key, timeout=timeout_s, max_retries=0
-    )
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=endpoint.api_key, timeout=timeout_s, max_retries=0)
     try:
         await client.models.list()
     except openai.APIConnectionError as err:
         raise EndpointError(
-            f"model endpoint {redact_url(endpoint.base_url)} ({endpoint.label}) is unreachable: {err.__cause__ or err}"
+            f"model endpoint {redact_url(base_url)} ({endpoint.label}) is unreachable: {err.__cause__ or err}"
         ) from None
     except openai.AuthenticationError:
         raise EndpointError(
-            f"model endpoint {redact_url(endpoint.base_url)} ({endpoint.label}) rejected the API key"
+            f"model endpoint {redact_url(base_url)} ({endpoint.label}) rejected the API key"
         ) from None
     except openai.APIStatusError:
         pass  # some servers do not implement /models; they answered, which is what we check

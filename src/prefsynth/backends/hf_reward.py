@@ -61,6 +61,25 @@ def folder_identity(folder: Path) -> str:
     return f"hf:sha256:{digest.hexdigest()}"
 
 
+_shared: dict[tuple[str, int, str], HFRewardModel] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_model(path: str, max_length: int, identity: str) -> HFRewardModel:
+    """This process's one instance of a model folder, so that a worker process (a Ray worker) loads it once for
+    every batch it runs. ConfigError when the folder here is missing or its files are not those of `identity`
+    (the flow's copy): a worker never scores with other weights than the scorer id names."""
+    key = (path, max_length, identity)
+    with _shared_lock:
+        if key not in _shared:
+            model = HFRewardModel(path, max_length)
+            if model.identity != identity:
+                raise ConfigError(f"reward model folder {path} here has other files ({model.identity}) than the "
+                                  f"flow's ({identity})")  # fmt: skip
+            _shared[key] = model
+        return _shared[key]
+
+
 class HFRewardModel:
     """A transformers `AutoModelForSequenceClassification` + `AutoTokenizer` from a local folder."""
 

@@ -1,9 +1,11 @@
 """How requests to one server are paced and retried: its limits (`EndpointLimits`), the retry loop
 (`send_with_retries`) and the tally of what a call cost in HTTP requests (`Tally`, recorded on model_calls).
 
-Limits of one server (base_url), shared by every stage and scorer that calls it:
-- `max_concurrency`: requests in flight (an asyncio semaphore); with `global_limit: true` and a Prefect
-  server (PREFECT_API_URL), also a Prefect global concurrency limit, so concurrent flow runs share the cap.
+Limits of one server (base_url), or of an endpoint's replicas (replicas.py), shared by every stage and scorer
+that calls it:
+- `max_concurrency`: requests in flight (an asyncio semaphore; with replicas, one per replica); with
+  `global_limit: true` and a Prefect server (PREFECT_API_URL), also a Prefect global concurrency limit, so
+  concurrent flow runs share the cap.
   That costs Prefect API round trips per request (acquire, lease renewal, release), so it is opt-in.
 - `requests_per_minute`, `tokens_per_minute`: aiolimiter's leaky buckets. Every HTTP attempt (retries too)
   takes one request and the call's estimated tokens: the prompt's characters / 4 + max_tokens.
@@ -12,7 +14,8 @@ Retries are ours, not the SDK's (its `max_retries` is 0), so each one is counted
 5xx waits the answer's Retry-After (or retry-after-ms) when it gives one of at most `MAX_RETRY_AFTER_S`, else
 backs off exponentially with jitter, as does a timeout or a dropped connection. Other answers (400, 401,
 404…) are not retried. A timed-out request may still be served, and billed, by the server: the tally
-counts it as a timeout.
+counts it as a timeout. With replicas, a retryable failure first moves to a replica the call has not tried
+(no retry spent; see replicas.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from typing import Any, TypeVar
 
 import openai
 from aiolimiter import AsyncLimiter
+
+from prefsynth.backends.replicas import Lease, ReplicaSet
 
 T = TypeVar("T")
 BACKOFF_BASE_S = 0.5
@@ -76,8 +81,10 @@ class EndpointLimits:
     """The limits of one server, shared by its clients within one event loop."""
 
     def __init__(self, concurrency: int, requests_per_minute: int | None = None,
-                 tokens_per_minute: int | None = None, global_name: str | None = None) -> None:  # fmt: skip
+                 tokens_per_minute: int | None = None, global_name: str | None = None,
+                 replicas: ReplicaSet | None = None) -> None:  # fmt: skip
         self.concurrency = concurrency
+        self.replicas = replicas
         self._sem = asyncio.Semaphore(concurrency)
         self._rpm = AsyncLimiter(requests_per_minute, 60) if requests_per_minute else None
         self._tpm = AsyncLimiter(tokens_per_minute, 60) if tokens_per_minute else None
@@ -85,9 +92,22 @@ class EndpointLimits:
         self._global_ready: asyncio.Task[bool] | None = None
 
     @contextlib.asynccontextmanager
-    async def slot(self, tally: Tally) -> AsyncIterator[None]:
-        """Hold one request slot: the local semaphore, then the Prefect global limit if there is one."""
-        async with self._sem, contextlib.AsyncExitStack() as stack:
+    async def slot(self, tally: Tally) -> AsyncIterator[Lease]:
+        """Hold one request slot: the local semaphore (or a replica's), then the Prefect global limit if any."""
+        if self.replicas is None:
+            async with self._sem, self._global_slot(tally):
+                yield Lease()
+            return
+        lease = Lease(self.replicas, await self.replicas.acquire())
+        try:
+            async with self._global_slot(tally):
+                yield lease
+        finally:
+            lease.release()
+
+    @contextlib.asynccontextmanager
+    async def _global_slot(self, tally: Tally) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
             if self.global_name is not None and await self._global_limit_exists():
                 from prefect.concurrency.asyncio import concurrency
 
@@ -190,20 +210,32 @@ def classify(err: Exception, retry: int, tally: Tally) -> float | None:
 
 
 async def send_with_retries(
-    send: Callable[[], Awaitable[T]], limits: EndpointLimits, max_retries: int, tokens: int, tally: Tally
+    send: Callable[[], Awaitable[T]], limits: EndpointLimits, max_retries: int, tokens: int, tally: Tally,
+    lease: Lease | None = None,
 ) -> T:
     """`send()` once, and again after each retryable failure, up to `max_retries` times; raises the last error.
-    The caller holds `limits.slot`; each attempt passes the per-minute limits first."""
+    The caller holds `limits.slot` (`lease`: on replicas, `send` goes to `lease.url`, which a failure may move
+    to an untried replica without spending a retry); each attempt passes the per-minute limits first."""
+    lease = lease or Lease()
     retry = 0
     while True:
         await limits.throttle(tokens, tally)
         tally.attempts += 1
         try:
-            return await send()
+            result = await send()
         except (openai.APIStatusError, openai.APIConnectionError) as err:
             wait = classify(err, retry, tally)
-            if wait is None or retry >= max_retries:
+            lease.failed(err)
+            if wait is None:
                 raise
+            if await lease.move():
+                continue
+            if retry >= max_retries:
+                raise
+        else:
+            lease.succeeded()
+            return result
         retry += 1
         tally.wait_s += wait
         await asyncio.sleep(wait)
+        await lease.settle()

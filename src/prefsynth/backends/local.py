@@ -217,7 +217,7 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
     """Resolves every model of a config to an `Endpoint`, starting local servers as needed."""
 
     def __init__(self) -> None:
-        self._servers: dict[tuple[str, int], LocalServer] = {}
+        self._servers: dict[tuple[str, int, int], LocalServer] = {}  # (identity, n_ctx, replica) -> server
         self._resolved: dict[str, tuple[Path, str]] = {}
 
     def check(self, spec: ModelSpec) -> None:
@@ -226,19 +226,24 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
             self._resolved[spec.gguf] = resolve_gguf(spec.gguf)
 
     def launch(self, spec: ModelSpec) -> None:
-        """Start the server of a local model now, without waiting for it (no-op for endpoints)."""
-        self._server(spec)
+        """Start the servers of a local model now, without waiting for them (no-op for endpoints)."""
+        self._started(spec)
 
-    def _server(self, spec: ModelSpec) -> LocalServer | None:
+    def _started(self, spec: ModelSpec) -> list[LocalServer]:
+        """The servers of a local model: one, or `replicas` (each with the cores / replicas threads by default);
+        a model named again with the same file and n_ctx shares them."""
         if spec.gguf is None:
-            return None
+            return []
         self.check(spec)
         path, identity = self._resolved[spec.gguf]
-        key = (identity, spec.n_ctx)
-        if key not in self._servers:
-            self._servers[key] = LocalServer(path, identity, spec.n_ctx, spec.n_threads)
-            self._servers[key].launch()
-        return self._servers[key]
+        count = spec.replicas or 1
+        threads = spec.n_threads or (max(1, (os.cpu_count() or 2) // count) if count > 1 else None)
+        for i in range(count):
+            key = (identity, spec.n_ctx, i)
+            if key not in self._servers:
+                self._servers[key] = LocalServer(path, identity, spec.n_ctx, threads)
+                self._servers[key].launch()
+        return [self._servers[(identity, spec.n_ctx, i)] for i in range(count)]
 
     def wait_ready(self) -> None:
         for server in self._servers.values():
@@ -256,9 +261,12 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
                   "tokens_per_minute": spec.tokens_per_minute, "global_limit": spec.global_limit,
                   "price": (spec.price.input_per_mtok, spec.price.output_per_mtok) if spec.price else None}  # fmt: skip
         if spec.gguf is None:
+            replicas = spec.servers
+            limits["concurrency"] = sum(n for _, n in replicas)
             return Endpoint(
                 identity=spec.identity,
-                base_url=str(spec.base_url),
+                base_url=replicas[0][0],
+                replicas=tuple(replicas) if len(replicas) > 1 else (),
                 model=str(spec.model),
                 api_key=spec.api_key(),
                 is_local=False,
@@ -268,12 +276,15 @@ class LocalServers(contextlib.AbstractContextManager["LocalServers"]):
                 batch=spec.batch,
                 **limits,
             )
-        server = self._server(spec)
-        assert server is not None
-        server.wait_ready()
+        servers = self._started(spec)
+        for server in servers:
+            server.wait_ready()
+        server = servers[0]
+        limits["concurrency"] = spec.concurrency * len(servers)
         return Endpoint(
             identity=server.identity,
             base_url=server.base_url,
+            replicas=tuple((s.base_url, spec.concurrency) for s in servers) if len(servers) > 1 else (),
             model=spec.label,
             api_key="not-needed",
             is_local=True,

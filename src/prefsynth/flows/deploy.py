@@ -16,11 +16,11 @@ import urllib.error
 import urllib.request
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 
-from prefsynth.api import as_config
+from prefsynth.api import as_config, with_runner
 from prefsynth.errors import DeployError
 from prefsynth.flows.loop import synthesis_loop
 from prefsynth.flows.prefect_api import configured_api_url
@@ -31,16 +31,18 @@ ENTRYPOINT = "prefsynth.flows.deploy.run_config"
 
 
 @flow(name="prefsynth-run")
-def run_config(config: str | dict[str, Any], base_dir: str | None = None, db: str | None = None) -> dict[str, Any]:
+def run_config(config: str | dict[str, Any], base_dir: str | None = None, db: str | None = None,
+               runner: Literal["threads", "ray"] | None = None) -> dict[str, Any]:  # fmt: skip
     """Run a pipeline config as `prefsynth run` (or `prefsynth loop`, when it has a `loop` section) would
     when started in the folder `base_dir` (default: this process's working folder).
 
     `config`: a YAML file's path, or a mapping shaped like the YAML. Relative input paths (prompts, GGUF files)
     resolve against the file's folder, or `base_dir` for a mapping; the warehouse, `db` and export paths
-    against `base_dir`. Returns the run's summary as JSON.
+    against `base_dir`. `runner` overrides the config's (`--runner`). Returns the run's summary as JSON.
     """
     base = Path(base_dir or os.getcwd()).resolve()
     cfg = anchored(as_config(config if isinstance(config, dict) else base / config, base), base)
+    cfg = with_runner(cfg, runner)
     warehouse = str(base / db) if db else cfg.warehouse
     # inline, not a subflow: the deployment's flow run is the run (its summary artifact, its id in `runs`)
     summary = (synthesis_loop if cfg.loop is not None else synthesize).fn(config=cfg, db=warehouse)

@@ -29,6 +29,7 @@ from prefsynth.backends.local import local_servers, sharing
 from prefsynth.backends.templates import conversation_text
 from prefsynth.errors import RunFailed
 from prefsynth.flows.exclusive import warehouse_turn
+from prefsynth.flows.runner import task_runner
 from prefsynth.flows.synthesize import synthesize
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import (
@@ -108,13 +109,16 @@ def synthesis_loop(config: PipelineConfig, db: str | None = None) -> LoopSummary
     logger = get_run_logger()
     warehouse = str(db or config.warehouse)
     judge_spec = {s.name: s for s in config.scorers}[config.curation_scorer_name]
-    # the rounds' pipelines use these servers, this warehouse's turn (flows/exclusive.py) and one budget
-    with warehouse_turn(warehouse), local_servers() as servers, sharing(servers), spending(config.budget):
+    # the rounds' pipelines use these servers, this warehouse's turn (flows/exclusive.py), one budget and, with
+    # runner: ray, one Ray (its workers keep their models from round to round)
+    with (warehouse_turn(warehouse), local_servers() as servers, sharing(servers), spending(config.budget),
+          task_runner(config)):  # fmt: skip
         checker, optimizer = spec.checker or judge_spec.model, spec.optimizer or judge_spec.model  # type: ignore[attr-defined]
         for model in (checker, optimizer):
             servers.check(model)
         judges = LoopJudges(spec, servers.endpoint(checker), servers.endpoint(optimizer))
-        loop_id = content_id("loop", canonical_json(config.model_dump(exclude={"warehouse"})), judges.template)
+        stored = config.model_dump(exclude={"warehouse", "runner", "ray_address"})  # not where it runs
+        loop_id = content_id("loop", canonical_json(stored), judges.template)
         summary = LoopSummary(loop_id=loop_id, run_id=uuid.uuid4().hex, name=config.name, warehouse=warehouse)
         target = version("target", config.generation.system_prompt or DEFAULT_TARGET, None, loop_id, 1)
         judge = version("judge", judge_spec.rubric, None, loop_id, 1)  # type: ignore[attr-defined]

@@ -54,6 +54,8 @@ class Streaming:
         self.pool = ClientPool(endpoints, store)
         slots = sum({e.base_url: e.concurrency for e in endpoints}.values())
         self.window = 2 * slots + 2  # prompts in flight: enough to keep every slot busy between stages
+        per_prompt = config.generation.samples_per_prompt * len(policies)
+        self.window += -(-sum(s.extra_in_flight for s in scorers) // per_prompt)  # and Ray's workers (runner.py)
 
     def _add_stage(self, name: str, total: int) -> Stage:
         self._stage[name] = Stage(name, total, self.writer)

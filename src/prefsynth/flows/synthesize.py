@@ -29,6 +29,7 @@ from prefsynth.backends.local import local_servers
 from prefsynth.errors import ExportError, RunFailed
 from prefsynth.flows.engine import Writer, writer_for
 from prefsynth.flows.exclusive import warehouse_turn
+from prefsynth.flows.runner import RayRunner, offload, on, task_runner
 from prefsynth.flows.stream import Streaming
 from prefsynth.flows.teach import Taught, teach
 from prefsynth.report.summary import artifact_table, markdown
@@ -68,11 +69,13 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
     started = time.monotonic()
     warehouse = db or config.warehouse
     summary = RunSummary(run_id=uuid.uuid4().hex, name=config.name, warehouse=str(warehouse))
-    with warehouse_turn(warehouse), local_servers() as servers:  # one run per warehouse on a shared server
+    # one run per warehouse on a shared server; `runner: ray` starts (or joins) Ray before anything is written
+    with warehouse_turn(warehouse), local_servers() as servers, task_runner(config) as ray:
         for model in config.all_models():  # a missing GGUF file fails before anything starts
             servers.check(model)
         policies = [servers.endpoint(m) for m in config.generation.models]
         scorers = [build_scorer(s, servers.endpoint) for s in config.scorers]
+        offload(scorers, ray)  # in-process reward models compute on Ray workers
         teacher = Teacher(config.teacher, servers.endpoint(config.teacher.model)) if config.teacher else None
         check_endpoints([*policies, *(e for s in scorers for e in s.endpoints.values()),
                          *([teacher.endpoint] if teacher else [])])  # fmt: skip
@@ -83,7 +86,7 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
             ingest(store, config, summary)
             store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), flow_run_id())
             try:
-                _run(store, config, policies, scorers, teacher, summary)
+                _run(store, config, policies, scorers, teacher, summary, ray)
             except BaseException as err:
                 summary.status = "interrupted" if interrupted(err) else "failed"
                 summary.seconds = time.monotonic() - started
@@ -138,7 +141,7 @@ def ingest(store: Store, config: PipelineConfig, summary: RunSummary) -> None:
 
 def _run(
     store: Store, config: PipelineConfig, policies: list[Endpoint], scorers: list[Scorer], teacher: Teacher | None,
-    summary: RunSummary,
+    summary: RunSummary, ray: RayRunner | None = None,
 ) -> None:  # fmt: skip
     logger = get_run_logger()
     run_id = summary.run_id
@@ -180,7 +183,7 @@ def _run(
         diagnose(store, run_id, scorers, scored, responses)
 
     name = config.curation_scorer_name
-    flags = screen(store.prompt_messages(run_id), config.curation)
+    flags = on(ray, screen, prompts=store.prompt_messages(run_id), spec=config.curation)
     store.write(run_id, StageResult(*flags))
     if flags:  # duplicates and contaminated prompts are left out of the teacher's work and of curation
         left_out = sorted({f.prompt_id for f in flags})
@@ -188,7 +191,8 @@ def _run(
         kinds = dict(sorted(Counter(f.kind for f in flags).items()))
         logger.info(f"screen: {len(left_out)} prompts left out of curation {kinds} (table prompt_flags)")
     if config.curation.dedup_responses:  # replies that duplicate a reply to another prompt
-        copies = screen_responses(store.responses_by_ids(values[name]["response_id"]), config.curation)
+        texts = store.responses_by_ids(values[name]["response_id"])
+        copies = on(ray, screen_responses, texts=texts, spec=config.curation)
         store.write(run_id, StageResult(*copies))
         dropped = [f.response_id for f in copies]
         values = {n: v.filter(~pl.col("response_id").is_in(dropped)) for n, v in values.items()}

@@ -65,11 +65,25 @@ def _unset(value: Any) -> bool:
     return value is None
 
 
+class Replica(Strict):
+    """One server of an endpoint with several replicas (`base_urls`)."""
+
+    base_url: str = Field(description="OpenAI-compatible API root of this replica, e.g. http://host-2:8000/v1")
+    max_concurrency: int | None = Field(None, ge=1, le=1024, description="Requests in flight at once on this "
+                                        "replica (default: the model's max_concurrency, else 16).")  # fmt: skip
+
+
 class ModelSpec(Strict):
-    """A model: an OpenAI-compatible endpoint (`base_url` + `model`) or a local GGUF file (`gguf`)."""
+    """A model: an OpenAI-compatible endpoint (`base_url` + `model`, or several replicas in `base_urls`) or a
+    local GGUF file (`gguf`)."""
 
     name: str | None = Field(None, description="Label used in records; defaults to `model` or the GGUF alias.")
     base_url: str | None = Field(None, description="OpenAI-compatible API root, e.g. http://host:8000/v1")
+    base_urls: list[str | Replica] | None = Field(
+        None, exclude_if=_unset, description="Several replicas of one model instead of `base_url`: URLs, or "
+        "{base_url, max_concurrency} each. Requests go to the replica with the most free slots; a replica that "
+        "keeps failing is taken out and probed back (see backends/replicas.py). With more than one, give "
+        "`revision`: the cache then knows the model by name and revision, whichever replica answers.")  # fmt: skip
     model: str | None = Field(None, description="Model name sent to the endpoint.")
     api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key.")
     revision: str | None = Field(
@@ -87,9 +101,14 @@ class ModelSpec(Strict):
         "auto", description="How to ask for prompt log-probs (auto: prompt_logprobs for vLLM and local models)."
     )
     n_ctx: int = Field(2048, ge=256, description="Context length of a local server.")
-    n_threads: int | None = Field(None, ge=1, description="CPU threads of a local server (default: all).")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads of a local server (default: the cores / "
+                                  "`replicas`).")  # fmt: skip
+    replicas: int | None = Field(None, ge=1, le=16, exclude_if=_unset, description="A local GGUF model: how many "
+                                 "llama.cpp servers to start (each answers one request at a time; requests spread "
+                                 "over them as over `base_urls`). Endpoints list `base_urls` instead.")  # fmt: skip
     max_concurrency: int | None = Field(None, ge=1, le=50_000, description="Requests in flight at once (at "
-                                        "most 1024; with `batch`, the requests one batch job can hold).")  # fmt: skip
+                                        "most 1024; with `batch`, the requests one batch job can hold; with "
+                                        "`base_urls`, each replica's default).")  # fmt: skip
     batch: bool = Field(False, description="Send chat requests as OpenAI-style batch jobs (files + batches API): "
                         "cheaper and slower; set max_concurrency to the batch size.")  # fmt: skip
     timeout_s: float = Field(300.0, gt=0, description="Timeout of one request, queueing included.")
@@ -109,8 +128,12 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> ModelSpec:
-        if self.gguf and (self.base_url or self.model):
+        if self.base_urls is not None:
+            self._check_replicas()
+        if self.gguf and (self.base_url or self.base_urls or self.model):
             raise ValueError("give either `gguf` (a local model) or `base_url` + `model` (an endpoint), not both")
+        if self.replicas is not None and not self.gguf:
+            raise ValueError("`replicas` starts local servers of a `gguf` model; an endpoint lists `base_urls`")
         if self.gguf and self.batch:
             raise ValueError("`batch` is for endpoint models: a local model has no batch API")
         if not self.batch and (self.max_concurrency or 0) > 1024:
@@ -118,14 +141,38 @@ class ModelSpec(Strict):
         if self.gguf and self.revision:
             raise ValueError("`revision` is for endpoint models; a local model is known by its file's hash")
         if not self.gguf:
-            if not self.base_url or not self.model:
+            if not (self.base_url or self.base_urls) or not self.model:
                 raise ValueError("an endpoint model needs both `base_url` and `model` (or give `gguf`)")
-            if not self.base_url.startswith(("http://", "https://")):
-                raise ValueError(f"`base_url` must start with http:// or https://, got {self.base_url!r}")
-            _no_credentials(self.base_url)
+            for url, _ in self.servers:
+                if not url.startswith(("http://", "https://")):
+                    raise ValueError(f"`base_url` must start with http:// or https://, got {url!r}")
+                _no_credentials(url)
         if self.api_key_env is not None and not self.api_key_env.isidentifier():
             raise ValueError("`api_key_env` is the *name* of an environment variable, e.g. OPENAI_API_KEY")
         return self
+
+    def _check_replicas(self) -> None:
+        assert self.base_urls is not None
+        if self.base_url is not None:
+            raise ValueError("give either `base_url` (one server) or `base_urls` (replicas), not both")
+        if not self.base_urls:
+            raise ValueError("`base_urls` lists at least one replica")
+        urls = [url.rstrip("/") for url, _ in self.servers]
+        if len(set(urls)) < len(urls):
+            raise ValueError("`base_urls` lists a replica twice")
+        if len(urls) > 1 and self.batch:
+            raise ValueError("`batch` jobs go to one server: give one `base_url`, not replicas")
+        if len(urls) > 1 and not self.revision:
+            raise ValueError("replicas in `base_urls` need `revision` (the weights' tag or hash they all serve): the "
+                             "cache knows the model by name and revision, whichever replica answers")  # fmt: skip
+
+    @property
+    def servers(self) -> list[tuple[str, int]]:
+        """(base_url, max_concurrency) of each server of an endpoint model: one, or the `base_urls`."""
+        if self.base_urls is None:
+            return [(str(self.base_url), self.concurrency)] if self.base_url else []
+        return [(r, self.concurrency) if isinstance(r, str)
+                else (r.base_url, r.max_concurrency or self.concurrency) for r in self.base_urls]  # fmt: skip
 
     @property
     def is_local(self) -> bool:
@@ -141,10 +188,11 @@ class ModelSpec(Strict):
 
     @property
     def identity(self) -> str:
-        """An endpoint model's cache identity: name and revision, or without a revision its URL and name."""
+        """An endpoint model's cache identity: name and revision, or without a revision its URL and name (one
+        server: `base_urls: [url]` is the same model as `base_url: url`). Never which replica answers."""
         if self.revision:
             return f"{self.model}@{self.revision}"
-        return f"{str(self.base_url).rstrip('/')}#{self.model}"
+        return f"{self.servers[0][0].rstrip('/')}#{self.model}"
 
     @property
     def concurrency(self) -> int:
@@ -493,6 +541,11 @@ class PipelineConfig(Strict):
     failures_fatal: bool = Field(False, description="Exit non-zero when any item failed.")
     budget: Budget | None = Field(None, exclude_if=_unset, description="Stop making new calls at this many "
                                   "tokens or this cost (per run; a loop's budget covers all its rounds).")  # fmt: skip
+    runner: Literal["threads", "ray"] = Field("threads", exclude_if=lambda v: v == "threads", description=(
+        "Where in-process heavy steps (in-process reward models, dedup) run: `threads` of the flow process, or "
+        "`ray` (extra prefsynth[ray]): Prefect tasks on a Ray cluster through prefect-ray."))  # fmt: skip
+    ray_address: str | None = Field(None, exclude_if=_unset, description="With runner: ray, the Ray cluster "
+                                    "(e.g. ray://head:10001); default RAY_ADDRESS, else a local Ray instance.")
 
     @field_validator("warehouse")
     @classmethod

@@ -99,6 +99,9 @@ class ModelCall(Record):
     dropped: int | None = None  # connections refused or closed without an answer
     wait_ms: float | None = None  # slept before retries (Retry-After or backoff)
     throttle_ms: float | None = None  # waited on requests/tokens-per-minute limits and the global limit
+    # migration 018: on an endpoint with replicas, the replica of each failed HTTP attempt ([] when none failed;
+    # None for one server); `endpoint` is then the replica that answered (or failed last)
+    failed_on: list[str] | None = None
 
 
 class Response(Record):

@@ -46,6 +46,7 @@ PREFIX = "ducklake:"
 PASSWORD_ENV = "PGPASSWORD"
 MAX_ATTEMPTS = 30  # commits of one transaction before a conflict is an error
 _GATE = "prefsynth_write_gate"
+_WRITES = ("INSERT", "UPDATE", "DELETE", "MERGE", "CREATE", "ALTER", "DROP", "COPY")  # a write outside BEGIN is gated
 retried = 0  # transactions of this process run again after a commit conflict (the tests and bench read it)
 _EXTENSIONS = {"ducklake": "ducklake", "postgres": "postgres_scanner"}  # package -> duckdb's extension name
 
@@ -276,7 +277,7 @@ class LakeConnection:
                 if head == "ROLLBACK":  # a failed COMMIT has ended the transaction already
                     return self.con
                 raise
-        if self.gate and not self._open and not head.startswith(("SELECT", "WITH", "FROM", "DESCRIBE", "SHOW")):
+        if self.gate and not self._open and head.startswith(_WRITES):
             return self._autocommit(translate(sql), params)
         return self.con.execute(translate(sql), params)
 

@@ -92,6 +92,9 @@ class Scorer(ABC):
 
     kind: ClassVar[str]
     Spec: ClassVar[type[ScorerSpec]]
+    # items it can work on at once besides its endpoints' slots (an in-process model offloaded to Ray's
+    # workers): the pipeline keeps that many more in flight
+    extra_in_flight: int = 0
 
     def __init__(self, spec: ScorerSpec, endpoints: dict[str, Endpoint]) -> None:
         self.spec = spec

@@ -8,20 +8,26 @@ the response as the assistant turn.
   see backends/quirks.py for the shapes.
 - In process (`path`): a transformers sequence classifier on the CPU (backends/hf_reward.py), reward =
   logits[label_index]. It has no endpoints and records no model calls; `prepare` computes a chunk's
-  rewards, batch_size at a time, off the event loop, and `score` hands them out.
+  rewards, batch_size at a time, off the event loop, and `score` hands them out. With `runner: ray` the
+  flow sets `offload`: the conversations then go, in batches, to the `reward_batch` task on Ray workers
+  (flows/runner.py), which take the spec and the conversations (plain data) and return the rewards.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import Field, model_validator
 
 from prefsynth.backends import quirks
 from prefsynth.backends.client import Endpoint
-from prefsynth.backends.hf_reward import HFRewardModel, RewardResult, render_id
+from prefsynth.backends.hf_reward import HFRewardModel, RewardResult, render_id, shared_model
+from prefsynth.errors import ConfigError
 from prefsynth.schemas.config import ModelSpec, ScorerSpec
 from prefsynth.schemas.records import Route, Score
 from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome
@@ -58,8 +64,23 @@ class RewardModelSpec(ScorerSpec):
         return self
 
 
-def conversation(item: ScoreItem) -> list[dict[str, str]]:
+Conversation = list[dict[str, str]]
+
+
+def conversation(item: ScoreItem) -> Conversation:
     return [*(m.model_dump() for m in item.messages), {"role": "assistant", "content": item.response}]
+
+
+@task(name="reward-batch", cache_policy=NO_CACHE)
+def reward_batch(spec: RewardModelSpec, identity: str, conversations: list[Conversation]) -> list[RewardResult]:
+    """Prefect task for a task runner's workers (Ray): the in-process rewards of a batch of conversations, from
+    plain data only. The model loads once per worker process (`shared_model`); a worker whose copy of the
+    folder is missing or differs fails the batch's items, never the run."""
+    try:
+        model = shared_model(str(spec.path), spec.max_length, identity)
+    except ConfigError as err:
+        return [RewardResult(error=f"on {socket.gethostname()}: {err}")] * len(conversations)
+    return model.rewards(conversations, spec.label_index, spec.batch_size)
 
 
 class RewardModelScorer(PointwiseScorer):
@@ -72,6 +93,8 @@ class RewardModelScorer(PointwiseScorer):
         self.spec = spec
         self.local = HFRewardModel(str(spec.path), spec.max_length) if "reward" not in endpoints else None
         self._ready: dict[str, RewardResult] = {}  # in process: score_id -> reward computed by prepare
+        # set by the flow to compute rewards elsewhere (Ray workers); default: a thread of this process
+        self.offload: Callable[[list[Conversation]], Awaitable[list[RewardResult]]] | None = None
 
     def identity(self) -> dict[str, Any]:
         if self.local is None:  # the request for a placeholder item: its shape and every text it adds
@@ -89,9 +112,16 @@ class RewardModelScorer(PointwiseScorer):
         todo = [item for item in items if item.score_id not in self._ready]
         if todo:
             conversations = [conversation(item) for item in todo]
-            results = await asyncio.to_thread(
-                self.local.rewards, conversations, self.spec.label_index, self.spec.batch_size
-            )
+            if self.offload is not None:
+                try:
+                    results = await self.offload(conversations)
+                except Exception as err:  # a batch lost on the way (Ray retries dead workers): its items fail, the
+                    error = f"offloaded batch failed: {type(err).__name__}: {err}"  # run goes on, a rerun retries
+                    results = [RewardResult(error=error) for _ in conversations]
+            else:
+                results = await asyncio.to_thread(
+                    self.local.rewards, conversations, self.spec.label_index, self.spec.batch_size
+                )
             self._ready.update(zip((item.score_id for item in todo), results, strict=True))
         return []
 
