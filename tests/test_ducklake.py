@@ -246,3 +246,19 @@ def test_the_pipeline_gives_the_same_pairs_on_both_backends_with_two_processes_o
     assert _lake_rows(catalog, "SELECT count(*) FROM dataset_snapshots") == [(1,)]
     report = CliRunner().invoke(app, ["report", "--db", catalog, "--out", str(tmp_path / "report.html")])
     assert report.exit_code == 0 and "<svg" in (tmp_path / "report.html").read_text(), report.output
+
+
+def test_a_lake_takes_no_prefect_slot_on_a_shared_server(monkeypatch, tmp_path: Path) -> None:
+    """Several writers are the point of a lake: no per-warehouse concurrency limit, where a file takes one."""
+    from prefsynth.flows import exclusive
+
+    def no_server(name: str) -> None:
+        raise AssertionError(f"asked Prefect for limit {name}")
+
+    monkeypatch.setattr(exclusive, "shared_server", lambda: True)
+    monkeypatch.setattr(exclusive, "_ensure_limit", no_server)
+    with exclusive.warehouse_turn("ducklake:postgres://me@db/lake"):
+        pass
+    with pytest.raises(AssertionError, match="asked Prefect for limit prefsynth-warehouse-"), \
+            exclusive.warehouse_turn(tmp_path / "w.duckdb"):  # fmt: skip
+        pass
