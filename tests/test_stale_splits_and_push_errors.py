@@ -71,15 +71,20 @@ def test_a_push_deletes_the_repos_stale_split_files_of_the_format(tmp_path):
         rows = store.export_rows()[1]
     done = write_dataset(rows, tmp_path / "o", "trl")  # no splits: train.parquet and the card
     repo = ["README.md", ".gitattributes", "train.parquet", "validation.parquet", "test.parquet", "openrlhf.jsonl"]
-    ops = commit_operations(done, repo)
-    adds = [op.path_in_repo for op in ops if type(op).__name__ == "CommitOperationAdd"]
-    deletes = [op.path_in_repo for op in ops if type(op).__name__ == "CommitOperationDelete"]
-    assert adds == ["train.parquet", "README.md"]
-    assert deletes == ["test.parquet", "validation.parquet"]  # not another format's, not .gitattributes
+    assert _paths(commit_operations(done, repo)) == (["train.parquet", "README.md"],
+                                                     ["test.parquet", "validation.parquet"])  # fmt: skip
+    # not another format's file, nor .gitattributes; train/test deletes validation, and a new repo nothing
     split = write_dataset(rows, tmp_path / "s", "trl", splits=Splits(fractions={"train": 0.5, "test": 0.5}))
-    assert not [op for op in commit_operations(split, repo) if type(op).__name__ == "CommitOperationDelete"
-                and op.path_in_repo != "validation.parquet"]  # fmt: skip
-    assert [op.path_in_repo for op in commit_operations(split, [])] == ["train.parquet", "test.parquet", "README.md"]
+    assert _paths(commit_operations(split, repo))[1] == ["validation.parquet"]
+    assert _paths(commit_operations(split, [])) == (["train.parquet", "test.parquet", "README.md"], [])
+
+
+def _paths(ops: list) -> tuple[list[str], list[str]]:
+    """The paths a commit adds, and those it deletes."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    return ([op.path_in_repo for op in ops if isinstance(op, CommitOperationAdd)],
+            [op.path_in_repo for op in ops if isinstance(op, CommitOperationDelete)])  # fmt: skip
 
 
 @pytest.mark.parametrize("repo_id", BAD_IDS)
