@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from prefsynth.errors import PrefsynthError, RunFailed
+from prefsynth.errors import PrefsynthError, RunFailed, reason
 
 if TYPE_CHECKING:
     from prefsynth.schemas.records import RunSummary
@@ -523,7 +523,7 @@ def _export_checks(repo: str | None, splits: str | None, seed: int, snapshot: bo
         try:
             return token, Splits(fractions=fractions, seed=seed)
         except ValueError as err:  # pydantic's ValidationError: its message is check_splits'
-            raise PrefsynthError("--" + str(err).split("Value error, ", 1)[-1].split(" [type=")[0]) from None
+            raise PrefsynthError("--" + reason(err)) from None
     except PrefsynthError as err:
         raise _fail(err) from None
 
