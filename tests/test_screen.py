@@ -108,3 +108,15 @@ def test_a_run_leaves_out_duplicates_and_contaminated_prompts(tmp_path: Path, pr
         key = ArtifactFilterKey(any_=["prefsynth-curation"])
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=key))
     assert any(f"Curation of run {screened.run_id}" in a.data and "| same_text | 2 |" in a.data for a in found)
+
+
+def test_duplicates_of_replies_are_never_of_their_own_group():
+    """The one `duplicates` serves replies too: id_col names the id, group_col the prompt whose replies are never
+    duplicates of each other (the same answer as response_duplicates)."""
+    texts = pl.DataFrame({"response_id": ["r1", "r2", "r3", "r4"], "prompt_id": ["p1", "p1", "p2", "p2"],
+                          "text": ["Name a fruit.", "name a FRUIT", LONG, "Name a fruit!"]})  # fmt: skip
+    dups = duplicates(texts, 0.5, id_col="response_id", group_col="prompt_id")
+    assert dups.columns == ["response_id", "prompt_id", "duplicate_of", "kind", "similarity"]
+    assert dups.select("response_id", "prompt_id", "duplicate_of", "kind").rows() == [("r4", "p2", "r1", "exact")]
+    alone = duplicates(texts.drop("prompt_id").rename({"response_id": "prompt_id"}), None)
+    assert alone["prompt_id"].to_list() == ["r2", "r4"]  # without a group, every later equal text is a duplicate

@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefsynth.errors import ConfigError
+from prefsynth.errors import ConfigError, reason
 from prefsynth.schemas.config import PipelineConfig, ScorerSpec, load_config, parse_config, parse_scorer
 from prefsynth.schemas.records import LoopSummary, RunSummary, StageCounts
 
@@ -75,7 +75,7 @@ class RunResult:
         try:
             spec = Splits(fractions=dict(splits), seed=seed)
         except ValueError as err:
-            raise ConfigError(str(err).split("Value error, ", 1)[-1].split(" [type=")[0]) from None
+            raise ConfigError(reason(err)) from None
         return dataset_dict(self.pairs, spec)
 
 

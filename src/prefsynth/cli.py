@@ -28,10 +28,11 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from prefsynth.errors import PrefsynthError, RunFailed
+from prefsynth.errors import PrefsynthError, RunFailed, reason
 
 if TYPE_CHECKING:
     from prefsynth.schemas.records import RunSummary
+    from prefsynth.tasks.export import Exported
 
 _IMPORTED = time.monotonic()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -439,8 +440,10 @@ def export(
     --format sft writes no pairs but the run's teacher anchors (`teacher.anchors: true`) as SFT targets:
     `prompt` and `completion` message lists, which TRL's SFTTrainer reads, and their `finish_reason`.
 
-    A folder that already holds this format's file is left alone unless --overwrite is given. The warehouse
-    must exist, and --run must name one of its runs.
+    A folder that already holds this format's files is left alone unless --overwrite is given, which also
+    deletes the files of this format that the export does not write (test.parquet of an earlier export with
+    splits), so that no stale split is left; it says which. The warehouse must exist, and --run must name one
+    of its runs.
 
     --splits train=0.9,test=0.1 splits by prompt (a prompt's pairs all in one split, drawn from a seeded hash
     of its id: --seed) into one file per split: train.parquet and test.parquet for trl (train.jsonl/test.jsonl,
@@ -451,8 +454,10 @@ def export(
     --format, --margin, --run, --splits and --seed do not apply) and says whether the bytes are the same.
 
     --push-to-hub ORG/NAME then pushes the written files and card, unchanged, to that Hub dataset repo (with
-    --private, a new repo is private). It needs a token (HF_TOKEN or `hf auth login`) and HF_HUB_OFFLINE=0;
-    without them it stops before writing anything.
+    --private, a new repo is private), in one commit that also deletes the repo's files of this format that the
+    export does not hold (an earlier push's). It needs a token (HF_TOKEN or `hf auth login`) and
+    HF_HUB_OFFLINE=0; without them, or with a repo id the Hub refuses, it stops before writing anything. A push
+    that fails (the network, the Hub) exits 2; the export stays written and recorded.
     """
     token, split_spec = _export_checks(push_to_hub, splits, seed, snapshot is not None)
     if snapshot is not None:
@@ -489,20 +494,22 @@ def export(
                                                              done.splits["files"].items()) + ")"  # fmt: skip
     print(f"{done.n_pairs} {what}{parts} from run {chosen_run} -> {done.path} (margin: {margin}); snapshot "
           f"{done.snapshot_id[:12]}")
+    _removed(done)
     if push_to_hub is not None and token is not None:
         _push(done, push_to_hub, private, token)
 
 
 def _export_checks(repo: str | None, splits: str | None, seed: int, snapshot: bool) -> tuple[str | None, object]:
     """Before any work: the Hub token (with --push-to-hub) and the --splits; (token, Splits or None)."""
-    import re
-
     from prefsynth.backends.hub import hub_token
-    from prefsynth.schemas.config import REPO_ID, Splits
+    from prefsynth.schemas.config import Splits, check_repo_id
 
     try:
-        if repo is not None and not re.match(REPO_ID, repo):
-            raise PrefsynthError(f"--push-to-hub must be a Hub repo id ORG/NAME, got {repo!r}")
+        if repo is not None:
+            try:
+                check_repo_id(repo)
+            except ValueError as err:
+                raise PrefsynthError(f"--push-to-hub {err}") from None
         token = hub_token() if repo is not None else None
         if splits is None or snapshot:
             return token, None
@@ -517,19 +524,29 @@ def _export_checks(repo: str | None, splits: str | None, seed: int, snapshot: bo
         try:
             return token, Splits(fractions=fractions, seed=seed)
         except ValueError as err:  # pydantic's ValidationError: its message is check_splits'
-            raise PrefsynthError("--" + str(err).split("Value error, ", 1)[-1].split(" [type=")[0]) from None
+            raise PrefsynthError("--" + reason(err)) from None
     except PrefsynthError as err:
         raise _fail(err) from None
+
+
+def _removed(done: Exported) -> None:
+    """Say which stale files of the format an --overwrite export deleted from its folder."""
+    if done.removed:
+        console.print(f"[yellow]note:[/] deleted {', '.join(done.removed)} from {done.files[0].parent}: an earlier "
+                      "export's files of this format, which this one replaces (--overwrite)")  # fmt: skip
 
 
 def _push(done: object, repo: str, private: bool, token: str) -> None:
     from prefsynth.backends.hub import push
 
     try:
-        url = push(done, repo, private, token)  # type: ignore[arg-type]
+        url, deleted = push(done, repo, private, token)  # type: ignore[arg-type]
     except PrefsynthError as err:
         raise _fail(err) from None
     print(f"pushed to the Hub dataset {repo}: {url}")
+    if deleted:
+        console.print(f"[yellow]note:[/] the commit deletes {', '.join(deleted)} from {repo}: an earlier push's "
+                      "files of this format, which this export replaces")  # fmt: skip
 
 
 def _export_snapshot(snapshot: str, out: Path, db: Path, overwrite: bool, repo: str | None = None,
@@ -563,6 +580,7 @@ def _export_snapshot(snapshot: str, out: Path, db: Path, overwrite: bool, repo: 
              "another prefsynth, datasets or pyarrow version writes them differently)"))  # fmt: skip
     if not same and snap["file_sha256"] is None:
         console.print("[yellow]note:[/] this snapshot was exported before hashes were recorded")
+    _removed(done)
     if repo is not None and token is not None:
         if not same:
             raise _fail(PrefsynthError(f"not pushed to {repo}: the files written differ from the snapshot's"))

@@ -54,3 +54,9 @@ def not_utf8(path: object, data: bytes) -> str:
         return (f"{path}:{line}: not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r}); "
                 "save the file as UTF-8")  # fmt: skip
     return f"{path}: not UTF-8 text; save the file as UTF-8"
+
+
+def reason(err: ValueError) -> str:
+    """The first message of a pydantic ValidationError (a validator's own words), else the error's text."""
+    errors = getattr(err, "errors", None)
+    return str(errors()[0]["msg"]).removeprefix("Value error, ") if errors else str(err)

@@ -2,11 +2,15 @@
 one commit to a dataset repo, through huggingface_hub's own API. Only when the user asks for it
 (`push_to_hub`, `--push-to-hub`) and has a token; the token and the network are checked before any work.
 
-The Hub reads the splits from the file names (train.parquet, test.parquet, ...), as `datasets` does locally.
+The Hub reads the splits from the file names (train.parquet, test.parquet, ...), as `datasets` does locally, so
+the same commit deletes the files of the same format that an earlier push left and this export does not hold
+(test.parquet after an export without splits): no stale split stays in the repo. A failed push (the network,
+the Hub's answer, a repo id the Hub refuses) is an ExportError: the export itself stands.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,25 +44,40 @@ def hub_files(done: Exported) -> list[tuple[str, Path]]:
     return [(path.name, path) for path in done.files] + [(CARD, folder / CARD)]
 
 
-def commit_operations(done: Exported) -> list[Any]:
-    """huggingface_hub's CommitOperationAdd of each file to push (it hashes each file here, offline)."""
-    from huggingface_hub import CommitOperationAdd
+def stale_files(done: Exported, repo_files: Sequence[str]) -> list[str]:
+    """The files of the repo (`repo_files`) of the export's format that it does not hold: an earlier push's."""
+    from prefsynth.tasks.export import format_files
 
-    return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in hub_files(done)]
+    pushed = {name for name, _ in hub_files(done)}
+    return sorted(f for f in set(repo_files) & set(format_files(done.format)) if f not in pushed)
 
 
-def push(done: Exported, repo_id: str, private: bool, token: str) -> str:
-    """Create the dataset repo if missing and commit the export's files; the commit's URL."""
+def commit_operations(done: Exported, repo_files: Sequence[str] = ()) -> list[Any]:
+    """huggingface_hub's CommitOperationAdd of each file to push (it hashes each file here, offline), then a
+    CommitOperationDelete of each stale file among the repo's `repo_files`."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    adds = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in hub_files(done)]
+    return adds + [CommitOperationDelete(path_in_repo=name) for name in stale_files(done, repo_files)]
+
+
+def push(done: Exported, repo_id: str, private: bool, token: str) -> tuple[str, list[str]]:
+    """Create the dataset repo if missing and commit the export's files, deleting the stale ones; the commit's
+    URL and the files deleted. ExportError if the push fails."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    # HfHubHTTPError's bases: the HTTP client's base error (httpx2.HTTPError in huggingface_hub 2.x, which
+    # transport errors such as ConnectError share) and OSError; ValueError: a repo id the Hub's rules refuse
+    failures = (*HfHubHTTPError.__bases__, OSError, ValueError)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        info = api.create_commit(repo_id, commit_operations(done), repo_type="dataset",
+        existing = api.list_repo_files(repo_id, repo_type="dataset")
+        info = api.create_commit(repo_id, commit_operations(done, existing), repo_type="dataset",
                                  commit_message=f"prefsynth snapshot {done.snapshot_id[:12]}")  # fmt: skip
-    except (HfHubHTTPError, OSError) as err:
+    except failures as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"push to the Hub dataset {repo_id} failed: {first}; the export itself is written "
-                          "and recorded") from None  # fmt: skip
-    return info.commit_url
+        raise ExportError(f"push to the Hub dataset {repo_id} failed ({type(err).__name__}: {first}); the export "
+                          "itself is written and recorded") from None  # fmt: skip
+    return info.commit_url, stale_files(done, existing)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from prefect import flow
 
 from prefsynth.api import as_config, with_runner
-from prefsynth.errors import DeployError
+from prefsynth.errors import DeployError, reason
 from prefsynth.flows.loop import synthesis_loop
 from prefsynth.flows.prefect_api import configured_api_url
 from prefsynth.flows.synthesize import synthesize
@@ -79,7 +79,7 @@ def schedule(cron: str | None, interval: float | None) -> dict[str, Any]:
         CronSchedule(cron=cron)
     except ValueError as err:  # pydantic's ValidationError is a ValueError
         raise DeployError(f"--cron {cron!r} is not a cron expression (five fields: minute hour day month "
-                          f"weekday, e.g. '0 3 * * *' for 03:00 every day): {_reason(err)}") from None  # fmt: skip
+                          f"weekday, e.g. '0 3 * * *' for 03:00 every day): {reason(err)}") from None  # fmt: skip
     return {"cron": cron}
 
 
@@ -148,6 +148,3 @@ def _ensure_pool(pool: str) -> bool:
     return True
 
 
-def _reason(err: ValueError) -> str:
-    errors = getattr(err, "errors", None)  # pydantic's ValidationError
-    return str(errors()[0]["msg"]).removeprefix("Value error, ") if errors else str(err)

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from logging import Logger, LoggerAdapter
 
 import polars as pl
 from prefect import flow, get_run_logger
@@ -33,13 +34,13 @@ from prefsynth.flows.runner import RayRunner, offload, on, task_runner
 from prefsynth.flows.stream import Streaming
 from prefsynth.flows.teach import Taught, teach
 from prefsynth.report.summary import artifact_table, markdown
-from prefsynth.schemas.config import PipelineConfig
+from prefsynth.schemas.config import ExportTarget, PipelineConfig
 from prefsynth.schemas.records import RunSummary, StageCounts, StageResult, columns
 from prefsynth.tasks._async import run_async
 from prefsynth.tasks.compare import pairwise_values
 from prefsynth.tasks.curate import anchor_vs_sampled, curate, refined_vs_original, threshold
 from prefsynth.tasks.diagnostics import diagnostics
-from prefsynth.tasks.export import export
+from prefsynth.tasks.export import Exported, export
 from prefsynth.tasks.ingest import no_prompts, read_prompts
 from prefsynth.tasks.panel import agreed_only, panel_id, run_panel
 from prefsynth.tasks.review import decisions, human_override
@@ -238,13 +239,25 @@ def _run(
                               done.splits)  # fmt: skip
         summary.exports.append(str(done.path))
         logger.info(f"export: {done.n_pairs} {what} -> {done.path} (margin: {target.margin})")
+        if done.removed:
+            logger.warning(f"export: deleted {', '.join(done.removed)} from {target.path}: an earlier export's files "
+                           "of this format, which this one replaces")  # fmt: skip
         if target.push_to_hub is not None:  # the token was checked before the run started (api.py)
-            try:
-                url = push(done, target.push_to_hub, target.private, hub_token())
-                logger.info(f"export: pushed to {target.push_to_hub}: {url}")
-            except ExportError as err:  # the run and its export stand; the push can be made again
-                logger.error(f"{err}. Push it again: prefsynth export --snapshot {done.snapshot_id[:12]} --out "
-                             f"{target.path} --overwrite --push-to-hub {target.push_to_hub}")  # fmt: skip
+            push_export(done, target, logger)
+
+
+def push_export(done: Exported, target: ExportTarget, logger: Logger | LoggerAdapter) -> str | None:
+    """Push an export to target.push_to_hub; the commit's URL, or None after logging why it failed and how to
+    push again: the run and its export stand."""
+    try:
+        url, deleted = push(done, target.push_to_hub or "", target.private, hub_token())
+    except ExportError as err:
+        logger.error(f"{err}. Push it again: prefsynth export --snapshot {done.snapshot_id[:12]} --out "
+                     f"{target.path} --overwrite --push-to-hub {target.push_to_hub}")  # fmt: skip
+        return None
+    gone = f" (deleted {', '.join(deleted)}: an earlier push's files of this format)" if deleted else ""
+    logger.info(f"export: pushed to {target.push_to_hub}: {url}{gone}")
+    return url
 
 
 def check_budget(summary: RunSummary) -> None:

@@ -7,6 +7,7 @@ warehouse path, an output, resolves against the current directory (like `--db`).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import SplitResult, urlsplit
@@ -469,6 +470,20 @@ SPLIT_NAMES = ("train", "validation", "test")  # the names `datasets` and the Hu
 REPO_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
 
 
+def check_repo_id(value: str) -> str:
+    """A Hub dataset repo id ORG/NAME that the Hub's own rules accept (huggingface_hub's validate_repo_id: no
+    `--` or `..`, no `.git` at the end, at most 96 characters); ValueError otherwise."""
+    from huggingface_hub.utils import validate_repo_id
+
+    if not re.match(REPO_ID, value):
+        raise ValueError(f"must be a Hub repo id ORG/NAME, got {value!r}")
+    try:
+        validate_repo_id(value)
+    except ValueError as err:  # HFValidationError
+        raise ValueError(f"{value!r} is not a Hub repo id: {err}") from None
+    return value
+
+
 def check_splits(fractions: dict[str, float]) -> dict[str, float]:
     """Split fractions by prompt, in SPLIT_NAMES order: known names, each in (0, 1], summing to 1."""
     if not fractions:
@@ -516,6 +531,11 @@ class ExportTarget(Strict):
     @classmethod
     def _splits(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         return None if value is None else check_splits(value)
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_repo_id(value)
 
     @property
     def split_spec(self) -> Splits | None:

@@ -14,6 +14,9 @@ provenance (`pair_id`, `prompt_id`, `chosen_id`, `rejected_id`, `chosen_model`, 
   then `source`, `finish_reason`, `model`, `prompt_id`, `response_id`, `run_id`.
 With `splits` (splits.py), one file per split instead, named as `datasets` reads splits: train.parquet and
 test.parquet (trl), train.jsonl and test.jsonl (jsonl), openrlhf_train.jsonl ... (openrlhf), sft_train.jsonl ...
+A folder holds one dataset of each format: with `overwrite`, the files of the same format that this export does
+not write (test.parquet of an earlier export with splits, say) are deleted, so that `datasets` finds no stale
+split in the folder; without it, they stop the export like its own files do.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class Exported:
     row_splits: list[str] | None = None  # each row's split (in row_ids' order), with splits
     splits: dict[str, Any] | None = None  # seed, fractions, and per split its file, rows, prompts and SHA-256
     files: list[Path] = field(default_factory=list)  # the data files written (not the card)
+    removed: list[str] = field(default_factory=list)  # stale files of the format deleted (with overwrite)
 
 
 def sha256(path: Path) -> str:
@@ -127,9 +131,15 @@ def write_dataset(rows: pl.DataFrame, out_dir: str | Path, fmt: str, overwrite: 
     out = Path(out_dir)  # the rows are checked above, before any file is touched
     paths = {name: _target(out, FILES[fmt] if name is None else split_file(FILES[fmt], name), overwrite)
              for name in names}  # every target is checked before any is written  # fmt: skip
+    stale = [f for f in format_files(fmt) if f not in {p.name for p in paths.values()} and (out / f).exists()]
+    if stale and not overwrite:
+        raise ExportError(f"{out} already holds a {fmt} dataset ({', '.join(stale)}); pass --overwrite to replace "
+                          "it (these files are then deleted), or choose another output folder")  # fmt: skip
     parts = {name: shaped if name is None else shaped.filter(pl.col("split") == name) for name in names}
     for name, path in paths.items():
         _write(SHAPES[fmt](parts[name]), path, fmt)
+    for name in stale:  # after the new files are in place: they replace these
+        (out / name).unlink()
     hashes = {path.name: sha256(path) for path in paths.values()}
     info = None if splits is None else {"seed": splits.seed, "fractions": splits.fractions, "files": {
         name: {"file": path.name, "rows": len(parts[name]), "prompts": parts[name]["prompt_id"].n_unique(),
@@ -151,7 +161,7 @@ def write_dataset(rows: pl.DataFrame, out_dir: str | Path, fmt: str, overwrite: 
                     file_sha256=hashes[only.name] if splits is None else _digest(hashes),
                     card_sha256=sha256(out / CARD), counts=counts,
                     row_splits=None if splits is None else keyed["split"].to_list(), splits=info,
-                    files=list(paths.values()))  # fmt: skip
+                    files=list(paths.values()), removed=stale)  # fmt: skip
 
 
 def _write(shaped: pl.DataFrame, path: Path, fmt: str) -> None:
@@ -168,9 +178,15 @@ def _write(shaped: pl.DataFrame, path: Path, fmt: str) -> None:
     tmp.replace(path)
 
 
+def format_files(fmt: str) -> list[str]:
+    """Every file name an export of `fmt` writes, with and without splits: train.parquet, validation.parquet
+    and test.parquet for trl."""
+    return sorted({FILES[fmt], *(split_file(FILES[fmt], s) for s in SPLIT_NAMES)})
+
+
 def _all_files() -> list[str]:
-    """Every file name an export writes, with and without splits."""
-    return sorted({*FILES.values(), *(split_file(f, s) for f in FILES.values() for s in SPLIT_NAMES)})
+    """Every file name an export writes, of any format, with and without splits."""
+    return sorted({f for fmt in FILES for f in format_files(fmt)})
 
 
 def _digest(hashes: dict[str, str]) -> str:

@@ -53,18 +53,28 @@ def prompt_texts(prompts: pl.DataFrame) -> pl.DataFrame:
                                                                                     "text": pl.String})  # fmt: skip
 
 
-def duplicates(texts: pl.DataFrame, near_threshold: float | None) -> pl.DataFrame:
-    """prompt_id, duplicate_of, kind (exact | near), similarity of every duplicate among `texts` (id, text)."""
+def duplicates(texts: pl.DataFrame, near_threshold: float | None, id_col: str = "prompt_id",
+               group_col: str | None = None) -> pl.DataFrame:  # fmt: skip
+    """id_col, [group_col,] duplicate_of, kind (exact | near), similarity of every duplicate among `texts`
+    (id_col, [group_col,] text): of texts equal after normalization the smallest id stays, and, with
+    `near_threshold`, of near ones (MinHash). With `group_col`, a text is never a duplicate of one of its own
+    group (replies to one prompt)."""
     keyed = texts.with_columns(norm=normalized(pl.col("text"))).filter(pl.col("norm") != "")  # nothing to compare
-    keyed = keyed.with_columns(key=pl.col("norm").hash()).drop("norm").sort("prompt_id")
-    first = keyed.group_by("key").agg(duplicate_of=pl.col("prompt_id").min())
-    exact = (keyed.join(first, on="key").filter(pl.col("prompt_id") != pl.col("duplicate_of"))
-             .select("prompt_id", "duplicate_of", kind=pl.lit("exact"), similarity=pl.lit(1.0)))  # fmt: skip
+    keyed = keyed.with_columns(key=pl.col("norm").hash(), group=pl.col(group_col or id_col)).drop("norm")
+    keyed = keyed.sort(id_col)
+    first = keyed.group_by("key").agg(duplicate_of=pl.col(id_col).min())
+    first = first.join(keyed.select(duplicate_of=id_col, of_group="group"), on="duplicate_of")
+    out = [id_col, *([group_col] if group_col else []), "duplicate_of", "kind", "similarity"]
+    exact = (keyed.join(first, on="key").filter(pl.col("group") != pl.col("of_group"))
+             .with_columns(kind=pl.lit("exact"), similarity=pl.lit(1.0)).select(out))  # fmt: skip
     if near_threshold is None:
-        return exact.sort("prompt_id")
-    kept = keyed.join(exact.select("prompt_id"), on="prompt_id", how="anti").sort("prompt_id")
-    near = _near(kept["prompt_id"].to_list(), [_words(t) for t in kept["text"]], near_threshold)
-    return pl.concat([exact, near]).sort("prompt_id")
+        return exact.sort(id_col)
+    kept = keyed.join(exact.select(id_col), on=id_col, how="anti").sort(id_col)
+    near = _near(kept[id_col].to_list(), [_words(t) for t in kept["text"]], near_threshold,
+                 kept["group"].to_list() if group_col else None).rename({"id": id_col})  # fmt: skip
+    if group_col:
+        near = near.join(kept.select(id_col, group_col), on=id_col)
+    return pl.concat([exact, near.select(out)]).sort(id_col)
 
 
 def _words(text: str) -> list[str]:
@@ -73,7 +83,7 @@ def _words(text: str) -> list[str]:
 
 
 def _near(ids: list[str], words: list[list[str]], threshold: float, groups: list[str] | None = None) -> pl.DataFrame:
-    """prompt_id (the id), duplicate_of, kind, similarity of the near duplicates among `ids`; with `groups`
+    """id, duplicate_of, kind, similarity of the near duplicates among `ids`; with `groups`
     (one per id), an item is never a duplicate of an item of its own group."""
     from datasketch import MinHashLSH
 
@@ -86,29 +96,17 @@ def _near(ids: list[str], words: list[list[str]], threshold: float, groups: list
         found = [(o, s) for o, s in found if s >= threshold]
         if found:
             other, similarity = min(found)
-            rows.append({"prompt_id": pid, "duplicate_of": other, "kind": "near", "similarity": similarity})
+            rows.append({"id": pid, "duplicate_of": other, "kind": "near", "similarity": similarity})
         else:
             lsh.insert(pid, mh)
-    return pl.DataFrame(rows, schema={"prompt_id": pl.String, "duplicate_of": pl.String, "kind": pl.String,
+    return pl.DataFrame(rows, schema={"id": pl.String, "duplicate_of": pl.String, "kind": pl.String,
                                       "similarity": pl.Float64})  # fmt: skip
 
 
 def response_duplicates(texts: pl.DataFrame, near_threshold: float | None) -> pl.DataFrame:
-    """response_id, prompt_id, duplicate_of, kind (exact | near), similarity of every response among `texts`
-    (response_id, prompt_id, text) that duplicates a response to another prompt (the smallest id stays)."""
-    keyed = texts.with_columns(norm=normalized(pl.col("text"))).filter(pl.col("norm") != "")
-    keyed = keyed.with_columns(key=pl.col("norm").hash()).drop("norm").sort("response_id")
-    first = keyed.group_by("key").agg(duplicate_of=pl.col("response_id").min())
-    first = first.join(keyed.select(duplicate_of="response_id", of_prompt="prompt_id"), on="duplicate_of")
-    exact = keyed.join(first, on="key").filter(pl.col("prompt_id") != pl.col("of_prompt"))
-    exact = exact.select("response_id", "prompt_id", "duplicate_of", kind=pl.lit("exact"), similarity=pl.lit(1.0))
-    if near_threshold is None:
-        return exact.sort("response_id")
-    kept = keyed.join(exact.select("response_id"), on="response_id", how="anti").sort("response_id")
-    near = _near(kept["response_id"].to_list(), [_words(t) for t in kept["text"]], near_threshold,
-                 kept["prompt_id"].to_list()).rename({"prompt_id": "response_id"})  # fmt: skip
-    near = near.join(kept.select("response_id", "prompt_id"), on="response_id").select(exact.columns)
-    return pl.concat([exact, near]).sort("response_id")
+    """`duplicates` of replies (response_id, prompt_id, text) across prompts: a reply is never a duplicate of a
+    reply to its own prompt."""
+    return duplicates(texts, near_threshold, id_col="response_id", group_col="prompt_id")
 
 
 @task(name="screen-responses", cache_policy=NO_CACHE)
