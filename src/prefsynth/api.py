@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefsynth.errors import ConfigError, reason
+from prefsynth.errors import ConfigError, DeployError, reason
 from prefsynth.schemas.config import PipelineConfig, ScorerSpec, load_config, parse_config, parse_scorer
 from prefsynth.schemas.records import LoopSummary, RunSummary, StageCounts
 
@@ -104,6 +104,7 @@ def run(
     db: str | Path | None = None,
     base_dir: str | Path | None = None,
     runner: str | None = None,
+    shard: str | None = None,
 ) -> RunResult:
     """Run a pipeline: ingest, generate, score, curate, export. A rerun computes only what is missing.
 
@@ -113,13 +114,52 @@ def run(
     temporary API (unless PREFECT_API_URL is set, or this is called inside a flow) start at once and stop
     when the run ends. Raises `RunFailed` (its `summary` is the run's) when the run produced no responses or
     scores, or when items failed and the config sets `failures_fatal`. `runner` ("threads" or "ray") overrides
-    the config's `runner`: where in-process reward models and dedup run.
+    the config's `runner`: where in-process reward models and dedup run. `shard` ("i/N") runs shard i of N
+    alone, in this process: its prompts generated and scored, nothing curated (see `run_shards`).
     """
     cfg = with_runner(_config(config, prompts, base_dir), runner)
     if cfg.loop is not None:
         raise ConfigError("this config has a `loop` section: run it with `prefsynth loop` (or prefsynth.run_loop)")
-    summary, timings = _execute(cfg, prompts, db, loop=False)
+    if shard is not None:
+        from prefsynth.flows.shards import parse_shard
+
+        parse_shard(shard)
+    summary, timings = _execute(cfg, prompts, db, loop=False, shard=shard)
     return RunResult(summary=summary, config=cfg, pairs=_run_pairs(summary), timings=timings)
+
+
+@dataclass
+class ShardedResult:
+    """What `run_shards` returns: each shard's child flow run (index, id, state, new calls) and the final run."""
+
+    shards: list[dict[str, Any]]
+    summary: RunSummary
+
+
+def run_shards(config: str | Path, shards: int, *, pool: str = "prefsynth", db: str | Path | None = None,
+               base_dir: str | Path | None = None, runner: str | None = None) -> ShardedResult:  # fmt: skip
+    """Run the YAML config `config` as `shards` child flow runs on the workers of the Prefect work pool `pool`
+    (flows/shards.py), then curate and export once in this process. Needs a Prefect server that the workers
+    share (PREFECT_API_URL). Raises RunFailed naming the shards that failed or were cancelled."""
+    from prefsynth.flows.deploy import require_server
+    from prefsynth.flows.prefect_api import configured_api_url
+    from prefsynth.flows.shards import check_count, sharded_run
+
+    check_count(shards)
+    base = Path(base_dir or Path.cwd()).resolve()
+    path = (base / config).resolve()
+    cfg = with_runner(as_config(path), runner)  # bad input fails before the server is asked
+    if cfg.loop is not None:
+        raise ConfigError("a config with a `loop` section cannot run in shards")
+    if not configured_api_url():
+        raise DeployError("--shards runs each shard on a worker of a Prefect work pool, which needs a Prefect server "
+                          "that other processes share: start one (`prefect server start`), set "
+                          "PREFECT_API_URL=http://127.0.0.1:4200/api, and start workers "
+                          f"(`prefect worker start --pool {pool} --type process`)")  # fmt: skip
+    require_server()
+    out = sharded_run(config=str(path), base_dir=str(base), shards=shards, pool=pool,
+                      db=str(db) if db else None, runner=runner)  # fmt: skip
+    return ShardedResult(shards=out["shards"], summary=RunSummary.model_validate(out["summary"]))
 
 
 def run_loop(config: ConfigLike, prompts: Any = None, *, db: str | Path | None = None,
@@ -157,7 +197,8 @@ def _config(config: ConfigLike, prompts: Any, base_dir: str | Path | None) -> Pi
     return with_prompts(cfg) if prompts is not None else cfg
 
 
-def _execute(cfg: PipelineConfig, prompts: Any, db: str | Path | None, loop: bool) -> tuple[Any, dict[str, float]]:
+def _execute(cfg: PipelineConfig, prompts: Any, db: str | Path | None, loop: bool,
+             shard: str | None = None) -> tuple[Any, dict[str, float]]:  # fmt: skip
     """The pipeline flow (or the loop flow), with local models and Prefect's temporary API around it."""
     from prefsynth.flows.prefect_api import prefect_api, using
 
@@ -179,7 +220,9 @@ def _execute(cfg: PipelineConfig, prompts: Any, db: str | Path | None, loop: boo
             with _using(using, api), giving(prompts):
                 timings["api"] = api.ready_after if api and api.ready_after else 0.0
                 flow_started = time.monotonic()
-                summary = (synthesis_loop if loop else synthesize)(config=cfg, db=str(db) if db else None)
+                db_name = str(db) if db else None
+                summary = synthesis_loop(config=cfg, db=db_name) if loop else synthesize(config=cfg, db=db_name,
+                                                                                         shard=shard)  # fmt: skip
                 timings["flow"] = time.monotonic() - flow_started
     return summary, timings
 

@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from prefsynth.errors import PrefsynthError, RunFailed, reason
+from prefsynth.errors import ConfigError, PrefsynthError, RunFailed, reason
 
 if TYPE_CHECKING:
     from prefsynth.schemas.records import RunSummary
@@ -94,7 +94,35 @@ def _fail(err: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _run_config(config_path: Path | None, db: Path | None, packaged: bool = False, runner: str | None = None) -> None:
+POOL_HELP = "Work pool (created as a process work pool if missing)."
+SHARDS_HELP = ("Split the prompts into N stable hash ranges and run each as a child flow run on the workers of "
+               "the Prefect work pool --pool, then curate and export once (needs PREFECT_API_URL).")
+SHARD_HELP = "Run one shard alone here, as INDEX/COUNT from 0 (e.g. 1/2): generate and score its prompts only."
+
+
+def _run_shards(config: Path, shards: int, pool: str, db: Path | None, runner: str | None) -> None:
+    """`prefsynth.run_shards`, then a row per shard and the final run's summary."""
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        from prefsynth.api import run_shards
+
+        result = run_shards(config, shards, pool=pool, db=db, runner=runner)
+    except RunFailed as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
+        raise typer.Exit(1) from None
+    except PrefsynthError as err:
+        raise _fail(err) from None
+    table = Table(title=f"{shards} shards on work pool {pool}")
+    for col in ("shard", "flow run", "state", "new model calls"):
+        table.add_column(col, justify="right" if col == "new model calls" else "left")
+    for row in result.shards:
+        table.add_row(row["shard"], row["flow_run"], row["state"], _cell(row["calls"]))
+    Console().print(table)
+    _show_summary(result.summary)
+
+
+def _run_config(config_path: Path | None, db: Path | None, packaged: bool = False, runner: str | None = None,
+                shard: str | None = None) -> None:  # fmt: skip
     """`prefsynth.run` with progress bars, then the summary table and the timings split."""
     signal.signal(signal.SIGTERM, _stop)  # `timeout`, `docker stop`, a scheduler's preemption: stop as on Ctrl-C
     try:
@@ -105,7 +133,7 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
                 with resources.as_file(resources.files("prefsynth").joinpath("examples", "quickstart.yaml")) as p:
                     result = run(p, db=db, runner=runner)
             else:
-                result = run(config_path, db=db, runner=runner)  # type: ignore[arg-type]
+                result = run(config_path, db=db, runner=runner, shard=shard)  # type: ignore[arg-type]
     except RunFailed as err:  # the flow failed the run (no results, or failures_fatal): show it, exit 1
         if err.summary is not None:
             _show_summary(err.summary)
@@ -170,6 +198,9 @@ def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")],
     db: DbOption = None,
     runner: Annotated[str | None, typer.Option("--runner", help=RUNNER_HELP)] = None,
+    shards: Annotated[int | None, typer.Option("--shards", help=SHARDS_HELP)] = None,
+    pool: Annotated[str, typer.Option("--pool", help=POOL_HELP)] = "prefsynth",
+    shard: Annotated[str | None, typer.Option("--shard", help=SHARD_HELP)] = None,
 ) -> None:
     """Run a pipeline config: ingest, generate, score, curate, export.
 
@@ -178,8 +209,16 @@ def run(
     A rerun of the same config makes no new model calls; new prompts compute only what is missing. With a
     `budget` in the config, the run stops making calls when it is spent and exits 3 (status
     budget_exhausted); run it again to continue.
+
+    With --shards N (needs PREFECT_API_URL and workers on the pool): one child flow run per shard of the
+    prompts, on the pool's workers, then curation and export once here.
     """
-    _run_config(config, db, runner=runner)
+    if shards is not None and shard is not None:
+        raise _fail(ConfigError("give --shards N (every shard, on workers) or --shard i/N (one, here), not both"))
+    if shards is not None:
+        _run_shards(config, shards, pool, db, runner)
+        return
+    _run_config(config, db, runner=runner, shard=shard)
 
 
 @app.command()
@@ -222,7 +261,6 @@ def loop(
 CRON_HELP = "Schedule: a cron expression, e.g. '0 3 * * *' (03:00 every day, in UTC)."
 INTERVAL_HELP = "Schedule: a run every N seconds (instead of --cron)."
 NAME_HELP = "Deployment name (it is prefsynth-run/NAME on the server)."
-POOL_HELP = "Work pool (created as a process work pool if missing)."
 
 
 @app.command()

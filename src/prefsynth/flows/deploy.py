@@ -26,33 +26,49 @@ from prefsynth.flows.loop import synthesis_loop
 from prefsynth.flows.prefect_api import configured_api_url
 from prefsynth.flows.synthesize import synthesize
 from prefsynth.schemas.config import PipelineConfig
+from prefsynth.warehouse.ducklake import is_lake
 
 ENTRYPOINT = "prefsynth.flows.deploy.run_config"
 
 
 @flow(name="prefsynth-run")
 def run_config(config: str | dict[str, Any], base_dir: str | None = None, db: str | None = None,
-               runner: Literal["threads", "ray"] | None = None) -> dict[str, Any]:  # fmt: skip
+               runner: Literal["threads", "ray"] | None = None, shard: int | None = None,
+               shards: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Run a pipeline config as `prefsynth run` (or `prefsynth loop`, when it has a `loop` section) would
     when started in the folder `base_dir` (default: this process's working folder).
 
     `config`: a YAML file's path, or a mapping shaped like the YAML. Relative input paths (prompts, GGUF files)
     resolve against the file's folder, or `base_dir` for a mapping; the warehouse, `db` and export paths
-    against `base_dir`. `runner` overrides the config's (`--runner`). Returns the run's summary as JSON.
+    against `base_dir`. `runner` overrides the config's (`--runner`). `shard` and `shards` run shard `shard`
+    (from 0) of `shards` only (flows/shards.py): its prompts generated and scored, nothing curated or exported.
+    Returns the run's summary as JSON.
     """
     base = Path(base_dir or os.getcwd()).resolve()
     cfg = anchored(as_config(config if isinstance(config, dict) else base / config, base), base)
     cfg = with_runner(cfg, runner)
-    warehouse = str(base / db) if db else cfg.warehouse
+    warehouse = warehouse_name(base, db) if db else cfg.warehouse
     # inline, not a subflow: the deployment's flow run is the run (its summary artifact, its id in `runs`)
-    summary = (synthesis_loop if cfg.loop is not None else synthesize).fn(config=cfg, db=warehouse)
+    if shard is not None or shards is not None:
+        if shard is None or shards is None:
+            raise DeployError("a shard's run needs both `shard` and `shards`")
+        if cfg.loop is not None:
+            raise DeployError("a config with a `loop` section cannot run in shards")
+        summary = synthesize.fn(config=cfg, db=warehouse, shard=f"{shard}/{shards}")
+    else:
+        summary = (synthesis_loop if cfg.loop is not None else synthesize).fn(config=cfg, db=warehouse)
     return summary.model_dump(mode="json")
 
 
 def anchored(config: PipelineConfig, base: Path) -> PipelineConfig:
     """`config` with its outputs (warehouse, export folders) made absolute against `base`."""
     exports = [t.model_copy(update={"path": str(base / t.path)}) for t in config.export]
-    return config.model_copy(update={"warehouse": str(base / config.warehouse), "export": exports})
+    return config.model_copy(update={"warehouse": warehouse_name(base, config.warehouse), "export": exports})
+
+
+def warehouse_name(base: Path, warehouse: str | Path) -> str:
+    """A warehouse file's path made absolute against `base`; a DuckLake's name as it is (it names no file)."""
+    return str(warehouse) if is_lake(warehouse) else str(base / warehouse)
 
 
 def parameters(config: Path, db: Path | None = None) -> dict[str, Any]:

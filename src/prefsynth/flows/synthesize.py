@@ -13,6 +13,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from logging import Logger, LoggerAdapter
 
@@ -31,11 +32,12 @@ from prefsynth.errors import ExportError, RunFailed
 from prefsynth.flows.engine import Writer, writer_for
 from prefsynth.flows.exclusive import warehouse_turn
 from prefsynth.flows.runner import RayRunner, offload, on, task_runner
+from prefsynth.flows.shards import parse_shard, shard_of
 from prefsynth.flows.stream import Streaming
 from prefsynth.flows.teach import Taught, teach
 from prefsynth.report.summary import artifact_table, markdown
 from prefsynth.schemas.config import ExportTarget, PipelineConfig
-from prefsynth.schemas.records import RunSummary, StageCounts, StageResult, columns
+from prefsynth.schemas.records import Prompt, RunSummary, StageCounts, StageResult, columns
 from prefsynth.tasks._async import run_async
 from prefsynth.tasks.compare import pairwise_values
 from prefsynth.tasks.curate import anchor_vs_sampled, curate, refined_vs_original, threshold
@@ -65,8 +67,12 @@ class Scored:
 
 
 @flow(name="prefsynth-synthesize")
-def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
-    """Generate, score, curate and export preference pairs as `config` says, into the warehouse `db`."""
+def synthesize(config: PipelineConfig, db: str | None = None, shard: str | None = None) -> RunSummary:
+    """Generate, score, curate and export preference pairs as `config` says, into the warehouse `db`.
+
+    `shard` ("i/N", flows/shards.py): only the prompts of shard i of N, generated and scored; the screens,
+    teacher, curation and exports, which need every prompt, are left to the run over the whole config."""
+    part = parse_shard(shard) if shard is not None else None
     started = time.monotonic()
     warehouse = db or config.warehouse
     summary = RunSummary(run_id=uuid.uuid4().hex, name=config.name, warehouse=str(warehouse))
@@ -84,10 +90,11 @@ def synthesize(config: PipelineConfig, db: str | None = None) -> RunSummary:
         with (Store(warehouse, wait_s=config.warehouse_wait_s, notify=get_run_logger().warning) as store,
               spending(config.budget) as run_budget):
             announce_revisions(store, config)
-            ingest(store, config, summary)
+            ingest(store, config, summary, part)
             store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), flow_run_id())
             try:
-                _run(store, config, policies, scorers, teacher, summary, ray)
+                if summary.prompts:  # a shard's range may hold no prompt
+                    _run(store, config, policies, scorers, teacher, summary, ray, part is not None)
             except BaseException as err:
                 summary.status = "interrupted" if interrupted(err) else "failed"
                 summary.seconds = time.monotonic() - started
@@ -126,13 +133,28 @@ def announce_revisions(store: Store, config: PipelineConfig) -> None:
                                      "its cached answers are not reused, it is called again")  # fmt: skip
 
 
-def ingest(store: Store, config: PipelineConfig, summary: RunSummary) -> None:
-    """Read the prompts into the warehouse as they come (one transaction: bad input leaves nothing)."""
+def ingest(store: Store, config: PipelineConfig, summary: RunSummary, shard: tuple[int, int] | None = None) -> None:
+    """Read the prompts into the warehouse as they come (one transaction: bad input leaves nothing); a shard's
+    run reads every prompt (bad input fails every shard alike) and keeps its own."""
     source = config.prompts
     rows = store.prompts_from_table(source.warehouse_table).to_dicts() if source.warehouse_table else None
     prompts = read_prompts(source, config.generation.system_prompt, rows)
+    if shard is not None:
+        index, count = shard
+        seen = [0]
+
+        def counted(items: Iterator[Prompt]) -> Iterator[Prompt]:
+            for p in items:
+                seen[0] += 1
+                yield p
+
+        prompts = (p for p in counted(prompts) if shard_of(p.prompt_id, count) == index)
     read, new, linked = store.ingest_prompts(summary.run_id, prompts)
-    if not linked:
+    if shard is not None:
+        if not seen[0]:
+            raise no_prompts(source)
+        get_run_logger().info(f"shard {shard[0]}/{shard[1]}: {linked} of the source's prompts are in its range")
+    elif not linked:
         raise no_prompts(source)
     summary.prompts = linked
     summary.prompts_read, summary.duplicates_dropped = read, read - linked
@@ -142,7 +164,7 @@ def ingest(store: Store, config: PipelineConfig, summary: RunSummary) -> None:
 
 def _run(
     store: Store, config: PipelineConfig, policies: list[Endpoint], scorers: list[Scorer], teacher: Teacher | None,
-    summary: RunSummary, ray: RayRunner | None = None,
+    summary: RunSummary, ray: RayRunner | None = None, shard: bool = False,
 ) -> None:  # fmt: skip
     logger = get_run_logger()
     run_id = summary.run_id
@@ -171,6 +193,9 @@ def _run(
     if responses.is_empty() or any(s.items and s.values.is_empty() for s in scored.values()):
         summary.status = "failed" if summary.status == "completed" else summary.status
         logger.error("this run produced no responses or no scores (see the failures table); no export replaced")
+        return
+    if shard:  # the rest needs every prompt: the run over the whole config does it
+        logger.info("shard: generated and scored; screens, curation and exports happen in the run over all shards")
         return
     values = {name: s.values for name, s in scored.items()}
     ids = {s.name: s.scorer_id for s in scorers}
