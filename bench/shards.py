@@ -1,7 +1,7 @@
 """N shards on N Prefect process workers against one process (issue 15).
 
 The model server is bench/engine.py's loopback server (its own process, 127.0.0.1 only, 0.2 s an answer) with
-more slots (`--slots`, default 512) than one client fills, so what limits a run is its own process (the
+more slots (`--slots`, default 1024) than one client fills, so what limits a run is its own process (the
 client, the stream, the writer), which is what shards multiply. Both arms run against one real
 `prefect server start` on loopback, write a new DuckLake on a real PostgreSQL (tests/postgres.py; a single
 file would make the shards take turns), and run P prompts x 2 samples + a pointwise judge (4P calls):
@@ -9,15 +9,17 @@ file would make the shards take turns), and run P prompts x 2 samples + a pointw
   sharded   `prefsynth run CONFIG --shards N` with N `prefect worker start --type process --limit 1`
             running: the shards on the workers, then curation and export in the command's process
 Reported: each arm's whole command, the calls per second over it, and for the sharded arm the shard phase
-(first shard started to last ended, from Prefect's flow runs) and each shard's run time.
+(first shard started to last ended, from Prefect's flow runs), each shard's run time, and the final run's
+(ingest, every call found in the warehouse, curation, export).
 
-    python bench/shards.py [--prompts 300] [--shards 2] [--slots 512] [--record]
+    python bench/shards.py [--prompts 2000] [--shards 2] [--slots 1024] [--concurrency 256] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -32,14 +34,14 @@ from bench import engine  # noqa: E402
 from bench.common import ROOT, append_results, emit  # noqa: E402
 
 LATENCY_S = 0.2
-CONCURRENCY = 64  # max_concurrency of the endpoint in each process
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=300, help="prompts (4 calls each)")
+    parser.add_argument("--prompts", type=int, default=2000, help="prompts (4 calls each)")
     parser.add_argument("--shards", type=int, default=2, help="shards, and workers")
-    parser.add_argument("--slots", type=int, default=512, help="the loopback server's parallel slots")
+    parser.add_argument("--slots", type=int, default=1024, help="the loopback server's parallel slots")
+    parser.add_argument("--concurrency", type=int, default=256, help="the endpoint's max_concurrency per process")
     parser.add_argument("--record", action="store_true", help="append the results to BENCHMARKS.md")
     args = parser.parse_args()
     from tests.postgres import PASSWORD, PostgresServer
@@ -53,7 +55,7 @@ def main() -> int:
           engine.Loopback(latency=LATENCY_S, slots=args.slots) as model):  # fmt: skip
         folder = Path(tmp)
         (home := folder / "prefect").mkdir()
-        config = engine.write_job(folder / "job", model.url, args.prompts, concurrency=CONCURRENCY)
+        config = engine.write_job(folder / "job", model.url, args.prompts, concurrency=args.concurrency)
         calls = 4 * args.prompts
         with PrefectServer(home) as server:
             env = {**server.env, "PYTHONPATH": engine.SRC, "HF_HUB_OFFLINE": "1", "PGPASSWORD": PASSWORD}
@@ -70,8 +72,9 @@ def main() -> int:
 
             workers = [subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool",
                                          "bench", "--type", "process", "--limit", "1"], env=env, cwd=folder,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-                       for _ in range(args.shards)]  # fmt: skip
+                                        stdout=(engine.BENCH_DIR / f"shards-worker-{n}.log").open("wb"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+                       for n in range(args.shards)]  # fmt: skip
             try:
                 time.sleep(5)  # the workers register with the pool (and create it) before the run starts
                 sharded = engine.run_cmd([str(Path(sys.executable).parent / "prefsynth"), "run", str(config),
@@ -84,6 +87,8 @@ def main() -> int:
             r["sharded_seconds"] = sharded.seconds
             r["sharded_calls_per_s"] = calls / sharded.seconds
             r["sharded_vs_one"] = r["sharded_calls_per_s"] / r["one_calls_per_s"]
+            if found := re.search(r"0 new model calls, \d+ failures, ([0-9.]+) s", sharded.out):
+                r["sharded_final_run_seconds"] = float(found.group(1))  # the curation run over all shards
             r["calls_one_then_sharded"] = f"{served}/{int(model.stats().get('requests', 0)) - served}"
             r.update(shard_times(server.url))
             if "shard_phase_seconds" in r:
@@ -94,8 +99,8 @@ def main() -> int:
         emit(name, float(value) if isinstance(value, int | float) else value)
     if args.record:
         argv = shlex.join(a for a in sys.argv[1:] if a != "--record")
-        lines = [f"loopback server: {LATENCY_S} s an answer, {args.slots} slots (max_concurrency {CONCURRENCY} per "
-                 f"process: one process cannot fill them); {args.prompts} prompts x 2 samples + a judge = {calls} "
+        lines = [f"loopback server: {LATENCY_S} s an answer, {args.slots} slots (max_concurrency {args.concurrency} "
+                 f"per process: one process cannot fill them); {args.prompts} prompts x 2 samples + a judge = {calls} "
                  f"calls; DuckLake on PostgreSQL 15 (loopback) for both arms; `prefect server start` on loopback; "
                  f"{os.cpu_count()} cores shared with other jobs; took {time.perf_counter() - started:.0f} s",
                  *[f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items()]]  # fmt: skip

@@ -88,6 +88,7 @@ def sharded_run(config: str, base_dir: str, shards: int, pool: str = "prefsynth"
     from prefsynth.api import as_config, with_runner
     from prefsynth.flows.deploy import anchored, warehouse_name
     from prefsynth.flows.synthesize import synthesize
+    from prefsynth.warehouse.store import Store
 
     check_count(shards)
     logger = get_run_logger()
@@ -97,6 +98,8 @@ def sharded_run(config: str, base_dir: str, shards: int, pool: str = "prefsynth"
     if not is_lake(warehouse):
         logger.warning(f"warehouse {warehouse} is a single DuckDB file: the {shards} shards take turns on it, one "
                        "at a time. For shards that write at once, use a DuckLake warehouse (ducklake:postgres://…)")
+    with Store(warehouse, wait_s=cfg.warehouse_wait_s, notify=logger.warning):
+        pass  # opened (and migrated) once here: an unreachable warehouse fails now, not in every shard
     name = register(pool)
     children = [run_deployment(name, parameters=shard_parameters(config, base_dir, db, runner, i, shards),
                                timeout=0, as_subflow=True, flow_run_name=f"shard-{i}-of-{shards}")
