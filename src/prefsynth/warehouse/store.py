@@ -643,8 +643,11 @@ class Store:
             return self._insert("human_labels", frame("human_labels", labels), run_id)
 
     def human_labels(self) -> pl.DataFrame:
-        """Every human label, in the order imported (what `tasks.review.decisions` reads)."""
-        return self._query("SELECT * FROM human_labels ORDER BY created_at, labelled_at NULLS FIRST, label_id", [])
+        """Every human label, oldest first (what `tasks.review.decisions` reads): by the tool's time (Label Studio's
+        updated_at or created_at), then, where that ties or is missing (Argilla), by when its file was imported;
+        the label id breaks what is left."""
+        return self._query("SELECT * FROM human_labels ORDER BY try_cast(labelled_at AS TIMESTAMPTZ) NULLS FIRST, "
+                           "created_at, label_id", [])
 
     def human_accuracy(self) -> list[dict[str, Any]]:
         """Each machine scorer's accuracy against the people's verdicts, as `prefsynth eval` reports it."""
