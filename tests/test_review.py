@@ -456,3 +456,20 @@ def test_argilla_discarded_answers_are_skips_and_drafts_are_left_out(tmp_path):
     (tmp_path / "records.json").write_text(json.dumps([record]))
     with pytest.raises(PrefsynthError, match="answer 'both' to `preference` is not left, right or tie"):
         read_export(tmp_path / "records.json")
+
+
+def test_export_ranks_without_texts_and_formats_only_the_pairs_it_sends(tmp_path, monkeypatch):
+    from prefsynth.tasks import review_formats
+
+    db = _warehouse(tmp_path / "w.duckdb")
+    with Store(db, read_only=True) as store:
+        pairs = store.review_inputs("run1")[0]
+    assert len(pairs) == 4 and not {"prompt_messages", "chosen_text", "rejected_text"} & set(pairs.columns)
+    formatted = []
+    real = review_formats.conversation
+    monkeypatch.setattr(review_formats, "conversation", lambda m: formatted.append(m) or real(m))
+    _export(db, tmp_path / "ls", "label-studio", budget=1)
+    assert len(formatted) == 1  # only the pair sent, of the 4 candidates
+    (task,) = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert task["data"]["pair_id"] == "pd" and task["data"]["prompt"] == "user: question p4"
+    assert {task["data"]["left"], task["data"]["right"]} == {TEXT["r4a"], TEXT["r4b"]}

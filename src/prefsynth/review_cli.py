@@ -66,8 +66,9 @@ def export(
             if pairs.is_empty():
                 raise PrefsynthError(f"run {run} has no pairs that people have not labelled yet")
             tasks = review_tasks(rank(doubt(pairs, values, comparisons), by), budget, by, seed, tool, run)
+            shown = store.review_texts([t.pair_id for t in tasks])  # the texts of the pairs sent, no others
             texts = {r["pair_id"]: {"prompt": conversation(r["prompt_messages"]), "chosen": r["chosen_text"],
-                                    "rejected": r["rejected_text"]} for r in pairs.iter_rows(named=True)}  # fmt: skip
+                                    "rejected": r["rejected_text"]} for r in shown.iter_rows(named=True)}  # fmt: skip
             files = write(tool, out, tasks, texts, f"prefsynth-review-{tasks[0].review_id[:12]}")
             store.record_review(run, tasks)
     except PrefsynthError as err:

@@ -608,9 +608,12 @@ class Store:
                "FROM scores s {join}) WHERE rn = 1")  # each response's latest value per scorer  # fmt: skip
 
     def review_inputs(self, run_id: str) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-        """A run's pairs that no one has labelled yet (v_run_pairs rows), the latest value of each scorer for the
-        run's responses, and the pairwise comparisons of the run's prompts: what a review's doubt is made of."""
-        pairs = self._query("SELECT v.* FROM v_run_pairs v WHERE v.run_id = $1 AND NOT EXISTS (SELECT 1 FROM "
+        """A run's pairs that no one has labelled yet (v_run_pairs rows without their texts: `review_texts`), the
+        latest value of each scorer for the run's responses, and the pairwise comparisons of the run's prompts:
+        what a review's doubt is made of."""
+        cols = ("v.pair_id, v.prompt_id, v.chosen_id, v.rejected_id, v.scorer_id, v.score_chosen, v.score_rejected, "
+                "v.margin")  # fmt: skip
+        pairs = self._query(f"SELECT {cols} FROM v_run_pairs v WHERE v.run_id = $1 AND NOT EXISTS (SELECT 1 FROM "
                             "human_labels h WHERE h.verdict <> 'skip' AND least(h.chosen_id, h.rejected_id) = "
                             "least(v.chosen_id, v.rejected_id) AND greatest(h.chosen_id, h.rejected_id) = "
                             "greatest(v.chosen_id, v.rejected_id)) ORDER BY v.pair_id", [run_id])  # fmt: skip
@@ -621,6 +624,16 @@ class Store:
                                   "run_prompts rp ON rp.prompt_id = c.prompt_id AND rp.run_id = $1 "
                                   "ORDER BY c.comparison_id", [run_id])  # fmt: skip
         return pairs, values.cast({"value": pl.Float64}), comparisons
+
+    def review_texts(self, pair_ids: Sequence[str]) -> pl.DataFrame:
+        """pair_id, prompt_messages, chosen_text, rejected_text of these pairs: what a review shows people."""
+        sql = ("SELECT p.pair_id, pr.messages AS prompt_messages, c.text AS chosen_text, r.text AS rejected_text "
+               "FROM pairs p JOIN _ids ON p.pair_id = _ids.id JOIN prompts pr ON pr.prompt_id = p.prompt_id "
+               "JOIN responses c ON c.response_id = p.chosen_id JOIN responses r ON r.response_id = p.rejected_id "
+               "ORDER BY p.pair_id")  # fmt: skip
+        schema = {"pair_id": pl.String, "prompt_messages": pl.String, "chosen_text": pl.String,
+                  "rejected_text": pl.String}  # fmt: skip
+        return self._rows(sql, list(pair_ids), schema)
 
     def record_review(self, run_id: str, tasks: Sequence[ReviewTask]) -> int:
         """The tasks of one review export (the run whose pairs they are); tasks recorded before are kept. One
