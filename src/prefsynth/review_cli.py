@@ -8,20 +8,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from prefsynth.cli_common import console, fail
 from prefsynth.errors import PrefsynthError
 
 review_app = typer.Typer(help="Human review: export the most doubtful pairs to Argilla or Label Studio, import "
                          "people's verdicts as the scorer `human`.", no_args_is_help=True)  # fmt: skip
-console = Console(stderr=True)
 DB = Annotated[Path, typer.Option("--db", help="DuckDB warehouse file.")]
-
-
-def _fail(err: Exception) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
-    return typer.Exit(2)
 
 
 @review_app.command("export")
@@ -72,7 +65,7 @@ def export(
             files = write(tool, out, tasks, texts, f"prefsynth-review-{tasks[0].review_id[:12]}")
             store.record_review(run, tasks)
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     if len(tasks) < budget:
         console.print(f"[yellow]note:[/] run {run} has only {len(tasks)} unlabelled pairs (--budget {budget})")
     sides = Counter(t.chosen_side for t in tasks)
@@ -125,7 +118,7 @@ def import_(
             new = store.write_labels(run, rows)
             store.end_run(run, "completed", {"labels": len(rows), "file": str(file), "tool": tool})
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     verdict = Counter(r.verdict for r in rows)
     print(f"{len(rows)} verdicts ({new} new) from {file} ({tool}) by {len({r.annotator for r in rows})} "
           "annotators: " + ", ".join(f"{k} {verdict[k]}" for k in ("chosen", "rejected", "tie", "skip")))
