@@ -165,7 +165,7 @@ def test_cli_report_and_its_errors(made: Path, tmp_path: Path):
     with Store(tmp_path / "evals.duckdb") as store:
         store.con.execute("INSERT INTO runs (run_id, name, config, kind) VALUES ('e', 'eval', '{}', 'eval')")
     none = runner.invoke(app, ["report", "--db", str(tmp_path / "evals.duckdb"), "--out", str(out)])
-    assert none.exit_code == 2 and "has no pipeline run to report on" in " ".join(none.output.split())
+    assert none.exit_code == 2 and "has no pipeline run (`prefsynth run` makes one)" in " ".join(none.output.split())
     gone = runner.invoke(app, ["report", "--db", str(tmp_path / "none.duckdb"), "--out", str(out)])
     assert gone.exit_code == 2 and "warehouse not found" in " ".join(gone.output.split())
     assert not (tmp_path / "none.duckdb").exists()

@@ -473,3 +473,27 @@ def test_export_ranks_without_texts_and_formats_only_the_pairs_it_sends(tmp_path
     (task,) = json.loads((tmp_path / "ls" / "tasks.json").read_text())
     assert task["data"]["pair_id"] == "pd" and task["data"]["prompt"] == "user: question p4"
     assert {task["data"]["left"], task["data"]["right"]} == {TEXT["r4a"], TEXT["r4b"]}
+
+
+def test_review_and_report_pick_a_pipeline_run_the_same_way(tmp_path):
+    from prefsynth.errors import WarehouseError
+
+    db = _warehouse(tmp_path / "w.duckdb")
+    with Store(db) as store:
+        store.begin_run("ev", "an eval", "{}", None, kind="eval")
+        store.begin_run("busy", "still running", "{}", None)
+        assert store.pipeline_run(None) == "run1"  # the newest completed
+        assert store.pipeline_run(None, completed=False) == "run1"  # a completed one comes before one running
+        assert store.pipeline_run("busy") == "busy"
+        with pytest.raises(WarehouseError, match="run 'ev' is a `prefsynth eval` run, not a pipeline run"):
+            store.pipeline_run("ev")
+        store.con.execute("DELETE FROM run_ends")
+        with pytest.raises(WarehouseError, match="has no completed pipeline run"):
+            store.pipeline_run(None)
+        assert store.pipeline_run(None, completed=False) in {"run1", "busy"}
+    result = runner.invoke(app, ["review", "export", "--db", str(db), "--out", str(tmp_path / "o"), "--budget", "1",
+                                 "--format", "argilla"])  # fmt: skip
+    assert result.exit_code == 2 and "has no completed pipeline run" in result.output, result.output
+    result = runner.invoke(app, ["review", "export", "--db", str(db), "--out", str(tmp_path / "o"), "--budget", "1",
+                                 "--format", "argilla", "--run", "ev"])  # fmt: skip
+    assert result.exit_code == 2 and "is a `prefsynth eval` run" in " ".join(result.output.split()), result.output

@@ -49,12 +49,7 @@ def export(
     try:
         check_options(by, budget, tool)  # before the warehouse is opened
         with Store(db, create=False) as store:
-            run = run_id or store.latest_run()
-            kind = store.run_kind(run) if run else None
-            if run is None or kind is None:
-                raise PrefsynthError(f"{db} has no run {run_id!r} (--run)" if run_id else f"{db} has no completed run")
-            if kind != "synthesize":
-                raise PrefsynthError(f"run {run!r} is a `prefsynth {kind}` run: it has no pairs to review (--run)")
+            run = store.pipeline_run(run_id)
             pairs, values, comparisons = store.review_inputs(run)
             if pairs.is_empty():
                 raise PrefsynthError(f"run {run} has no pairs that people have not labelled yet")

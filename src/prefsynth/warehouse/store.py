@@ -551,10 +551,26 @@ class Store:
         with self._lock:
             return [r[0] for r in self.con.execute(sql, [identity, url_identity, f"{model}@"]).fetchall()]
 
-    def latest_run(self) -> str | None:
-        """The newest completed pipeline run: what `prefsynth export` writes by default."""
-        row = self.con.execute("SELECT run_id FROM v_latest_run").fetchone()
-        return row[0] if row else None
+    def pipeline_run(self, run_id: str | None, completed: bool = True) -> str:
+        """`run_id` checked to be a pipeline (`synthesize`) run of this warehouse, or by default the newest
+        completed one (completed=False: else the newest pipeline run at all, e.g. one still running), as `review
+        export` and `report` pick it. WarehouseError for an unknown id, another kind of run, or none."""
+        if run_id is None:
+            row = self.con.execute(
+                "SELECT r.run_id FROM runs r LEFT JOIN run_ends e USING (run_id) WHERE r.kind = 'synthesize' AND "
+                "(e.status = 'completed' OR NOT ?) ORDER BY e.status = 'completed' DESC, "
+                "coalesce(e.finished_at, r.started_at) DESC, r.run_id LIMIT 1", [completed]).fetchone()  # fmt: skip
+            if row is None:
+                raise WarehouseError(f"{self.path} has no {'completed ' if completed else ''}pipeline run "
+                                     "(`prefsynth run` makes one)")  # fmt: skip
+            return row[0]
+        kind = self.run_kind(run_id)
+        if kind is None:
+            raise WarehouseError(f"{self.path} has no run {run_id!r} (--run)")
+        if kind != "synthesize":
+            raise WarehouseError(f"run {run_id!r} is a `prefsynth {kind}` run, not a pipeline run: it has no pairs "
+                                 "(--run)")  # fmt: skip
+        return run_id
 
     def run_kind(self, run_id: str) -> str | None:
         """`synthesize` or `eval` for a run of this warehouse, None for an unknown id."""
