@@ -77,10 +77,15 @@ def doubt(pairs: pl.DataFrame, values: pl.DataFrame, comparisons: pl.DataFrame) 
     ).drop("std", "std_pairs")  # fmt: skip
 
 
-def check_options(by: str, budget: int, tool: str) -> None:
-    """ReviewError for an unknown criterion or tool, or a budget below 1."""
+def check_by(by: str) -> None:
+    """ReviewError for an unknown criterion."""
     if by not in CRITERIA:
         raise ReviewError(f"--by must be one of {', '.join(CRITERIA)}, got {by!r}")
+
+
+def check_options(by: str, budget: int, tool: str) -> None:
+    """ReviewError for an unknown criterion or tool, or a budget below 1."""
+    check_by(by)
     if budget < 1:
         raise ReviewError(f"--budget must be at least 1, got {budget}")
     if tool not in TOOLS:
@@ -89,7 +94,7 @@ def check_options(by: str, budget: int, tool: str) -> None:
 
 def rank(scored: pl.DataFrame, by: str) -> pl.DataFrame:
     """The pairs, most doubtful first (see the module's docs); ReviewError when the run lacks what `by` needs."""
-    check_options(by, 1, TOOLS[0])
+    check_by(by)
     have = {"flips": bool(scored["comparisons"].sum()) if len(scored) else False,
             "agreement": scored["agreement"].is_not_null().any() if len(scored) else False, "margin": True}
     if by == "flips" and not have["flips"]:
