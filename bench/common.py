@@ -11,6 +11,10 @@ import subprocess
 import time
 from collections.abc import Iterable
 from importlib import metadata
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import polars as pl
 from pathlib import Path
 
 import httpx2 as httpx
@@ -171,3 +175,30 @@ def emit(name: str, value: float | str) -> None:
     print(f"{name}: {value:.3f}" if isinstance(value, float) else f"{name}: {value}", flush=True)
 
 
+def frame_batches(rows: int, batch: int, part: int = 0, parts: int = 1) -> list[dict[str, pl.DataFrame]]:
+    """`Store.write_frames` batches of `batch` rows (half responses, half scores); `part` of `parts` takes every
+    parts-th batch."""
+    import polars as pl
+
+    from prefsynth.warehouse.store import frame
+
+    half = batch // 2
+    out = []
+    for n, lo in enumerate(range(0, rows // 2, half)):
+        if n % parts != part:
+            continue
+        ids = range(lo, min(rows // 2, lo + half))
+        out.append({
+            "responses": pl.DataFrame({
+                "response_id": [f"r{i:010d}" for i in ids], "prompt_id": [f"p{i // 4:09d}" for i in ids],
+                "model": "m", "model_identity": "m@1", "sampling": "{}", "sample_index": [i % 4 for i in ids],
+                "seed": [i % 4 for i in ids], "text": [f"Synthetic response {i} " * 8 for i in ids],
+                "finish_reason": "stop", "prompt_tokens": 12, "completion_tokens": 40, "latency_ms": 1.0,
+                "call_id": [f"c{i:010d}" for i in ids], "source": "sampled"}, schema=frame("responses", []).schema),
+            "scores": pl.DataFrame({
+                "score_id": [f"s{i:010d}" for i in ids], "response_id": [f"r{i:010d}" for i in ids],
+                "scorer_id": "judge", "scorer": "judge", "value": [float((i * 7919) % 10 + 1) for i in ids],
+                "rationale": None, "raw": "{}", "call_ids": [[f"c{i:010d}"] for i in ids], "details": None,
+            }, schema=frame("scores", []).schema),
+        })  # fmt: skip
+    return out

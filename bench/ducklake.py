@@ -23,34 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import polars as pl  # noqa: E402
-from bench.common import append_results  # noqa: E402
+from bench.common import append_results, frame_batches  # noqa: E402
 
 from prefsynth.warehouse import ducklake  # noqa: E402
-from prefsynth.warehouse.store import Store, frame  # noqa: E402
-
-
-def batches(rows: int, batch: int, part: int = 0, parts: int = 1) -> list[dict[str, pl.DataFrame]]:
-    """Batches of `batch` rows (half responses, half scores); `part` of `parts` takes every parts-th batch."""
-    half = batch // 2
-    out = []
-    for n, lo in enumerate(range(0, rows // 2, half)):
-        if n % parts != part:
-            continue
-        ids = range(lo, min(rows // 2, lo + half))
-        out.append({
-            "responses": pl.DataFrame({
-                "response_id": [f"r{i:010d}" for i in ids], "prompt_id": [f"p{i // 4:09d}" for i in ids],
-                "model": "m", "model_identity": "m@1", "sampling": "{}", "sample_index": [i % 4 for i in ids],
-                "seed": [i % 4 for i in ids], "text": [f"Synthetic response {i} " * 8 for i in ids],
-                "finish_reason": "stop", "prompt_tokens": 12, "completion_tokens": 40, "latency_ms": 1.0,
-                "call_id": [f"c{i:010d}" for i in ids], "source": "sampled"}, schema=frame("responses", []).schema),
-            "scores": pl.DataFrame({
-                "score_id": [f"s{i:010d}" for i in ids], "response_id": [f"r{i:010d}" for i in ids],
-                "scorer_id": "judge", "scorer": "judge", "value": [float((i * 7919) % 10 + 1) for i in ids],
-                "rationale": None, "raw": "{}", "call_ids": [[f"c{i:010d}"] for i in ids], "details": None,
-            }, schema=frame("scores", []).schema),
-        })  # fmt: skip
-    return out
+from prefsynth.warehouse.store import Store  # noqa: E402
 
 
 def write(warehouse: str, todo: list[dict[str, pl.DataFrame]]) -> dict[str, float]:
@@ -71,14 +47,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         warehouse, part, parts = args.worker[0], int(args.worker[1]), int(args.worker[2])
-        todo = batches(args.rows, args.batch, part, parts)
+        todo = frame_batches(args.rows, args.batch, part, parts)
         print(json.dumps(write(warehouse, todo)))
         return
 
     from tests.postgres import PASSWORD, PostgresServer
 
     results: dict[str, dict[str, float]] = {}
-    everything = batches(args.rows, args.batch)
+    everything = frame_batches(args.rows, args.batch)
     with tempfile.TemporaryDirectory() as tmp, PostgresServer() as pg:
         os.environ["PGPASSWORD"] = PASSWORD
         results["single file, 1 writer"] = write(str(Path(tmp) / "w.duckdb"), everything)

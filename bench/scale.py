@@ -83,30 +83,13 @@ def one_size(n: int) -> dict[str, float]:
 
 def write_frames_rate(n: int) -> dict[str, float | str]:
     """Rows/s of `Store.write_frames` over `n` rows (frames built before the clock starts)."""
-    import polars as pl
+    from bench.common import frame_batches
 
-    from prefsynth.warehouse.store import Store, frame
+    from prefsynth.warehouse.store import Store
 
     if not hasattr(Store, "write_frames"):
         return {"write_frames_rows_per_s": "n/a (Store.write_frames does not exist yet)"}
-    half = BATCH // 2
-    batches = []
-    for lo in range(0, n // 2, half):
-        rows = range(lo, min(n // 2, lo + half))
-        batches.append({
-            "responses": pl.DataFrame({
-                "response_id": [f"r{i:010d}" for i in rows], "prompt_id": [f"p{i // PER_PROMPT:09d}" for i in rows],
-                "model": "m", "model_identity": "m@1", "sampling": "{}", "sample_index": [i % PER_PROMPT for i in rows],
-                "seed": [i % PER_PROMPT for i in rows], "text": [f"Synthetic response {i} " * 8 for i in rows],
-                "finish_reason": "stop", "prompt_tokens": 12, "completion_tokens": 40, "latency_ms": 1.0,
-                "call_id": [f"c{i:010d}" for i in rows],
-                "source": "sampled"}, schema=frame("responses", []).schema),
-            "scores": pl.DataFrame({
-                "score_id": [f"s{i:010d}" for i in rows], "response_id": [f"r{i:010d}" for i in rows],
-                "scorer_id": "judge", "scorer": "judge", "value": [float((i * 7919) % 10 + 1) for i in rows],
-                "rationale": None, "raw": "{}", "call_ids": [[f"c{i:010d}"] for i in rows], "details": None,
-            }, schema=frame("scores", []).schema),
-        })  # fmt: skip
+    batches = frame_batches(n, BATCH)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "frames.duckdb")
         start = time.perf_counter()

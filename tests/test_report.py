@@ -165,7 +165,7 @@ def test_cli_report_and_its_errors(made: Path, tmp_path: Path):
     with Store(tmp_path / "evals.duckdb") as store:
         store.con.execute("INSERT INTO runs (run_id, name, config, kind) VALUES ('e', 'eval', '{}', 'eval')")
     none = runner.invoke(app, ["report", "--db", str(tmp_path / "evals.duckdb"), "--out", str(out)])
-    assert none.exit_code == 2 and "has no pipeline run to report on" in " ".join(none.output.split())
+    assert none.exit_code == 2 and "has no pipeline run (`prefsynth run` makes one)" in " ".join(none.output.split())
     gone = runner.invoke(app, ["report", "--db", str(tmp_path / "none.duckdb"), "--out", str(out)])
     assert gone.exit_code == 2 and "warehouse not found" in " ".join(gone.output.split())
     assert not (tmp_path / "none.duckdb").exists()
@@ -229,3 +229,47 @@ def test_a_run_from_before_lengths_were_recorded_still_shows_it_had_length_contr
     _, out = write_report(made, tmp_path / "old.html")
     page = out.read_text(encoding="utf-8")
     assert "This run recorded no lengths before length control." in page and 'id="plot-lengths"' in page
+
+
+MATH = r"a $\frac$ x"  # mathtext that matplotlib cannot parse: drawn as plain text
+
+
+def test_a_scorer_with_no_finite_value_and_names_with_dollars_still_make_the_page(made: Path, tmp_path: Path):
+    with Store(made) as store:
+        con = store.con
+        con.execute("UPDATE scorers SET name = ? WHERE scorer_id = 'sj'", [MATH])
+        con.execute("UPDATE scores SET scorer = ? WHERE scorer_id = 'sj'", [MATH])
+        con.execute("INSERT INTO scorers (scorer_id, name, kind, config) VALUES ('sn', 'broken', 'pointwise_judge', "
+                    "'{}')")  # fmt: skip
+        for i, (rid, value) in enumerate((("r11", "nan"), ("r12", "inf"), ("r21", "-inf"))):
+            con.execute("INSERT INTO scores (score_id, response_id, scorer_id, scorer, value, raw, call_ids, run_id) "
+                        "VALUES (?, ?, 'sn', 'broken', CAST(? AS DOUBLE), '', [], 'run1')", [f"n{i}", rid, value])
+        con.execute("INSERT INTO scorer_diagnostics (run_id, scorer_id, scorer, items, failed, failure_rate) "
+                    "VALUES ('run1', 'sn', 'broken', 3, 0, 0.0)")  # fmt: skip
+        con.execute("CHECKPOINT")
+    with Store(made, read_only=True) as store:
+        scores = report_data(store).scores
+    assert scores.filter(pl.col("scorer_id") == "sn")["value"].is_finite().sum() == 0  # precondition
+    _, out = write_report(made, tmp_path / "odd.html")
+    page = out.read_text(encoding="utf-8")
+    assert re.search(r'<figure class="plot" id="plot-scores"><svg', page)
+    assert "broken (pointwise_judge): no finite value to draw (3 responses)" in page
+    assert "a $\\frac$ x" in page  # in the tables and, as plain text, in the plots
+    result = CliRunner().invoke(app, ["report", "--db", str(made), "--out", str(tmp_path / "cli.html")])
+    assert result.exit_code == 0, result.output
+
+
+def test_every_plot_draws_text_with_dollars_as_plain_text_and_skips_groups_with_nothing_finite():
+    from prefsynth.report import plots
+
+    margins = pl.DataFrame({"source": [MATH, MATH, "s"], "scorer": [MATH, MATH, "t"],
+                            "margin": [1.0, 2.0, float("inf")]})  # fmt: skip
+    svg = plots.margin_histograms(margins)
+    assert svg is not None and r"$\frac$" in svg and "s by t: no finite value to draw (1 pairs)" in svg
+    assert plots.bars([MATH, "b"], {MATH: [0.5, 0.2], "other": [0.1, None]}, MATH, MATH) is not None  # legend, ticks
+    alphas = pl.DataFrame({"panel": [MATH, MATH, "q"], "alpha": [0.1, 0.5, float("nan")]})
+    svg = plots.alpha_histograms(alphas)
+    assert svg is not None and "panel q, alpha per prompt: no finite value to draw (1 prompts)" in svg
+    scores = pl.DataFrame({"label": [MATH] * 3, "kind": ["k"] * 3, "value": [1.0, 2.0, 3.0], "tokens": [1, 2, 3],
+                           "response_id": ["a", "b", "c"]})  # fmt: skip
+    assert plots.length_against_score(scores) is not None

@@ -198,7 +198,7 @@ def test_label_studio_round_trip_override_and_accuracy(tmp_path):
         ("pa", "skip", None, "label-studio:ann@x.org"), ("pb", "tie", None, "label-studio:ann@x.org"),
         ("pc", "rejected", "r3b", "label-studio:ann@x.org"), ("pc", "rejected", "r3b", "label-studio:bob@x.org"),
         ("pd", "chosen", "r4a", "label-studio:ann@x.org")]  # fmt: skip
-    assert {r[4] for r in rows} == {"2026-11-28T10:00:00.000000Z", "2026-11-28T10:01:00.000000Z"}
+    assert {r[4] for r in rows} == {"2026-11-28T10:00:30.000000Z", "2026-11-28T10:01:30.000000Z"}  # updated_at
     assert {r[5:] for r in rows} == {("label-studio", str(annotated), HUMAN_ID)}
 
     again = runner.invoke(app, ["review", "import", str(annotated), "--db", str(db)])
@@ -230,6 +230,50 @@ def test_label_studio_round_trip_override_and_accuracy(tmp_path):
     later = _export(db, tmp_path / "ls2", "label-studio")
     assert "1 pairs of run run1" in later and "only 1 unlabelled pairs" in later
     assert [t["data"]["pair_id"] for t in json.loads((tmp_path / "ls2" / "tasks.json").read_text())] == ["pa"]
+
+
+@pytest.mark.parametrize("tool", ["label-studio", "label-studio-created-only", "argilla"])
+def test_a_verdict_changed_back_and_forth_across_three_exports_ends_as_the_last(tmp_path, tool):
+    """left, then right, then left again, each in a newer cumulative export: the last import is the verdict, even
+    where the tool kept the time (Label Studio's created_at of an edited annotation) or has none (Argilla)."""
+    db = _warehouse(tmp_path / "w.duckdb")
+    fmt = "argilla" if tool == "argilla" else "label-studio"
+    _export(db, tmp_path / "out", fmt, budget=2)  # pd and pc
+    sent = tmp_path / "out" / ("records.json" if fmt == "argilla" else "tasks.json")
+    sides = {"chosen": _side(db, "pd", "chosen"), "rejected": _side(db, "pd", "rejected")}
+    steps = [("chosen", 1), ("rejected", 2), ("chosen", 3)]
+    for n, (prefer, minute) in enumerate(steps, start=1):
+        pick = sides[prefer]
+        file = tmp_path / f"export-{n}.json"
+        if fmt == "argilla":
+            records = json.loads(sent.read_text())
+            for r in records:  # pc is labelled in the last export only: each export holds more than the one before
+                if r["metadata"]["pair_id"] == "pd" or n == 3:
+                    r["responses"] = {"preference": [{"value": pick, "user_id": "u1", "status": "submitted"}]}
+            file.write_text(json.dumps(records))
+        else:
+            _ls_annotated(sent, file, {"pd": [("ann@x.org", pick)], **({"pc": [("bob@x.org", "tie")]} if n == 3
+                                                                        else {})})  # fmt: skip
+            exported = json.loads(file.read_text())
+            for task in exported:
+                for a in task["annotations"]:
+                    a["created_at"] = "2026-11-28T10:00:00.000000Z"  # the annotation's creation: kept on edits
+                    if tool == "label-studio-created-only":
+                        del a["updated_at"]
+                    else:
+                        a["updated_at"] = f"2026-11-28T10:0{minute}:00.000000Z"
+            file.write_text(json.dumps(exported))
+        result = runner.invoke(app, ["review", "import", str(file), "--db", str(db)])
+        assert result.exit_code == 0, result.output
+        assert "(0 new)" not in result.output, result.output  # each export's verdicts are new rows
+        with Store(db, read_only=True) as store:
+            decided = decisions(store.human_labels()).filter(pl.col("a") == "r4a")
+        assert decided["winner"].to_list() == [{"chosen": "r4a", "rejected": "r4b"}[prefer]], (n, tool)
+    again = runner.invoke(app, ["review", "import", str(tmp_path / "export-3.json"), "--db", str(db)])
+    assert again.exit_code == 0 and "(0 new)" in again.output, again.output  # the same file adds nothing
+    with Store(db, read_only=True) as store:
+        labels = store.human_labels()
+    assert labels.filter(pl.col("pair_id") == "pd").height == 3
 
 
 def _argilla_sdk():
@@ -412,3 +456,44 @@ def test_argilla_discarded_answers_are_skips_and_drafts_are_left_out(tmp_path):
     (tmp_path / "records.json").write_text(json.dumps([record]))
     with pytest.raises(PrefsynthError, match="answer 'both' to `preference` is not left, right or tie"):
         read_export(tmp_path / "records.json")
+
+
+def test_export_ranks_without_texts_and_formats_only_the_pairs_it_sends(tmp_path, monkeypatch):
+    from prefsynth.tasks import review_formats
+
+    db = _warehouse(tmp_path / "w.duckdb")
+    with Store(db, read_only=True) as store:
+        pairs = store.review_inputs("run1")[0]
+    assert len(pairs) == 4 and not {"prompt_messages", "chosen_text", "rejected_text"} & set(pairs.columns)
+    formatted = []
+    real = review_formats.conversation
+    monkeypatch.setattr(review_formats, "conversation", lambda m: formatted.append(m) or real(m))
+    _export(db, tmp_path / "ls", "label-studio", budget=1)
+    assert len(formatted) == 1  # only the pair sent, of the 4 candidates
+    (task,) = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert task["data"]["pair_id"] == "pd" and task["data"]["prompt"] == "user: question p4"
+    assert {task["data"]["left"], task["data"]["right"]} == {TEXT["r4a"], TEXT["r4b"]}
+
+
+def test_review_and_report_pick_a_pipeline_run_the_same_way(tmp_path):
+    from prefsynth.errors import WarehouseError
+
+    db = _warehouse(tmp_path / "w.duckdb")
+    with Store(db) as store:
+        store.begin_run("ev", "an eval", "{}", None, kind="eval")
+        store.begin_run("busy", "still running", "{}", None)
+        assert store.pipeline_run(None) == "run1"  # the newest completed
+        assert store.pipeline_run(None, completed=False) == "run1"  # a completed one comes before one running
+        assert store.pipeline_run("busy") == "busy"
+        with pytest.raises(WarehouseError, match="run 'ev' is a `prefsynth eval` run, not a pipeline run"):
+            store.pipeline_run("ev")
+        store.con.execute("DELETE FROM run_ends")
+        with pytest.raises(WarehouseError, match="has no completed pipeline run"):
+            store.pipeline_run(None)
+        assert store.pipeline_run(None, completed=False) in {"run1", "busy"}
+    result = runner.invoke(app, ["review", "export", "--db", str(db), "--out", str(tmp_path / "o"), "--budget", "1",
+                                 "--format", "argilla"])  # fmt: skip
+    assert result.exit_code == 2 and "has no completed pipeline run" in result.output, result.output
+    result = runner.invoke(app, ["review", "export", "--db", str(db), "--out", str(tmp_path / "o"), "--budget", "1",
+                                 "--format", "argilla", "--run", "ev"])  # fmt: skip
+    assert result.exit_code == 2 and "is a `prefsynth eval` run" in " ".join(result.output.split()), result.output

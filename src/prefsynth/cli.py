@@ -28,6 +28,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from prefsynth.cli_common import console, fail
 from prefsynth.errors import ConfigError, PrefsynthError, RunFailed, reason
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
 DB_HELP = ("DuckDB warehouse file, or a DuckLake warehouse: ducklake:postgres://USER@HOST:PORT/DBNAME "
            "(password from PGPASSWORD).")
 RUNNER_HELP = ("threads | ray: where in-process reward models and dedup run (overrides the config's `runner`). "
@@ -89,11 +89,6 @@ class _Bars:
                 self.progress.stop()
 
 
-def _fail(err: Exception) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)  # text, not markup: [local]
-    return typer.Exit(2)
-
-
 POOL_HELP = "Work pool (created as a process work pool if missing)."
 SHARDS_HELP = ("Split the prompts into N stable hash ranges and run each as a child flow run on the workers of "
                "the Prefect work pool --pool, then curate and export once (needs PREFECT_API_URL).")
@@ -111,7 +106,7 @@ def _run_shards(config: Path, shards: int, pool: str, db: Path | None, runner: s
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         raise typer.Exit(1) from None
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     table = Table(title=f"{shards} shards on work pool {pool}")
     for col in ("shard", "flow run", "state", "new model calls"):
         table.add_column(col, justify="right" if col == "new model calls" else "left")
@@ -140,7 +135,7 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         raise typer.Exit(1) from None
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     except (KeyboardInterrupt, RuntimeError) as err:
         if isinstance(err, RuntimeError) and "Query interrupted" not in str(err):  # DuckDB's form of Ctrl-C
             raise
@@ -214,7 +209,7 @@ def run(
     prompts, on the pool's workers, then curation and export once here.
     """
     if shards is not None and shard is not None:
-        raise _fail(ConfigError("give --shards N (every shard, on workers) or --shard i/N (one, here), not both"))
+        raise fail(ConfigError("give --shards N (every shard, on workers) or --shard i/N (one, here), not both"))
     if shards is not None:
         _run_shards(config, shards, pool, db, runner)
         return
@@ -241,7 +236,7 @@ def loop(
         with _Bars().shown():
             summary, _ = run_loop(config, db=db)
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     table = Table(title=f"loop {summary.loop_id[:12]} → {summary.warehouse}")
     for col in ("round", "target version", "judge version", "pairs", "accepted", "rate", "model calls", "stop"):
         table.add_column(col, justify="right" if col in ("round", "pairs", "accepted", "rate", "model calls")
@@ -285,7 +280,7 @@ def deploy(
     try:
         deployment_id, created = register(config, name, pool, cron, interval, db)
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     if created:
         console.print(f"created the process work pool {escape(pool)!r}")
     print(f"deployment prefsynth-run/{name} ({deployment_id}) on work pool {pool!r}")
@@ -314,7 +309,7 @@ def serve(
     try:
         serving(config, name or config.stem, cron, interval, db)
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
 
 
 @app.command()
@@ -355,7 +350,7 @@ def stats(
         with Store(db, read_only=True) as store:
             data = store.stats()
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     if as_json:
         print(json.dumps(data, sort_keys=True))
         return
@@ -505,9 +500,9 @@ def export(
     from prefsynth.warehouse.store import Store
 
     if fmt not in FILES:
-        raise _fail(PrefsynthError(f"--format must be one of {', '.join(FILES)}, got {fmt!r}"))
+        raise fail(PrefsynthError(f"--format must be one of {', '.join(FILES)}, got {fmt!r}"))
     if margin not in MARGIN_MODES:
-        raise _fail(PrefsynthError(f"--margin must be one of {', '.join(MARGIN_MODES)}, got {margin!r}"))
+        raise fail(PrefsynthError(f"--margin must be one of {', '.join(MARGIN_MODES)}, got {margin!r}"))
     try:
         with Store(db, create=False) as store:
             kind = store.run_kind(run_id) if run_id is not None else "synthesize"
@@ -523,7 +518,7 @@ def export(
                                   done.file_sha256, done.card_sha256, done.counts, done.row_splits,
                                   done.splits)  # fmt: skip
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     what = "anchors" if fmt == "sft" else "pairs"
     if done.n_pairs == 0:
         hint = " (a run with `teacher.anchors: true` has them)" if fmt == "sft" else ""
@@ -564,7 +559,7 @@ def _export_checks(repo: str | None, splits: str | None, seed: int, snapshot: bo
         except ValueError as err:  # pydantic's ValidationError: its message is check_splits'
             raise PrefsynthError("--" + reason(err)) from None
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
 
 
 def _removed(done: Exported) -> None:
@@ -580,7 +575,7 @@ def _push(done: object, repo: str, private: bool, token: str) -> None:
     try:
         url, deleted = push(done, repo, private, token)  # type: ignore[arg-type]
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     print(f"pushed to the Hub dataset {repo}: {url}")
     if deleted:
         console.print(f"[yellow]note:[/] the commit deletes {', '.join(deleted)} from {repo}: an earlier push's "
@@ -610,7 +605,7 @@ def _export_snapshot(snapshot: str, out: Path, db: Path, overwrite: bool, repo: 
             done = write_dataset(rows, out, snap["format"], overwrite, snap["margin"] or "none",
                                  store.card_scorers(rows), snap["run_id"], splits)  # fmt: skip
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     same = done.file_sha256 == snap["file_sha256"] and done.card_sha256 == snap["card_sha256"]
     files = "files" if done.splits else "file"
     print(f"snapshot {snap['snapshot_id'][:12]}: {done.n_pairs} rows -> {done.path} ("
@@ -621,7 +616,7 @@ def _export_snapshot(snapshot: str, out: Path, db: Path, overwrite: bool, repo: 
     _removed(done)
     if repo is not None and token is not None:
         if not same:
-            raise _fail(PrefsynthError(f"not pushed to {repo}: the files written differ from the snapshot's"))
+            raise fail(PrefsynthError(f"not pushed to {repo}: the files written differ from the snapshot's"))
         _push(done, repo, private, token)
 
 
@@ -639,7 +634,7 @@ def datasets(db: Annotated[Path, typer.Option("--db", help=DB_HELP)] = Path("pre
         with Store(db, read_only=True) as store:
             snaps = store.snapshots()
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     table = Table(title=f"dataset snapshots in {db}")
     for col in ("snapshot", "run", "format", "margin", "rows", "per source", "splits", "sha256", "path", "created"):
         table.add_column(col, justify="right" if col == "rows" else "left")
@@ -671,7 +666,7 @@ def report(
     try:
         data, path = write_report(db, out, run_id)
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     print(f"report of run {data.run['run_id']} ({data.run['status']}, {len(data.pairs)} pairs) -> {path} "
           f"({path.stat().st_size / 1024:.0f} KiB)")
 
@@ -709,7 +704,7 @@ def eval_(
     from prefsynth.tasks.labelled import FORMATS, load_labelled
 
     if fmt not in FORMATS:
-        raise _fail(PrefsynthError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}"))
+        raise fail(PrefsynthError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}"))
     try:
         cfg = load_config(config)
         for model in cfg.all_models():
@@ -719,7 +714,7 @@ def eval_(
         with prefect_api() as api, using(api), _Bars().shown():
             result = evaluate(config=cfg, data=str(data), fmt=fmt, limit=limit, db=str(db) if db else None)
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     if as_json:
         reports = list(result["scorers"].values())
         print(json.dumps({**reports[0], **result, "scorers": result["scorers"]}, sort_keys=True))
@@ -754,7 +749,7 @@ def score_text(
     try:
         out = score_one(scorer, prompt, response, config)
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     if as_json:
         print(json.dumps(out, ensure_ascii=False, sort_keys=True))
         return

@@ -8,20 +8,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from prefsynth.cli_common import console, fail
 from prefsynth.errors import PrefsynthError
 
 review_app = typer.Typer(help="Human review: export the most doubtful pairs to Argilla or Label Studio, import "
                          "people's verdicts as the scorer `human`.", no_args_is_help=True)  # fmt: skip
-console = Console(stderr=True)
 DB = Annotated[Path, typer.Option("--db", help="DuckDB warehouse file.")]
-
-
-def _fail(err: Exception) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
-    return typer.Exit(2)
 
 
 @review_app.command("export")
@@ -56,22 +49,18 @@ def export(
     try:
         check_options(by, budget, tool)  # before the warehouse is opened
         with Store(db, create=False) as store:
-            run = run_id or store.latest_run()
-            kind = store.run_kind(run) if run else None
-            if run is None or kind is None:
-                raise PrefsynthError(f"{db} has no run {run_id!r} (--run)" if run_id else f"{db} has no completed run")
-            if kind != "synthesize":
-                raise PrefsynthError(f"run {run!r} is a `prefsynth {kind}` run: it has no pairs to review (--run)")
+            run = store.pipeline_run(run_id)
             pairs, values, comparisons = store.review_inputs(run)
             if pairs.is_empty():
                 raise PrefsynthError(f"run {run} has no pairs that people have not labelled yet")
             tasks = review_tasks(rank(doubt(pairs, values, comparisons), by), budget, by, seed, tool, run)
+            shown = store.review_texts([t.pair_id for t in tasks])  # the texts of the pairs sent, no others
             texts = {r["pair_id"]: {"prompt": conversation(r["prompt_messages"]), "chosen": r["chosen_text"],
-                                    "rejected": r["rejected_text"]} for r in pairs.iter_rows(named=True)}  # fmt: skip
+                                    "rejected": r["rejected_text"]} for r in shown.iter_rows(named=True)}  # fmt: skip
             files = write(tool, out, tasks, texts, f"prefsynth-review-{tasks[0].review_id[:12]}")
             store.record_review(run, tasks)
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     if len(tasks) < budget:
         console.print(f"[yellow]note:[/] run {run} has only {len(tasks)} unlabelled pairs (--budget {budget})")
     sides = Counter(t.chosen_side for t in tasks)
@@ -124,7 +113,7 @@ def import_(
             new = store.write_labels(run, rows)
             store.end_run(run, "completed", {"labels": len(rows), "file": str(file), "tool": tool})
     except PrefsynthError as err:
-        raise _fail(err) from None
+        raise fail(err) from None
     verdict = Counter(r.verdict for r in rows)
     print(f"{len(rows)} verdicts ({new} new) from {file} ({tool}) by {len({r.annotator for r in rows})} "
           "annotators: " + ", ".join(f"{k} {verdict[k]}" for k in ("chosen", "rejected", "tie", "skip")))

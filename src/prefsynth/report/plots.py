@@ -23,7 +23,8 @@ POINTS = 600  # most points per scatter panel
 BINS = 20
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860")
 STYLE = {"svg.fonttype": "none", "svg.hashsalt": "prefsynth", "font.size": 9, "axes.spines.top": False,
-         "axes.spines.right": False, "axes.titlesize": 9, "figure.dpi": 72}  # fmt: skip
+         "axes.spines.right": False, "axes.titlesize": 9, "figure.dpi": 72,
+         "text.parse_math": False}  # names from the warehouse are plain text, `$` included (no mathtext)  # fmt: skip
 
 
 def _svg(fig: Any) -> str:
@@ -50,9 +51,8 @@ def _grid(n: int, draw: Callable[[Axes, int], None], width: float = 3.4, height:
         return _svg(fig)
 
 
-def _hist(values: pl.Series, bins: int = BINS) -> tuple[list[float], list[int]]:
-    """Bin edges and counts of the finite values (polars counts them); one bin around a single value."""
-    finite = values.drop_nulls().filter(values.drop_nulls().is_finite())
+def _hist(finite: pl.Series, bins: int = BINS) -> tuple[list[float], list[int]]:
+    """Bin edges and counts of finite values (polars counts them); one bin around a single value."""
     lo, hi = float(finite.min()), float(finite.max())  # type: ignore[arg-type]
     if lo == hi:
         lo, hi = lo - 0.5, hi + 0.5
@@ -61,38 +61,40 @@ def _hist(values: pl.Series, bins: int = BINS) -> tuple[list[float], list[int]]:
     return edges, counts
 
 
-def score_distributions(scores: pl.DataFrame) -> str | None:
-    """One histogram per scorer of its values over the run's responses."""
-    groups = scores.partition_by("label", maintain_order=True)
+def _histograms(groups: list[pl.DataFrame], column: str, name: Callable[[pl.DataFrame], str], xlabel: str,
+                ylabel: str, color: int = 0) -> str | None:  # fmt: skip
+    """One histogram panel per group of its finite `column` values, titled `name: N ylabel`; a group with no
+    finite value (all null, NaN or infinite) gets a panel that says so instead."""
     if not groups:
         return None
 
     def draw(ax: Axes, i: int) -> None:
         g = groups[i]
-        edges, counts = _hist(g["value"])
-        ax.stairs(counts, edges, fill=True, color=COLORS[i % len(COLORS)], alpha=0.8)
-        ax.set_title(f"{g['label'][0]} ({g['kind'][0]}): {len(g)} responses")
-        ax.set_xlabel("score")
-        ax.set_ylabel("responses")
+        finite = g[column].drop_nulls().filter(g[column].drop_nulls().is_finite())
+        if finite.is_empty():
+            ax.set_axis_off()
+            ax.set_title(f"{name(g)}: no finite value to draw ({len(g)} {ylabel})")
+            return
+        edges, counts = _hist(finite)
+        ax.stairs(counts, edges, fill=True, color=COLORS[(i + color) % len(COLORS)], alpha=0.8)
+        ax.set_title(f"{name(g)}: {len(g)} {ylabel}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
 
     return _grid(len(groups), draw)
+
+
+def score_distributions(scores: pl.DataFrame) -> str | None:
+    """One histogram per scorer of its values over the run's responses."""
+    return _histograms(scores.partition_by("label", maintain_order=True), "value",
+                       lambda g: f"{g['label'][0]} ({g['kind'][0]})", "score", "responses")  # fmt: skip
 
 
 def margin_histograms(pairs: pl.DataFrame) -> str | None:
     """One histogram per pair source and scorer of the curated pairs' margins (score_chosen - score_rejected)."""
     groups = pairs.sort("source", "scorer").partition_by("source", "scorer", maintain_order=True)
-    if not groups:
-        return None
-
-    def draw(ax: Axes, i: int) -> None:
-        g = groups[i]
-        edges, counts = _hist(g["margin"])
-        ax.stairs(counts, edges, fill=True, color=COLORS[i % len(COLORS)], alpha=0.8)
-        ax.set_title(f"{g['source'][0]} by {g['scorer'][0]}: {len(g)} pairs")
-        ax.set_xlabel("margin (scorer units)")
-        ax.set_ylabel("pairs")
-
-    return _grid(len(groups), draw)
+    return _histograms(groups, "margin", lambda g: f"{g['source'][0]} by {g['scorer'][0]}", "margin (scorer units)",
+                       "pairs")  # fmt: skip
 
 
 def length_against_score(scores: pl.DataFrame) -> str | None:
@@ -182,19 +184,8 @@ def bars(labels: Sequence[str], series: dict[str, Sequence[float | None]], title
 
 def alpha_histograms(alphas: pl.DataFrame) -> str | None:
     """Per panel: the histogram of its prompts' Krippendorff alpha."""
-    groups = alphas.partition_by("panel", maintain_order=True)
-    if not groups:
-        return None
-
-    def draw(ax: Axes, i: int) -> None:
-        g = groups[i]
-        edges, counts = _hist(g["alpha"])
-        ax.stairs(counts, edges, fill=True, color=COLORS[(i + 2) % len(COLORS)], alpha=0.8)
-        ax.set_title(f"panel {g['panel'][0]}: alpha per prompt ({len(g)} prompts)")
-        ax.set_xlabel("Krippendorff alpha")
-        ax.set_ylabel("prompts")
-
-    return _grid(len(groups), draw)
+    return _histograms(alphas.partition_by("panel", maintain_order=True), "alpha",
+                       lambda g: f"panel {g['panel'][0]}, alpha per prompt", "Krippendorff alpha", "prompts", color=2)
 
 
 def funnel(funnel_frame: pl.DataFrame, steps_frame: pl.DataFrame) -> str | None:

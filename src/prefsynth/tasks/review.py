@@ -77,10 +77,15 @@ def doubt(pairs: pl.DataFrame, values: pl.DataFrame, comparisons: pl.DataFrame) 
     ).drop("std", "std_pairs")  # fmt: skip
 
 
-def check_options(by: str, budget: int, tool: str) -> None:
-    """ReviewError for an unknown criterion or tool, or a budget below 1."""
+def check_by(by: str) -> None:
+    """ReviewError for an unknown criterion."""
     if by not in CRITERIA:
         raise ReviewError(f"--by must be one of {', '.join(CRITERIA)}, got {by!r}")
+
+
+def check_options(by: str, budget: int, tool: str) -> None:
+    """ReviewError for an unknown criterion or tool, or a budget below 1."""
+    check_by(by)
     if budget < 1:
         raise ReviewError(f"--budget must be at least 1, got {budget}")
     if tool not in TOOLS:
@@ -89,7 +94,7 @@ def check_options(by: str, budget: int, tool: str) -> None:
 
 def rank(scored: pl.DataFrame, by: str) -> pl.DataFrame:
     """The pairs, most doubtful first (see the module's docs); ReviewError when the run lacks what `by` needs."""
-    check_options(by, 1, TOOLS[0])
+    check_by(by)
     have = {"flips": bool(scored["comparisons"].sum()) if len(scored) else False,
             "agreement": scored["agreement"].is_not_null().any() if len(scored) else False, "margin": True}
     if by == "flips" and not have["flips"]:
@@ -132,14 +137,16 @@ def review_tasks(ranked: pl.DataFrame, budget: int, by: str, seed: int, tool: st
 def labels(verdicts: list[dict[str, Any]], tasks: dict[str, dict[str, Any]], source: str, sha256: str,
            tool: str) -> list[HumanLabel]:  # fmt: skip
     """Human labels from a tool's verdicts (task_id, selected: left | right | tie | skip, annotator, labelled_at)
-    and the stored tasks ({task_id: review_tasks row with the pair's chosen_id and rejected_id})."""
+    and the stored tasks ({task_id: review_tasks row with the pair's chosen_id and rejected_id}). A label's id
+    holds the file's SHA-256: the same file imported again adds nothing, while a newer export's verdicts are new
+    rows even when the tool kept the time (an edited verdict changed back, or Argilla's records with no time)."""
     out = []
     for v in verdicts:
         task = tasks[v["task_id"]]
         picked = {"left": task["left_id"], "right": task["right_id"]}.get(v["selected"])
         verdict = v["selected"] if picked is None else ("chosen" if picked == task["chosen_id"] else "rejected")
         out.append(HumanLabel(
-            label_id=content_id("human_label", v["task_id"], v["annotator"], verdict, v["labelled_at"]),
+            label_id=content_id("human_label", sha256, v["task_id"], v["annotator"], verdict, v["labelled_at"]),
             task_id=v["task_id"], pair_id=task["pair_id"], prompt_id=task["prompt_id"],
             chosen_id=task["chosen_id"], rejected_id=task["rejected_id"], scorer_id=HUMAN_ID, verdict=verdict,
             preferred_id=picked, annotator=v["annotator"], labelled_at=v["labelled_at"], tool=tool,
@@ -148,10 +155,10 @@ def labels(verdicts: list[dict[str, Any]], tasks: dict[str, dict[str, Any]], sou
 
 
 def decisions(labelled: pl.DataFrame) -> pl.DataFrame:
-    """Per pair of responses (a < b by id): the people's verdict. labelled: human_labels rows in the order
-    they were imported. Each annotator's latest non-skip verdict counts once; the response with more votes wins,
-    equal votes (ties included) make a tie. Columns: a, b, winner (the preferred response; None: a tie), votes_a,
-    votes_b, votes (annotators whose verdict counts)."""
+    """Per pair of responses (a < b by id): the people's verdict. labelled: human_labels rows oldest first (as
+    `Store.human_labels` orders them: by the tool's time, then by import). Each annotator's latest non-skip
+    verdict counts once; the response with more votes wins, equal votes (ties included) make a tie. Columns: a,
+    b, winner (the preferred response; None: a tie), votes_a, votes_b, votes (annotators whose verdict counts)."""
     schema = {"a": pl.String, "b": pl.String, "winner": pl.String, "votes_a": pl.UInt32, "votes_b": pl.UInt32,
               "votes": pl.UInt32}  # fmt: skip
     rows = labelled.filter(pl.col("verdict") != "skip")

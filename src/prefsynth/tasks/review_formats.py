@@ -11,9 +11,10 @@ Checked against the tools' sources (Argilla 2.8 `Dataset.to_disk`/`from_disk`, `
 - Label Studio: `tasks.json` (a list of `{"data": {...}}` tasks: task_id, pair_id, prompt, left, right) and
   `label_config.xml` (a `<Pairwise name="preference" toName="left,right"/>` and a `tie` choice). Its JSON
   export holds each task with `annotations`, each with `completed_by` (a user id, or a dict with email),
-  `created_at`, `was_cancelled` and `result` items `{"type": "pairwise", "value": {"selected": "left"}}` or
-  `{"type": "choices", "from_name": "tie", ...}`; import that file. A cancelled (skipped) annotation, or one
-  with no selection, is a `skip`; a pairwise selection counts over a tie choice.
+  `created_at` and `updated_at` (the time of the last edit: preferred), `was_cancelled` and `result` items
+  `{"type": "pairwise", "value": {"selected": "left"}}` or `{"type": "choices", "from_name": "tie", ...}`;
+  import that file. A cancelled (skipped) annotation, or one with no selection, is a `skip`; a pairwise
+  selection counts over a tie choice.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def _ls_verdicts(file: Path, index: int, task: dict[str, Any]) -> list[dict[str,
         if selected not in ("left", "right", "tie", "skip"):
             raise ReviewError(f"{file}: task {index}: pairwise selection {selected!r} is not left or right")
         out.append({"task_id": tid, "selected": selected, "annotator": f"label-studio:{_ls_user(a)}",
-                    "labelled_at": a.get("created_at")})  # fmt: skip
+                    "labelled_at": a.get("updated_at") or a.get("created_at")})  # edited: updated_at  # fmt: skip
     return out
 
 

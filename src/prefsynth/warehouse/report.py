@@ -13,7 +13,6 @@ from typing import Any
 
 import polars as pl
 
-from prefsynth.errors import WarehouseError
 from prefsynth.warehouse.store import Store
 
 EXTREMES = 5  # pairs in each of the most and least confident tables
@@ -22,10 +21,6 @@ _RUN = """
 SELECT r.run_id, r.name, r.kind, r.started_at, e.finished_at, coalesce(e.status, 'running or interrupted') AS status,
        e.summary, (SELECT count(*) FROM run_prompts x WHERE x.run_id = r.run_id) AS prompts
 FROM runs r LEFT JOIN run_ends e USING (run_id) WHERE r.run_id = $run
-"""
-_DEFAULT_RUN = """
-SELECT r.run_id FROM runs r LEFT JOIN run_ends e USING (run_id) WHERE r.kind = 'synthesize'
-ORDER BY e.status = 'completed' DESC, coalesce(e.finished_at, r.started_at) DESC, r.run_id LIMIT 1
 """
 # the sampled responses to the run's prompts; the run's scorers are those it diagnosed (all, for a run that stopped
 # before its diagnostics), its panel's values come from panel_scores
@@ -110,24 +105,10 @@ class ReportData:
     agreement: pl.DataFrame
 
 
-def pick_run(store: Store, run_id: str | None) -> str:
-    """`run_id` checked, or the newest completed pipeline run (else the newest pipeline run at all)."""
-    if run_id is None:
-        row = store.con.execute(_DEFAULT_RUN).fetchone()
-        if row is None:
-            raise WarehouseError(f"{store.path} has no pipeline run to report on")
-        return row[0]
-    kind = store.run_kind(run_id)
-    if kind is None:
-        raise WarehouseError(f"{store.path} has no run {run_id!r} (--run)")
-    if kind != "synthesize":
-        raise WarehouseError(f"run {run_id!r} is a `prefsynth {kind}` run: it has no pairs to report on (--run)")
-    return run_id
-
-
 def report_data(store: Store, run_id: str | None = None, extremes: int = EXTREMES) -> ReportData:
-    """Everything the report shows of one run (default: `pick_run`), through the store's (read-only) connection."""
-    run = pick_run(store, run_id)
+    """Everything the report shows of one run (default: the newest completed pipeline run, else the newest at all:
+    `Store.pipeline_run`), through the store's (read-only) connection."""
+    run = store.pipeline_run(run_id, completed=False)
     params = {"run": run}
 
     def query(sql: str, extra: dict[str, Any] | None = None) -> pl.DataFrame:

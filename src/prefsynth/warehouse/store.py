@@ -568,10 +568,26 @@ class Store:
         with self._lock:
             return [r[0] for r in self.con.execute(sql, [identity, url_identity, f"{model}@"]).fetchall()]
 
-    def latest_run(self) -> str | None:
-        """The newest completed pipeline run: what `prefsynth export` writes by default."""
-        row = self.con.execute("SELECT run_id FROM v_latest_run").fetchone()
-        return row[0] if row else None
+    def pipeline_run(self, run_id: str | None, completed: bool = True) -> str:
+        """`run_id` checked to be a pipeline (`synthesize`) run of this warehouse, or by default the newest
+        completed one (completed=False: else the newest pipeline run at all, e.g. one still running), as `review
+        export` and `report` pick it. WarehouseError for an unknown id, another kind of run, or none."""
+        if run_id is None:
+            row = self.con.execute(
+                "SELECT r.run_id FROM runs r LEFT JOIN run_ends e USING (run_id) WHERE r.kind = 'synthesize' AND "
+                "(e.status = 'completed' OR NOT ?) ORDER BY e.status = 'completed' DESC, "
+                "coalesce(e.finished_at, r.started_at) DESC, r.run_id LIMIT 1", [completed]).fetchone()  # fmt: skip
+            if row is None:
+                raise WarehouseError(f"{self.path} has no {'completed ' if completed else ''}pipeline run "
+                                     "(`prefsynth run` makes one)")  # fmt: skip
+            return row[0]
+        kind = self.run_kind(run_id)
+        if kind is None:
+            raise WarehouseError(f"{self.path} has no run {run_id!r} (--run)")
+        if kind != "synthesize":
+            raise WarehouseError(f"run {run_id!r} is a `prefsynth {kind}` run, not a pipeline run: it has no pairs "
+                                 "(--run)")  # fmt: skip
+        return run_id
 
     def run_kind(self, run_id: str) -> str | None:
         """`synthesize` or `eval` for a run of this warehouse, None for an unknown id."""
@@ -625,9 +641,12 @@ class Store:
                "FROM scores s {join}) WHERE rn = 1")  # each response's latest value per scorer  # fmt: skip
 
     def review_inputs(self, run_id: str) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-        """A run's pairs that no one has labelled yet (v_run_pairs rows), the latest value of each scorer for the
-        run's responses, and the pairwise comparisons of the run's prompts: what a review's doubt is made of."""
-        pairs = self._query("SELECT v.* FROM v_run_pairs v WHERE v.run_id = $1 AND NOT EXISTS (SELECT 1 FROM "
+        """A run's pairs that no one has labelled yet (v_run_pairs rows without their texts: `review_texts`), the
+        latest value of each scorer for the run's responses, and the pairwise comparisons of the run's prompts:
+        what a review's doubt is made of."""
+        cols = ("v.pair_id, v.prompt_id, v.chosen_id, v.rejected_id, v.scorer_id, v.score_chosen, v.score_rejected, "
+                "v.margin")  # fmt: skip
+        pairs = self._query(f"SELECT {cols} FROM v_run_pairs v WHERE v.run_id = $1 AND NOT EXISTS (SELECT 1 FROM "
                             "human_labels h WHERE h.verdict <> 'skip' AND least(h.chosen_id, h.rejected_id) = "
                             "least(v.chosen_id, v.rejected_id) AND greatest(h.chosen_id, h.rejected_id) = "
                             "greatest(v.chosen_id, v.rejected_id)) ORDER BY v.pair_id", [run_id])  # fmt: skip
@@ -638,6 +657,16 @@ class Store:
                                   "run_prompts rp ON rp.prompt_id = c.prompt_id AND rp.run_id = $1 "
                                   "ORDER BY c.comparison_id", [run_id])  # fmt: skip
         return pairs, values.cast({"value": pl.Float64}), comparisons
+
+    def review_texts(self, pair_ids: Sequence[str]) -> pl.DataFrame:
+        """pair_id, prompt_messages, chosen_text, rejected_text of these pairs: what a review shows people."""
+        sql = ("SELECT p.pair_id, pr.messages AS prompt_messages, c.text AS chosen_text, r.text AS rejected_text "
+               "FROM pairs p JOIN _ids ON p.pair_id = _ids.id JOIN prompts pr ON pr.prompt_id = p.prompt_id "
+               "JOIN responses c ON c.response_id = p.chosen_id JOIN responses r ON r.response_id = p.rejected_id "
+               "ORDER BY p.pair_id")  # fmt: skip
+        schema = {"pair_id": pl.String, "prompt_messages": pl.String, "chosen_text": pl.String,
+                  "rejected_text": pl.String}  # fmt: skip
+        return self._rows(sql, list(pair_ids), schema)
 
     def record_review(self, run_id: str, tasks: Sequence[ReviewTask]) -> int:
         """The tasks of one review export (the run whose pairs they are); tasks recorded before are kept. One
@@ -660,8 +689,11 @@ class Store:
             return self._insert("human_labels", frame("human_labels", labels), run_id)
 
     def human_labels(self) -> pl.DataFrame:
-        """Every human label, in the order imported (what `tasks.review.decisions` reads)."""
-        return self._query("SELECT * FROM human_labels ORDER BY created_at, labelled_at NULLS FIRST, label_id", [])
+        """Every human label, oldest first (what `tasks.review.decisions` reads): by the tool's time (Label Studio's
+        updated_at or created_at), then, where that ties or is missing (Argilla), by when its file was imported;
+        the label id breaks what is left."""
+        return self._query("SELECT * FROM human_labels ORDER BY try_cast(labelled_at AS TIMESTAMPTZ) NULLS FIRST, "
+                           "created_at, label_id", [])
 
     def human_accuracy(self) -> list[dict[str, Any]]:
         """Each machine scorer's accuracy against the people's verdicts, as `prefsynth eval` reports it."""
