@@ -113,3 +113,21 @@ def orphan_run_ids(db: str | Path) -> dict[str, set[str]]:
         found = {t: {r for (r,) in con.execute(f'SELECT DISTINCT run_id FROM "{t}" WHERE run_id NOT IN '
                                                  "(SELECT run_id FROM runs)").fetchall()} for t in tables}  # fmt: skip
     return {t: ids for t, ids in found.items() if ids}
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """A real PostgreSQL on loopback (tests/postgres.py) for DuckLake catalogs; PGPASSWORD is its password while
+    it runs (processes the tests start, e.g. Prefect workers, inherit it)."""
+    from tests.postgres import PASSWORD, PostgresServer
+
+    with PostgresServer() as server:
+        old = os.environ.get("PGPASSWORD")
+        os.environ["PGPASSWORD"] = PASSWORD
+        try:
+            yield server
+        finally:
+            if old is None:
+                os.environ.pop("PGPASSWORD", None)
+            else:
+                os.environ["PGPASSWORD"] = old

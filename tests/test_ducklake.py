@@ -12,9 +12,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -28,25 +30,11 @@ from prefsynth.warehouse import ducklake
 from prefsynth.warehouse.reader import Warehouse
 from prefsynth.warehouse.store import Store, _migrations, frame
 from tests.conftest import small_config, write_jsonl
-from tests.fake_server import CountingServer
-from tests.postgres import PASSWORD, PostgresServer
+from tests.fake_server import CountingServer, FakeOpenAI, Reply, deterministic_reply
+from tests.postgres import PostgresServer
 from tests.test_crash import _env, _start
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def pg():
-    with PostgresServer() as server:
-        old = os.environ.get("PGPASSWORD")
-        os.environ["PGPASSWORD"] = PASSWORD
-        try:
-            yield server
-        finally:
-            if old is None:
-                os.environ.pop("PGPASSWORD", None)
-            else:
-                os.environ["PGPASSWORD"] = old
 
 
 @pytest.fixture
@@ -185,7 +173,8 @@ def test_two_processes_writing_the_same_ids_at_once_store_each_once(lake: str, t
 
 
 def _job(tmp: Path, url: str, warehouse: str, prompts: Path, name: str) -> Path:
-    model = {"base_url": url, "model": "m", "max_concurrency": 4, "max_retries": 0, "timeout_s": 120}
+    model = {"base_url": url, "model": "m", "revision": "r1", "max_concurrency": 4, "max_retries": 0, "timeout_s": 120}
+    # revision: the identity is m@r1, not the URL, so the file and the lake runs (two servers) share ids
     raw = {"name": name, "prompts": {"path": str(prompts)},
            "generation": {"models": [model], "samples_per_prompt": 3, "sampling": {"max_tokens": 16, "seed": 3}},
            "scorers": [{"kind": "pointwise_judge", "name": "judge", "model": model}],
@@ -200,6 +189,25 @@ def _lake_rows(lake: str, sql: str) -> list[tuple]:
         return store.con.execute(sql).fetchall()
 
 
+class _Rendezvous:
+    """Answers as CountingServer does, but holds every answer until more requests wait than one process sends at
+    once (its max_concurrency): then both lake runs are running, whatever the machine's load; after that it
+    answers at once (at most 120 s of holding: the overlap check then fails with its message)."""
+
+    def __init__(self, more_than: int) -> None:
+        self.more_than, self.waiting, self.open = more_than, 0, False
+        self.cond = threading.Condition()
+
+    def __call__(self, body: dict[str, Any]) -> Reply:
+        with self.cond:
+            self.waiting += 1
+            if self.waiting > self.more_than:
+                self.open = True
+                self.cond.notify_all()
+            self.cond.wait_for(lambda: self.open, timeout=120)
+        return deterministic_reply(body)
+
+
 @pytest.mark.postgres
 def test_the_pipeline_gives_the_same_pairs_on_both_backends_with_two_processes_on_the_lake(
         lake: str, tmp_path: Path) -> None:  # fmt: skip
@@ -207,9 +215,9 @@ def test_the_pipeline_gives_the_same_pairs_on_both_backends_with_two_processes_o
     processes) into one DuckLake. An orchestration test: the answers are a hash of each request."""
     prompts = write_jsonl(tmp_path / "p.jsonl", [f"Question number {i}: name a fruit." for i in range(12)])
     single = tmp_path / "w.duckdb"
-    with CountingServer(latency_s=0.02) as server:
+    with CountingServer(latency_s=0.02) as server, FakeOpenAI(_Rendezvous(more_than=4)) as both:
         jobs = [_job(tmp_path, server.base_url, str(single), prompts, "single"),
-                *(_job(tmp_path, server.base_url, lake, prompts, f"lake{n}") for n in (1, 2))]  # fmt: skip
+                *(_job(tmp_path, both.base_url, lake, prompts, f"lake{n}") for n in (1, 2))]  # fmt: skip
         # each its own Prefect home: three temporary APIs creating one database at once would collide
         homes = [tmp_path / job.stem for job in jobs]
         for home in homes:

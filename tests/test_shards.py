@@ -7,7 +7,6 @@ deterministic answers: this tests orchestration (which calls are made where, and
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -113,22 +112,6 @@ def test_sharded_runs_need_a_shared_prefect_server(tmp_path, monkeypatch) -> Non
 
 
 # ---- a real Prefect server, two process workers, a DuckLake on PostgreSQL ----------------------------------
-@pytest.fixture(scope="module")
-def pg():
-    from tests.postgres import PASSWORD, PostgresServer
-
-    with PostgresServer() as server:
-        old = os.environ.get("PGPASSWORD")
-        os.environ["PGPASSWORD"] = PASSWORD  # the workers inherit it, as the catalog's password
-        try:
-            yield server
-        finally:
-            if old is None:
-                os.environ.pop("PGPASSWORD", None)
-            else:
-                os.environ["PGPASSWORD"] = old
-
-
 @pytest.mark.prefect_server
 @pytest.mark.postgres
 def test_two_shards_on_two_workers_equal_one_process_and_a_rerun_makes_no_call(pg, tmp_path, monkeypatch) -> None:
