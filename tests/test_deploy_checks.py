@@ -42,7 +42,8 @@ def test_the_entry_flow_takes_json_parameters(tmp_path) -> None:
     config = {"prompts": {"path": "p.jsonl"}, "generation": {"models": [{"base_url": "http://h/v1", "model": "m"}]},
               "scorers": [{"kind": "pointwise_judge", "model": {"base_url": "http://h/v1", "model": "m"}}]}  # fmt: skip
     params = {"config": config, "base_dir": str(tmp_path), "db": None}
-    assert deploy.run_config.validate_parameters(json.loads(json.dumps(params))) == {**params, "runner": None}
+    defaults = {"runner": None, "shard": None, "shards": None}
+    assert deploy.run_config.validate_parameters(json.loads(json.dumps(params))) == {**params, **defaults}
     assert deploy.run_config.validate_parameters({"config": "c.yaml", "runner": "ray"})["runner"] == "ray"
     with pytest.raises(ParameterTypeError):
         deploy.run_config.validate_parameters({"config": "c.yaml", "runner": "dask"})

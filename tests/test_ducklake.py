@@ -68,6 +68,29 @@ def test_a_password_in_the_config_is_refused_naming_the_variable(tmp_path: Path)
     assert "s3cret" not in str(err.value) and "warehouse" in str(err.value)
 
 
+def test_a_password_in_a_db_name_never_reaches_a_message_or_a_flow_parameter(tmp_path: Path) -> None:
+    """`--db` is no config field: it is checked before it becomes a flow parameter (Prefect would store it),
+    and no message repeats a password, whatever else is wrong with the name (here: the scheme)."""
+    from prefsynth.flows import deploy
+
+    for name in ("ducklake:postgresql://me:s3cret@db/lake", "ducklake:postgres://me:s3cret@db/lake",
+                 str(Path("ducklake:postgres://me:s3cret@db/lake"))):  # fmt: skip
+        with pytest.raises(WarehouseError) as err:
+            ducklake.check_name(name)
+        assert "s3cret" not in str(err.value) and "***" in str(err.value), err.value
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"prompts": {"path": "p.jsonl"},
+                                      "generation": {"models": [{"base_url": "http://h/v1", "model": "m"}]},
+                                      "scorers": [{"kind": "pointwise_judge",
+                                                   "model": {"base_url": "http://h/v1", "model": "m"}}]}))  # fmt: skip
+    with pytest.raises(WarehouseError, match=r"me:\*\*\*@"):
+        deploy.parameters(config, Path("ducklake:postgres://me:s3cret@db/lake"))
+    lake = "ducklake:postgres://me@db/lake"  # a deployment keeps a lake's name (it names no file)
+    assert ducklake.is_lake(deploy.parameters(config, Path(lake))["db"])
+    result = CliRunner().invoke(app, ["run", str(config), "--db", "ducklake:postgres://me:s3cret@db/lake"])
+    assert result.exit_code == 2 and "s3cret" not in result.output, result.output
+
+
 def test_migrations_lose_keys_and_indexes_and_inserts_become_anti_joins() -> None:
     for item in _migrations():
         sql = ducklake.translate(item.read_text(encoding="utf-8"))
@@ -106,7 +129,8 @@ def test_the_same_migrations_views_and_writes_as_the_single_file(lake: str, tmp_
             sql = (f"SELECT {kind[:-1]}_name FROM duckdb_{kind}() WHERE NOT internal AND database_name = "
                    f"current_database() AND {kind[:-1]}_name <> 'prefsynth_write_gate' ORDER BY 1")  # fmt: skip
             names = store.con.execute(sql).fetchall()
-            assert names == single.con.execute(sql).fetchall() and ("v_pairs_export",) in names or kind == "tables"
+            assert names == single.con.execute(sql).fetchall()
+            assert kind == "tables" or ("v_pairs_export",) in names
             assert len(names) > 8
         assert _fill(store) == _fill(single) == [{"prompts": 30}, {"prompts": 0}]
         lake_stats, file_stats = store.stats(), single.stats()

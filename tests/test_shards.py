@@ -162,13 +162,12 @@ def test_two_shards_on_two_workers_equal_one_process_and_a_rerun_makes_no_call(p
     assert len(model.requests) == 2 * calls and again.summary.model_calls == 0
     assert [row["calls"] for row in again.shards] == [0, 0] and [r["state"] for r in again.shards] == ["Completed"] * 2
     assert "Completed" in result.output and "shard" in result.output
-    # two child runs per parent run, all completed, each parent's two on the two workers
+    # two child runs per parent run, all completed, each on a worker (which one is the workers' race)
     assert len(children) == 4 and all(c.state is not None and c.state.is_completed() for c in children)
     logs = [(tmp_path / f"worker-{n}.log").read_text(errors="replace") for n in range(2)]
     first = sorted(children, key=lambda c: c.created)[:2]
     ran = {str(c.id): [n for n, log in enumerate(logs) if _ran(log, c.id)] for c in children}
     assert all(len(on) == 1 for on in ran.values()), logs  # each run on one worker (both may try: one wins)
-    assert {ran[str(c.id)][0] for c in first} == {0, 1}, logs  # the first run's shards: one on each worker
     with Store(catalog, read_only=True) as store:
         ends = store.con.execute("SELECT r.run_id, r.flow_run_id, e.summary FROM runs r JOIN run_ends e "
                                  "USING (run_id)").fetchall()  # fmt: skip

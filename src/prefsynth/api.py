@@ -144,8 +144,10 @@ def run_shards(config: str | Path, shards: int, *, pool: str = "prefsynth", db: 
     from prefsynth.flows.deploy import require_server
     from prefsynth.flows.prefect_api import configured_api_url
     from prefsynth.flows.shards import check_count, sharded_run
+    from prefsynth.warehouse.ducklake import check_name
 
     check_count(shards)
+    check_name(db)
     base = Path(base_dir or Path.cwd()).resolve()
     path = (base / config).resolve()
     cfg = with_runner(as_config(path), runner)  # bad input fails before the server is asked
@@ -201,7 +203,9 @@ def _execute(cfg: PipelineConfig, prompts: Any, db: str | Path | None, loop: boo
              shard: str | None = None) -> tuple[Any, dict[str, float]]:  # fmt: skip
     """The pipeline flow (or the loop flow), with local models and Prefect's temporary API around it."""
     from prefsynth.flows.prefect_api import prefect_api, using
+    from prefsynth.warehouse.ducklake import check_name
 
+    check_name(db)
     timings: dict[str, float] = {}
     with _api(prefect_api) as api:
         from prefsynth.backends.local import LocalServers, sharing

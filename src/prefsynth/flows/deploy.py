@@ -26,7 +26,7 @@ from prefsynth.flows.loop import synthesis_loop
 from prefsynth.flows.prefect_api import configured_api_url
 from prefsynth.flows.synthesize import synthesize
 from prefsynth.schemas.config import PipelineConfig
-from prefsynth.warehouse.ducklake import is_lake
+from prefsynth.warehouse.ducklake import check_name, is_lake
 
 ENTRYPOINT = "prefsynth.flows.deploy.run_config"
 
@@ -75,8 +75,9 @@ def parameters(config: Path, db: Path | None = None) -> dict[str, Any]:
     """A deployment's parameters for a config file: absolute paths, the current folder as `base_dir` (where
     relative outputs go, as on the command line). The config is validated here, before anything is registered."""
     as_config(config)
+    check_name(db)
     base = Path.cwd()
-    return {"config": str(config.resolve()), "base_dir": str(base), "db": str(base / db) if db else None}
+    return {"config": str(config.resolve()), "base_dir": str(base), "db": warehouse_name(base, db) if db else None}
 
 
 def schedule(cron: str | None, interval: float | None) -> dict[str, Any]:

@@ -92,16 +92,24 @@ def _unslash(text: str) -> str:
     return re.sub(r"^([a-z][a-z0-9+.-]*):/(?!/)", r"\1://", text)
 
 
+def check_name(warehouse: str | Path | None) -> None:
+    """Parse a DuckLake name (a `--db`) before it becomes a flow parameter: a bad one, or one with a password,
+    fails here, so Prefect never stores it. A file's path passes."""
+    if warehouse is not None and is_lake(warehouse):
+        parse(warehouse)
+
+
 def parse(warehouse: str | Path) -> Lake:
     """The Lake a `ducklake:postgres://...` name describes; WarehouseError saying what is wrong."""
-    text = str(warehouse)
-    rest = _unslash(text[len(PREFIX):])
+    raw = str(warehouse)
+    text = re.sub(r"(:/{1,2}[^/@:]*):[^@/]*@", r"\1:***@", raw)  # a password never reaches a message
+    rest = _unslash(raw[len(PREFIX):])
     if not rest.startswith("postgres://"):
         raise WarehouseError(f"warehouse {text!r}: a DuckLake warehouse is ducklake:postgres://USER@HOST:PORT/DBNAME"
                              "?data_path=FOLDER (only a PostgreSQL catalog is supported)")  # fmt: skip
     url = urlsplit(rest)
     if url.password is not None:
-        raise WarehouseError(f"warehouse {text.split('@')[-1]!r}: no password in the warehouse name (it would be "
+        raise WarehouseError(f"warehouse {text!r}: no password in the warehouse name (it would be "
                              f"stored in configs, runs and logs); set the environment variable {PASSWORD_ENV} "
                              "(or use ~/.pgpass)")  # fmt: skip
     dbname = unquote(url.path.lstrip("/"))
@@ -267,7 +275,11 @@ class LakeConnection:
             self.con.execute("BEGIN")
             self._open = True
             if self.gate:
-                self.con.execute(f"UPDATE {_GATE} SET writes = writes + 1")
+                try:
+                    self.con.execute(f"UPDATE {_GATE} SET writes = writes + 1")
+                except BaseException:  # e.g. the catalog's connection dropped: leave no transaction open
+                    self.execute("ROLLBACK")
+                    raise
             return self.con
         if head in ("COMMIT", "ROLLBACK"):
             self._open = False

@@ -181,8 +181,12 @@ class Store:
             raise WarehouseError(f"warehouse not found: {lake.url} (its catalog has no prefsynth tables)")
         remote = isinstance(self.con, RemoteConnection)
         if not read_only and not remote:
-            self.con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
-            self.migrate()
+            try:
+                self.con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+                self.migrate()
+            except BaseException:  # e.g. a lake's migration lost 30 commit races: close what was opened
+                self.close()
+                raise
         elif (version := self.schema_version()) < len(_migrations()):
             self.close()
             raise WarehouseError(f"warehouse {self.path} has schema version {version}, this prefsynth needs "
