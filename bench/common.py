@@ -7,11 +7,13 @@ import datetime
 import os
 import platform
 import resource
+import shlex
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from importlib import metadata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import polars as pl
@@ -173,6 +175,23 @@ def _tree_rss(root: int) -> float:
 def emit(name: str, value: float | str) -> None:
     """One result line in the form `name: value` (what `make bench` prints)."""
     print(f"{name}: {value:.3f}" if isinstance(value, float) else f"{name}: {value}", flush=True)
+
+
+def emit_all(results: dict[str, Any]) -> None:
+    """`emit` every result of a run, numbers as floats."""
+    for name, value in results.items():
+        emit(name, float(value) if isinstance(value, int | float) else str(value))
+
+
+def result_lines(results: dict[str, Any]) -> list[str]:
+    """A run's results as BENCHMARKS.md lines, `name: value`."""
+    return [f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in results.items()]
+
+
+def command(script: str) -> str:
+    """The command that reproduces this run (`python SCRIPT --record ARGS`), for its BENCHMARKS.md section."""
+    argv = shlex.join(a for a in sys.argv[1:] if a != "--record")
+    return f"python {script} --record {argv}".strip()
 
 
 def frame_batches(rows: int, batch: int, part: int = 0, parts: int = 1) -> list[dict[str, pl.DataFrame]]:

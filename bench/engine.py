@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import ROOT, _tree_rss, append_results, emit  # noqa: E402
+from bench.common import ROOT, _tree_rss, append_results, command, emit, emit_all, result_lines  # noqa: E402
 
 BENCH_DIR = ROOT / ".bench"
 PREFECT_HOME = BENCH_DIR / "prefect-home"  # persistent: Prefect's first start is slow
@@ -668,20 +667,18 @@ def main() -> int:
                 failed.append(part)
                 print(f"engine bench {part} could not run: {err}", file=sys.stderr, flush=True)
             print(f"# engine {part} took {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    for name, value in r.items():
-        emit(name, float(value) if isinstance(value, int | float) else value)
+    emit_all(r)
     for part, goal in GOALS.items():
         if part in parts:
             emit(f"goal_{part}", goal)
     if args.record and r:
-        argv = shlex.join(a for a in sys.argv[1:] if a != "--record")
         lines = [f"job: loopback server (0.2 s a call, unlimited parallelism; memory arm 0 s), P prompts x 2 samples "
                  f"+ pointwise judge = 4P calls; took {time.perf_counter() - started:.0f} s",
                  *[f"goal {p}: {g}" for p, g in GOALS.items() if p in parts],
-                 *[f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items()]]  # fmt: skip
+                 *result_lines(r)]  # fmt: skip
         if failed:
             lines.append(f"could not run: {', '.join(failed)}")
-        append_results(f"Engine bench {args.label}".strip(), f"python bench/engine.py --record {argv}".strip(), lines)
+        append_results(f"Engine bench {args.label}".strip(), command("bench/engine.py"), lines)
     if failed:
         print(f"engine benchmarks that could not run: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import engine  # noqa: E402
-from bench.common import ROOT, append_results, emit  # noqa: E402
+from bench.common import ROOT, append_results, command, emit_all, result_lines  # noqa: E402
 from tests.fault_proxy import FaultProxy  # noqa: E402
 
 RATES = {"rate_limit": 0.05, "error": 0.10, "slow": 0.02, "drop": 0.03}
@@ -100,10 +99,8 @@ def main() -> int:
                       "rerun_failed_calls_left": stats(db)["errors"] - s["errors"]})  # fmt: skip
     r["faults_vs_clean_requests_per_item"] = r["faults_requests_per_item"] / r["clean_requests_per_item"]
     r["faults_vs_clean_seconds"] = r["faults_seconds"] / r["clean_seconds"]
-    for name, value in r.items():
-        emit(name, float(value) if isinstance(value, int | float) else str(value))
+    emit_all(r)
     if args.record:
-        argv = shlex.join(a for a in sys.argv[1:] if a != "--record")
         lines = [f"job: {args.prompts} prompts x 2 samples + a pointwise judge = {items} items, `prefsynth run` on the "
                  "loopback server of bench/engine.py (0.2 s a call, unlimited parallelism; orchestration, no model), "
                  "max_concurrency 16, timeout_s 5, max_retries 3; the fault run goes through tests/fault_proxy.py "
@@ -112,9 +109,8 @@ def main() -> int:
                  f"{time.perf_counter() - started:.0f} s",
                  "completion: responses + scores made / planned; requests: HTTP requests sent (the proxy's count for "
                  "the fault run, the server's for the clean one); retries etc. from `prefsynth stats --json`",
-                 *[f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items()]]  # fmt: skip
-        append_results("Fault-proxy run vs a clean run (issue 13)", f"python bench/faults.py --record {argv}".strip(),
-                       lines)  # fmt: skip
+                 *result_lines(r)]  # fmt: skip
+        append_results("Fault-proxy run vs a clean run (issue 13)", command("bench/faults.py"), lines)
     return 0
 
 

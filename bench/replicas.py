@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shlex
 import signal
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import engine  # noqa: E402
-from bench.common import ROOT, append_results, emit  # noqa: E402
+from bench.common import ROOT, append_results, command, emit_all, result_lines  # noqa: E402
 
 LATENCY_S = 0.2
 
@@ -144,16 +143,14 @@ def main() -> int:
             client_arms(args.calls, args.slots, r)
         if "run" in args.parts:
             run_arms(Path(tmp), args.prompts, args.slots, r)
-    for name, value in r.items():
-        emit(name, float(value) if isinstance(value, int | float) else value)
+    emit_all(r)
     if args.record:
-        argv = shlex.join(a for a in sys.argv[1:] if a != "--record")
         lines = [f"servers: bench/engine.py's loopback server, {LATENCY_S} s an answer, {args.slots} slots each "
                  f"(one replica saturates at {args.slots / LATENCY_S:.0f} calls/s); max_concurrency = slots per "
                  f"replica; took {time.perf_counter() - started:.0f} s; machine shared with other jobs, so compare "
                  "ratios within this run",
-                 *[f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items()]]  # fmt: skip
-        append_results("Replicas bench", f"python bench/replicas.py --record {argv}".strip(), lines)
+                 *result_lines(r)]  # fmt: skip
+        append_results("Replicas bench", command("bench/replicas.py"), lines)
     return 0
 
 

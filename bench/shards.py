@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import engine  # noqa: E402
-from bench.common import ROOT, append_results, emit  # noqa: E402
+from bench.common import ROOT, append_results, command, emit_all, result_lines  # noqa: E402
 
 LATENCY_S = 0.2
 
@@ -95,17 +94,14 @@ def main() -> int:
                 r["shard_phase_calls_per_s"] = calls / r["shard_phase_seconds"]
                 if "one_flow_calls_per_s" in r:
                     r["shard_phase_vs_one_flow"] = r["shard_phase_calls_per_s"] / r["one_flow_calls_per_s"]
-    for name, value in r.items():
-        emit(name, float(value) if isinstance(value, int | float) else value)
+    emit_all(r)
     if args.record:
-        argv = shlex.join(a for a in sys.argv[1:] if a != "--record")
         lines = [f"loopback server: {LATENCY_S} s an answer, {args.slots} slots (max_concurrency {args.concurrency} "
                  f"per process: one process cannot fill them); {args.prompts} prompts x 2 samples + a judge = {calls} "
                  f"calls; DuckLake on PostgreSQL 15 (loopback) for both arms; `prefect server start` on loopback; "
                  f"{os.cpu_count()} cores shared with other jobs; took {time.perf_counter() - started:.0f} s",
-                 *[f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items()]]  # fmt: skip
-        append_results("Sharded runs on Prefect workers vs one process (issue 15)",
-                       f"python bench/shards.py --record {argv}".strip(), lines)  # fmt: skip
+                 *result_lines(r)]  # fmt: skip
+        append_results("Sharded runs on Prefect workers vs one process (issue 15)", command("bench/shards.py"), lines)
     return 0
 
 
