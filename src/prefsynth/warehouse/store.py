@@ -640,13 +640,12 @@ class Store:
         return self._rows(sql, list(dict.fromkeys(scorer_ids)), schema)
 
     # ---- human review (tasks/review.py) ---------------------------------------------------------
-    _LATEST = ("SELECT response_id, scorer_id, value FROM (SELECT s.response_id, s.scorer_id, s.value, row_number() "
-               "OVER (PARTITION BY s.response_id, s.scorer_id ORDER BY s.created_at DESC, s.score_id) AS rn "
-               "FROM scores s {join}) WHERE rn = 1")  # each response's latest value per scorer  # fmt: skip
+    # each response's value per scorer: one row, since score_id = H(response, scorer) is the key
+    _VALUES = "SELECT s.response_id, s.scorer_id, s.value FROM scores s {join}"
 
     def review_inputs(self, run_id: str) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
         """A run's pairs that no one has labelled yet (v_run_pairs rows without their texts: `review_texts`), the
-        latest value of each scorer for the run's responses, and the pairwise comparisons of the run's prompts:
+        value of each scorer for the run's responses, and the pairwise comparisons of the run's prompts:
         what a review's doubt is made of."""
         cols = ("v.pair_id, v.prompt_id, v.chosen_id, v.rejected_id, v.scorer_id, v.score_chosen, v.score_rejected, "
                 "v.margin")  # fmt: skip
@@ -656,7 +655,7 @@ class Store:
                             "greatest(v.chosen_id, v.rejected_id)) ORDER BY v.pair_id", [run_id])  # fmt: skip
         join = ("JOIN responses r USING (response_id) JOIN run_prompts rp ON rp.prompt_id = r.prompt_id "
                 "AND rp.run_id = $1")  # fmt: skip
-        values = self._query(self._LATEST.format(join=join), [run_id])
+        values = self._query(self._VALUES.format(join=join), [run_id])
         comparisons = self._query("SELECT c.response_a_id, c.response_b_id, c.flipped FROM comparisons c JOIN "
                                   "run_prompts rp ON rp.prompt_id = c.prompt_id AND rp.run_id = $1 "
                                   "ORDER BY c.comparison_id", [run_id])  # fmt: skip
@@ -709,7 +708,7 @@ class Store:
         ids = pl.concat([decided["a"], decided["b"]]).unique()
         join = "JOIN _ids ON s.response_id = _ids.id"
         with self._with_ids(ids) as cur:
-            values = cur.execute(self._LATEST.format(join=join)).pl()
+            values = cur.execute(self._VALUES.format(join=join)).pl()
         scorers = self.scorers_of(values["scorer_id"].unique().sort()).select("scorer_id", "name")
         return human_accuracy(decided, values, scorers)
 
