@@ -80,6 +80,7 @@ def serve(latency: float, p429: float, p500: float, pslow: float, slow_s: float,
         attempt = attempts[h] = attempts.get(h, 0) + 1
         judge = "response_format" in req
         bump("requests")
+        stats.setdefault("first_request_at", time.time())
         bump("judge" if judge else "generate")
         bump("inflight")
         stats["max_inflight"] = max(stats.get("max_inflight", 0), stats["inflight"])
@@ -102,6 +103,7 @@ def serve(latency: float, p429: float, p500: float, pslow: float, slow_s: float,
             else:
                 text = f"[r:{h[:16]}] " + " ".join(WORDS[int(h[i : i + 2], 16) % len(WORDS)] for i in range(16, 56, 2))
             bump("ok")
+            stats["last_answer_at"] = time.time()
             usage = {"prompt_tokens": len(body) // 4, "completion_tokens": 24, "total_tokens": len(body) // 4 + 24}
             return 200, {
                 "id": f"chatcmpl-{h[:12]}", "object": "chat.completion", "created": 0, "model": req.get("model"),
@@ -220,6 +222,11 @@ class Run:
     def __init__(self, rc: int, out: str, err: str, seconds: float, peak_mib: float, timed_out: bool) -> None:
         self.rc, self.out, self.err = rc, out, err
         self.seconds, self.peak_mib, self.timed_out = seconds, peak_mib, timed_out
+        self.ended_at = time.time()  # wall clock, to compare with the loopback server's timestamps
+
+    @property
+    def started_at(self) -> float:
+        return self.ended_at - self.seconds
 
     @property
     def timings(self) -> dict[str, float]:
@@ -434,6 +441,9 @@ def ceiling(folder: Path, calls: int, concurrencies: list[int], distilabel: bool
             r[f"{name}_prefsynth_calls"] = server.stats().get("requests", 0)
             r[f"{name}_prefsynth_max_inflight"] = server.stats().get("max_inflight", 0)
             r[f"{name}_prefsynth_pairs"] = len(final_pairs(db))
+            stats = server.stats()  # where the command's time went: before the first request, after the last answer
+            r[f"{name}_prefsynth_before_first_request_seconds"] = stats["first_request_at"] - run.started_at
+            r[f"{name}_prefsynth_after_last_answer_seconds"] = run.ended_at - stats["last_answer_at"]
             bodies, same = sdk_bodies(folder, db, prompts)
             server.reset()
             _, out = sdk(server.url, bodies, c)

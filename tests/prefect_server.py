@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
-from prefsynth.backends.local import free_port
+from prefsynth.backends.processes import free_port
 
 
 class PrefectServer:

@@ -170,6 +170,37 @@ def test_ctrl_c_or_sigterm_stops_in_seconds_marks_the_run_and_keeps_committed_ro
     assert _q(db, "SELECT count(*) FROM responses")[0][0] > 0
 
 
+def test_a_run_streams_while_prefects_api_starts_and_keeps_its_rows_when_the_api_fails(tmp_path, reference):
+    """The run streams before Prefect's API answers (flows/headstart.py); an API that cannot start (its home
+    under a file) fails the command with the way out, the run is recorded failed, what it committed stays, and
+    a rerun with a working API pays nothing twice and reaches the uninterrupted run's pairs."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    db = tmp_path / "w.duckdb"
+    (tmp_path / "a-file").write_text("")
+    mark = uuid.uuid4().hex
+    with CountingServer() as server:
+        config = _config(tmp_path, server.base_url, db, prompts)
+        proc = _start(config, {**_env(tmp_path, mark), "PREFECT_HOME": str(tmp_path / "a-file" / "home")})
+        out, _ = proc.communicate(timeout=120)
+        text = out.decode()
+        assert proc.returncode == 2, text
+        assert "Prefect's temporary API exited at start" in text and "Traceback" not in text
+        assert _none_left(mark), f"processes outlived the failed run: {_marked(mark)}"
+        assert _q(db, "SELECT status FROM run_ends") == [("failed",)]
+        assert _q(db, "SELECT flow_run_id FROM runs") == [(None,)]  # no flow run ever adopted it
+        committed = _q(db, "SELECT count(*) FROM model_calls WHERE status = 'ok'")[0][0]
+        assert committed > 0, "the precondition: the run streamed before the API failed"
+        before = len(server.requests)
+        proc = _start(config, _env(tmp_path, uuid.uuid4().hex))
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out.decode()
+        assert len(server.requests) - before == CALLS - committed  # only what was not committed
+    assert _q(db, "SELECT call_id FROM model_calls WHERE status = 'ok' GROUP BY call_id HAVING count(*) > 1") == []
+    assert _final_pairs(db) == reference
+    adopted = _q(db, "SELECT r.flow_run_id FROM runs r JOIN run_ends e USING (run_id) WHERE e.status = 'completed'")
+    assert len(adopted) == 1 and adopted[0][0], "the completed run records the flow run that adopted it"
+
+
 @pytest.mark.model
 def test_kill_inside_the_first_run_of_a_new_warehouse_on_the_local_model(tmp_path):
     config = local_job(tmp_path, "first", ["Name a color.", "What is 2 + 3?", "Say hello."])

@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 from prefsynth.backends.client import ClientPool, ModelClient
 from prefsynth.backends.hf_reward import HFRewardModel, shared_model
 from prefsynth.cli import app
-from prefsynth.flows.runner import Batches, RayRunner
+from prefsynth.flows.runner import Batches, RayRunner, reward_batch
 from prefsynth.schemas.records import Failure, Score
 from prefsynth.tasks.score import score_items
-from prefsynth.tasks.scorers.reward_model import RewardModelScorer, RewardModelSpec, reward_batch
+from prefsynth.tasks.scorers.reward_model import RewardModelScorer, RewardModelSpec
 from prefsynth.warehouse.store import Store
 from tests.conftest import write_jsonl
 from tests.test_reward_model import items, make_model

@@ -201,46 +201,53 @@ def _config(config: ConfigLike, prompts: Any, base_dir: str | Path | None) -> Pi
 
 def _execute(cfg: PipelineConfig, prompts: Any, db: str | Path | None, loop: bool,
              shard: str | None = None) -> tuple[Any, dict[str, float]]:  # fmt: skip
-    """The pipeline flow (or the loop flow), with local models and Prefect's temporary API around it."""
-    from prefsynth.flows.prefect_api import prefect_api, using
+    """The pipeline flow (or the loop flow), with local models and Prefect's temporary API around it.
+
+    With a temporary API, a run streams while the API starts and Prefect is imported (flows/headstart.py)."""
+    from prefsynth.backends.local import LocalServers, sharing
+    from prefsynth.flows.headstart import eligible, head_start
+    from prefsynth.flows.prefect_api import inside_flow, launching, no_server_configured, prefect_api, using
+    from prefsynth.tasks.ingest import giving
     from prefsynth.warehouse.ducklake import check_name
 
     check_name(db)
     timings: dict[str, float] = {}
-    with _api(prefect_api) as api:
-        from prefsynth.backends.local import LocalServers, sharing
-        from prefsynth.tasks.ingest import giving
-
-        with LocalServers() as servers, sharing(servers):
-            for model in cfg.all_models():
-                servers.launch(model)  # they load while the rest is imported and Prefect's API starts
-            started = time.monotonic()
-            from prefsynth.flows.loop import synthesis_loop
-            from prefsynth.flows.synthesize import synthesize
-
-            timings["imports"] = time.monotonic() - started
-            servers.wait_ready()
-            timings["servers"] = servers.ready_after()
-            with _using(using, api), giving(prompts):
+    db_name = str(db) if db else None
+    early = not loop and shard is None and eligible(cfg) and not inside_flow() and no_server_configured()
+    with launching(), LocalServers() as servers, sharing(servers), giving(prompts):
+        for model in cfg.all_models():
+            servers.launch(model)  # they load while the rest is imported and Prefect's API starts
+        if not early:
+            flows = _flows(timings)
+        servers.wait_ready()
+        timings["servers"] = servers.ready_after()
+        with head_start(cfg, db_name) if early else contextlib.nullcontext(), _api(prefect_api) as api:
+            if early:
+                flows = _flows(timings)  # while the run streams
+            with _using(using, api):
                 timings["api"] = api.ready_after if api and api.ready_after else 0.0
                 flow_started = time.monotonic()
-                db_name = str(db) if db else None
-                summary = synthesis_loop(config=cfg, db=db_name) if loop else synthesize(config=cfg, db=db_name,
-                                                                                         shard=shard)  # fmt: skip
+                summary = flows[1](config=cfg, db=db_name) if loop else flows[0](config=cfg, db=db_name, shard=shard)
                 timings["flow"] = time.monotonic() - flow_started
     return summary, timings
 
 
-def _inside_flow() -> bool:
-    from prefect.context import FlowRunContext
+def _flows(timings: dict[str, float]) -> tuple[Any, Any]:
+    """The pipeline and loop flows (importing them imports Prefect); the seconds it took go in `timings`."""
+    started = time.monotonic()
+    from prefsynth.flows.loop import synthesis_loop
+    from prefsynth.flows.synthesize import synthesize
 
-    return FlowRunContext.get() is not None
+    timings["imports"] = time.monotonic() - started
+    return synthesize, synthesis_loop
 
 
 @contextlib.contextmanager
 def _api(prefect_api: Any) -> Iterator[TemporaryAPI | None]:
     """Prefect's temporary API, unless this runs inside a flow (the run is then its subflow)."""
-    if _inside_flow():
+    from prefsynth.flows.prefect_api import inside_flow
+
+    if inside_flow():
         yield None
         return
     with prefect_api() as api:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from importlib import resources
@@ -120,15 +122,18 @@ def _run_config(config_path: Path | None, db: Path | None, packaged: bool = Fals
                 shard: str | None = None) -> None:  # fmt: skip
     """`prefsynth.run` with progress bars, then the summary table and the timings split."""
     signal.signal(signal.SIGTERM, _stop)  # `timeout`, `docker stop`, a scheduler's preemption: stop as on Ctrl-C
-    try:
-        from prefsynth.api import run
+    from prefsynth.flows.prefect_api import launching
 
-        with _Bars().shown():
-            if packaged:
-                with resources.as_file(resources.files("prefsynth").joinpath("examples", "quickstart.yaml")) as p:
-                    result = run(p, db=db, runner=runner)
-            else:
-                result = run(config_path, db=db, runner=runner, shard=shard)  # type: ignore[arg-type]
+    try:
+        with launching():  # Prefect's API starts while the rest is imported and the run is opened
+            from prefsynth.api import run
+
+            with _Bars().shown():
+                if packaged:
+                    with resources.as_file(resources.files("prefsynth").joinpath("examples", "quickstart.yaml")) as p:
+                        result = run(p, db=db, runner=runner)
+                else:
+                    result = run(config_path, db=db, runner=runner, shard=shard)  # type: ignore[arg-type]
     except RunFailed as err:  # the flow failed the run (no results, or failures_fatal): show it, exit 1
         if err.summary is not None:
             _show_summary(err.summary)
@@ -230,11 +235,14 @@ def loop(
     no model call; `prefsynth stats` shows each prompt version's acceptance rate.
     """
     signal.signal(signal.SIGTERM, _stop)
-    try:
-        from prefsynth.api import run_loop
+    from prefsynth.flows.prefect_api import launching
 
-        with _Bars().shown():
-            summary, _ = run_loop(config, db=db)
+    try:
+        with launching():
+            from prefsynth.api import run_loop
+
+            with _Bars().shown():
+                summary, _ = run_loop(config, db=db)
     except PrefsynthError as err:
         raise fail(err) from None
     table = Table(title=f"loop {summary.loop_id[:12]} → {summary.warehouse}")
@@ -697,24 +705,15 @@ def eval_(
     give a side-by-side table. Pairwise judges always judge both orders here and also report
     position_consistency, first_position_rate, flipped, calls_per_pair and tokens_per_pair.
     """
-    from prefsynth.backends.local import require_local
-    from prefsynth.flows.evaluate import evaluate, summary_frame
-    from prefsynth.flows.prefect_api import prefect_api, using
-    from prefsynth.schemas.config import load_config
-    from prefsynth.tasks.labelled import FORMATS, load_labelled
+    from prefsynth.flows.prefect_api import launching
 
-    if fmt not in FORMATS:
-        raise fail(PrefsynthError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}"))
     try:
-        cfg = load_config(config)
-        for model in cfg.all_models():
-            if model.gguf:
-                require_local(model.gguf)  # a missing `local` extra fails here, before Prefect starts
-        load_labelled(data, fmt, limit)  # bad data fails here, before servers or Prefect start
-        with prefect_api() as api, using(api), _Bars().shown():
-            result = evaluate(config=cfg, data=str(data), fmt=fmt, limit=limit, db=str(db) if db else None)
+        with launching():
+            result = _evaluate(config, data, fmt, limit, db)
     except PrefsynthError as err:
         raise fail(err) from None
+    from prefsynth.flows.evaluate import summary_frame
+
     if as_json:
         reports = list(result["scorers"].values())
         print(json.dumps({**reports[0], **result, "scorers": result["scorers"]}, sort_keys=True))
@@ -726,6 +725,25 @@ def eval_(
     for row in frame.iter_rows():
         table.add_row(*(_cell(v) for v in row))
     Console().print(table)
+
+
+def _evaluate(config: Path, data: Path, fmt: str, limit: int | None, db: Path | None) -> dict:
+    """Check the config and the labelled data (before servers or Prefect start), then run the eval flow."""
+    from prefsynth.backends.local import require_local
+    from prefsynth.flows.evaluate import evaluate
+    from prefsynth.flows.prefect_api import prefect_api, using
+    from prefsynth.schemas.config import load_config
+    from prefsynth.tasks.labelled import FORMATS, load_labelled
+
+    if fmt not in FORMATS:
+        raise PrefsynthError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    cfg = load_config(config)
+    for model in cfg.all_models():
+        if model.gguf:
+            require_local(model.gguf)  # a missing `local` extra fails here
+    load_labelled(data, fmt, limit)  # bad data fails here
+    with prefect_api() as api, using(api), _Bars().shown():
+        return evaluate(config=cfg, data=str(data), fmt=fmt, limit=limit, db=str(db) if db else None)
 
 
 @app.command("score-text")
@@ -763,5 +781,24 @@ from prefsynth.review_cli import review_app  # noqa: E402  (a sub-app in its own
 
 app.add_typer(review_app, name="review")
 
+
+
+def main() -> None:
+    """The `prefsynth` command. Once it is done and the atexit handlers have run, the process ends without
+    tearing down the interpreter: that takes half a second (extension modules' destructors) and does nothing
+    a finished command needs. An uncaught exception ends it the usual way, with its traceback."""
+    try:
+        app()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if not isinstance(done.code, int | None):
+            print(done.code, file=sys.stderr)
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    app()
+    main()

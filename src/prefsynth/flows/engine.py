@@ -15,12 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.utilities.annotations import quote
-
 from prefsynth.backends import budget
-from prefsynth.backends.client import ClientPool
 from prefsynth.flows.progress import StageProgress
 from prefsynth.schemas.records import (
     Comparison,
@@ -32,10 +27,6 @@ from prefsynth.schemas.records import (
     StageResult,
     merge_results,
 )
-from prefsynth.tasks._async import run_async
-from prefsynth.tasks.score import score_one
-from prefsynth.tasks.scorers import Scorer
-from prefsynth.warehouse.store import Store
 
 ROWS_PER_COMMIT = 256
 SECONDS_PER_COMMIT = 2.0
@@ -61,9 +52,15 @@ class Writer:
         self._closed = False
         self._error: BaseException | None = None
         self.commits = 0
-        context = contextvars.copy_context()  # the flow run's context: commits are its task runs
-        self._thread = threading.Thread(target=context.run, args=(self._loop,), name="prefsynth-writer", daemon=True)
+        self._context = contextvars.copy_context()  # the flow run's context: commits are its task runs
+        self._thread = threading.Thread(target=self._loop, name="prefsynth-writer", daemon=True)
         self._thread.start()
+
+    def attach(self, commit: Callable[[StageResult], Any]) -> None:
+        """Commit through `commit`, in the caller's context, from the next batch on (a flow run adopting a run
+        that started before it: flows/headstart.py)."""
+        with self._cond:
+            self._commit, self._context = commit, contextvars.copy_context()
 
     @property
     def pending(self) -> int:
@@ -97,10 +94,10 @@ class Writer:
                 while not self._closed and self._rows < self.max_rows and (left := deadline - time.monotonic()) > 0:
                     self._cond.wait(left)
                 batch, self._batch, self._rows = self._batch, [], 0
-                closing = self._closed
+                closing, commit, context = self._closed, self._commit, self._context
             if batch:
                 try:
-                    self._commit(merge_results(batch))
+                    context.run(commit, merge_results(batch))
                     self.commits += 1
                 except BaseException as err:  # reported to the event loop's next add() or close()
                     with self._cond:
@@ -108,18 +105,6 @@ class Writer:
                     return
             if closing:
                 return
-
-
-@task(name="commit", cache_policy=NO_CACHE)
-def commit(store: Store, run_id: str, batch: StageResult) -> dict[str, int]:
-    """Prefect task: one batch of finished results into the warehouse, in one transaction."""
-    return store.write(run_id, batch)
-
-
-def writer_for(store: Store, run_id: str) -> Writer:
-    """A writer whose commits are Prefect task runs of this flow run."""
-    # quoted: Prefect would otherwise walk every record of the batch looking for futures to resolve
-    return Writer(lambda batch: commit(quote(store), run_id, quote(batch)))
 
 
 class Stage:
@@ -169,7 +154,11 @@ async def run_bounded(jobs: AsyncIterator[Coroutine[Any, Any, None]], window: in
 
     try:
         async for job in jobs:
-            await slots.acquire()
+            try:
+                await slots.acquire()
+            except BaseException:  # cancelled while waiting for a slot: this job never starts
+                job.close()
+                raise
             if failed or (spent is not None and spent.refusal() is not None):
                 job.close()
                 break
@@ -194,32 +183,3 @@ async def report_progress(stages: list[Stage], log: Callable[[str], None], every
         for stage in stages:
             if stage.progress.done < stage.progress.total:
                 log(stage.progress.line())
-
-
-def score_stream(name: str, scorer: Scorer, items: list[Any], store: Store, run_id: str, keep_scores: bool = True
-                 ) -> StageResult:  # fmt: skip
-    """Score items as the pipeline does (each starts the moment its server has a free slot, results are
-    committed as they finish) and return all results. `keep_scores=False` writes everything but the scores."""
-    results: list[StageResult] = []
-    writer = writer_for(store, run_id)
-    stage = Stage(name, len(items), writer)
-
-    async def one(pool: ClientPool, item: Any) -> None:
-        result = await score_one(scorer, pool.clients(scorer.endpoints), item)
-        results.append(result)
-        stage.record(result, None if keep_scores else result.without(Score))
-
-    async def jobs(pool: ClientPool) -> AsyncIterator[Coroutine[Any, Any, None]]:
-        for item in items:
-            yield one(pool, item)
-
-    async def run() -> None:
-        async with ClientPool(scorer.endpoints.values(), store) as pool:
-            slots = sum({e.base_url: e.concurrency for e in scorer.endpoints.values()}.values())
-            await run_bounded(jobs(pool), 2 * slots + 2)
-
-    try:
-        run_async(run())
-    finally:
-        writer.close()
-    return merge_results(results)

@@ -28,8 +28,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from prefsynth.backends.local import LocalServers
-from prefsynth.flows.engine import score_stream
-from prefsynth.flows.synthesize import check_endpoints, flow_run_id, interrupted
+from prefsynth.flows.commit import score_stream
+from prefsynth.flows.opening import check_endpoints
+from prefsynth.flows.synthesize import flow_run_id, interrupted
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.schemas.records import Comparison, Failure, Judgment, ModelCall, Score, StageResult
 from prefsynth.tasks.compare import comparison_id

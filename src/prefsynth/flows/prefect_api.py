@@ -19,11 +19,12 @@ import os
 import sys
 import threading
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from prefsynth.backends.local import ChildServer, free_port
+from prefsynth.backends.processes import ChildServer, free_port
 from prefsynth.errors import PrefsynthError
 
 
@@ -38,6 +39,41 @@ def configured_api_url() -> str | None:
     from prefect.settings import get_current_settings
 
     return get_current_settings().api.url
+
+
+def inside_flow() -> bool:
+    """Whether this runs inside a flow run (then a run is its subflow)."""
+    if "prefect" not in sys.modules:  # no flow runs without Prefect imported
+        return False
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get() is not None
+
+
+def no_server_configured() -> bool:
+    """Whether no Prefect server is configured, known without importing Prefect (a second) when it is not
+    imported yet: true only when no setting that could name a server is found (an environment variable
+    PREFECT_API*, a `.env` with PREFECT_ settings, a `prefect.toml`, a `[tool.prefect]` table, or an active
+    profile with PREFECT_API* keys). When unsure it says false, and `configured_api_url()` decides."""
+    if "prefect" in sys.modules:
+        return not configured_api_url()
+    if any(k.startswith(("PREFECT_API", "PREFECT_PROFILE")) or k == "PREFECT_TEST_MODE" for k in os.environ):
+        return False
+    try:
+        if Path("prefect.toml").exists() or "PREFECT_" in _text(Path(".env")):
+            return False
+        if "tool.prefect" in _text(Path("pyproject.toml")):
+            return False
+        home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+        profiles = tomllib.loads(_text(home / "profiles.toml"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    active = profiles.get("profiles", {}).get(profiles.get("active", "ephemeral"), {})
+    return not any(str(k).startswith("PREFECT_API") for k in active)
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
 
 
 _temporary: list[str] = []  # the URLs of this process's temporary APIs
@@ -95,17 +131,44 @@ class TemporaryAPI(ChildServer):
         return self.log_tail(1500).strip() or "(empty)"
 
 
-@contextlib.contextmanager
-def prefect_api() -> Iterator[TemporaryAPI | None]:
-    """A temporary API for the commands inside, launched now; None when the user configured one.
+_launched: list[TemporaryAPI] = []  # launched by `launching()`, not yet taken by `prefect_api()`
 
-    Call `wait()` on it before the first flow runs; `using(api)` points Prefect at it.
-    """
-    if configured_api_url():
-        yield None
+
+@contextlib.contextmanager
+def launching() -> Iterator[None]:
+    """Launch a temporary API now, for the `prefect_api()` inside, before the command's own imports (those of
+    Prefect's settings alone take a second), unless a server is or may be configured. Stopped on exit if
+    not taken."""
+    if _launched or inside_flow() or not no_server_configured():
+        yield
         return
     api = TemporaryAPI()
     api.launch()
+    _launched.append(api)
+    try:
+        yield
+    finally:
+        if api in _launched:
+            _launched.remove(api)
+            api.stop()
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[TemporaryAPI | None]:
+    """A temporary API for the commands inside (the one `launching()` launched, else one launched now); None
+    when the user configured one.
+
+    Call `wait()` on it before the first flow runs; `using(api)` points Prefect at it.
+    """
+    api = _launched.pop() if _launched else None
+    if configured_api_url():
+        if api is not None:
+            api.stop()
+        yield None
+        return
+    if api is None:
+        api = TemporaryAPI()
+        api.launch()
     try:
         yield api
     finally:
@@ -119,12 +182,15 @@ def using(api: TemporaryAPI | None) -> Iterator[None]:
         yield
         return
     api.wait()
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     quiet_console()
     _temporary.append(api.url)
+    # no heartbeats: they detect crashed runs on a shared server, and this API ends with the run; each flow
+    # run's end would wait up to a second for its heartbeat thread
+    updates = {PREFECT_API_URL: api.url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     try:
-        with temporary_settings(updates={PREFECT_API_URL: api.url}):
+        with temporary_settings(updates=updates):
             yield
     finally:
         _drain()

@@ -21,16 +21,19 @@ import contextlib
 import contextvars
 import importlib.util
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.tasks import Task
 
+from prefsynth.backends.hf_reward import RewardResult, shared_model
 from prefsynth.errors import ConfigError
 from prefsynth.schemas.config import PipelineConfig
 from prefsynth.tasks.scorers import Scorer
-from prefsynth.tasks.scorers.reward_model import RewardModelScorer, reward_batch
+from prefsynth.tasks.scorers.reward_model import Conversation, RewardModelScorer, RewardModelSpec
 
 RAY_HINT = "pip install 'prefsynth[ray]'"
 MAX_IN_FLIGHT = 128  # task runs out at once per in-process model (2 per Ray CPU up to this; a thread each waits)
@@ -38,6 +41,19 @@ ITEMS_PER_TASK = 32  # items per task run (a whole number of the model's batches
 
 X = TypeVar("X")
 Y = TypeVar("Y")
+
+
+@task(name="reward-batch", cache_policy=NO_CACHE)
+def reward_batch(spec: RewardModelSpec, identity: str, conversations: list[Conversation]) -> list[RewardResult]:
+    """Prefect task for a task runner's workers (Ray): the in-process rewards of a batch of conversations, from
+    plain data only. The model loads once per worker process (`shared_model`); a worker whose copy of the
+    folder is missing or differs fails the batch's items, never the run."""
+    try:
+        model = shared_model(str(spec.path), spec.max_length, identity)
+    except ConfigError as err:
+        return [RewardResult(error=f"on {socket.gethostname()}: {err}")] * len(conversations)
+    return model.rewards(conversations, spec.label_index, spec.batch_size)
+
 
 
 def require_ray() -> None:

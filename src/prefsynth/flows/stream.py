@@ -13,9 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any
-
-from prefect import get_run_logger
+from typing import Any, Protocol
 
 from prefsynth.backends.client import ClientPool, Endpoint
 from prefsynth.flows.engine import Stage, Writer, report_progress, run_bounded
@@ -39,13 +37,20 @@ class PromptWork:
     done: set[str] = field(default_factory=set)  # score and comparison ids already in the warehouse
 
 
+class Log(Protocol):
+    """Where a run's lines go: the flow run's logger, or the lines held until it exists (headstart.py)."""
+
+    def info(self, msg: str) -> None: ...
+    def warning(self, msg: str) -> None: ...
+
+
 class Streaming:
     """The streaming part of a run: every prompt through generation and scoring, bounded in flight."""
 
-    def __init__(
-        self, store: Store, config: PipelineConfig, policies: list[Endpoint], scorers: list[Scorer], writer: Writer
-    ) -> None:
+    def __init__(self, store: Store, config: PipelineConfig, policies: list[Endpoint], scorers: list[Scorer],
+                 writer: Writer, log: Log) -> None:  # fmt: skip
         self.store, self.config, self.policies, self.scorers, self.writer = store, config, policies, scorers, writer
+        self.log = log
         self.pointwise = [s for s in scorers if not isinstance(s, PairwiseScorer)]
         self.pairwise = [s for s in scorers if isinstance(s, PairwiseScorer)]
         self.stages: list[Stage] = []
@@ -70,7 +75,7 @@ class Streaming:
         k = self.config.generation.samples_per_prompt * len(self.policies)
         for s in self.scorers:
             self._add_stage(f"score[{s.name}]", prompts * (k * (k - 1) // 2 if s in self.pairwise else k))
-        reporter = asyncio.create_task(report_progress(self.stages, get_run_logger().info))
+        reporter = asyncio.create_task(report_progress(self.stages, self.log.info))
         try:
             async with self.pool:
                 await run_bounded(self._jobs(blocks), self.window)
@@ -78,7 +83,7 @@ class Streaming:
             reporter.cancel()
         for stage in self.stages:
             stage.counts.total = stage.counts.reused + stage.counts.new + stage.counts.failed
-            get_run_logger().info(stage.progress.line())
+            self.log.info(stage.progress.line())
 
     async def _jobs(self, blocks: Iterator[list[Prompt]]) -> AsyncIterator[Coroutine[Any, Any, None]]:
         """One job per prompt; the next block is read and planned (in a thread) while this one's jobs start."""

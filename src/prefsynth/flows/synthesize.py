@@ -11,9 +11,7 @@ flow process is the only writer of the warehouse.
 # the flow's annotations, and a string annotation does not resolve there (issue 13).
 import asyncio
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from logging import Logger, LoggerAdapter
 
@@ -24,36 +22,30 @@ from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from prefsynth.backends import budget
-from prefsynth.backends.budget import spending
-from prefsynth.backends.client import Endpoint, check_reachable
 from prefsynth.backends.hub import hub_token, push
-from prefsynth.backends.local import local_servers
 from prefsynth.errors import ExportError, RunFailed
-from prefsynth.flows.engine import Writer, writer_for
+from prefsynth.flows.commit import committer, writer_for
 from prefsynth.flows.exclusive import warehouse_turn
-from prefsynth.flows.runner import RayRunner, offload, on, task_runner
-from prefsynth.flows.shards import parse_shard, shard_of
-from prefsynth.flows.stream import Streaming
+from prefsynth.flows.headstart import HeadStart, claim
+from prefsynth.flows.opening import Opened, finish, opened, stream
+from prefsynth.flows.runner import on
+from prefsynth.flows.shards import parse_shard
 from prefsynth.flows.teach import Taught, teach
 from prefsynth.report.summary import artifact_table, markdown
 from prefsynth.schemas.config import ExportTarget, PipelineConfig
-from prefsynth.schemas.records import Prompt, RunSummary, StageCounts, StageResult, columns
-from prefsynth.tasks._async import run_async
+from prefsynth.schemas.records import RunSummary, StageCounts, StageResult, columns
 from prefsynth.tasks.compare import pairwise_values
 from prefsynth.tasks.curate import anchor_vs_sampled, curate, refined_vs_original, threshold
 from prefsynth.tasks.diagnostics import diagnostics
 from prefsynth.tasks.export import Exported, export
-from prefsynth.tasks.ingest import no_prompts, read_prompts
 from prefsynth.tasks.panel import agreed_only, panel_id, run_panel
 from prefsynth.tasks.review import decisions, human_override
-from prefsynth.tasks.scorers import PairwiseScorer, Scorer, build_scorer
+from prefsynth.tasks.scorers import PairwiseScorer, Scorer
 from prefsynth.tasks.screen import same_text, screen, screen_responses
 from prefsynth.tasks.teacher import Teacher
 from prefsynth.warehouse.ids import canonical_json
 from prefsynth.warehouse.report import ReportData, report_data
 from prefsynth.warehouse.store import Store
-
-PROMPTS_PER_BLOCK = 256  # prompts planned against the warehouse in one read
 
 
 @dataclass
@@ -73,37 +65,23 @@ def synthesize(config: PipelineConfig, db: str | None = None, shard: str | None 
     `shard` ("i/N", flows/shards.py): only the prompts of shard i of N, generated and scored; the screens,
     teacher, curation and exports, which need every prompt, are left to the run over the whole config."""
     part = parse_shard(shard) if shard is not None else None
-    started = time.monotonic()
     warehouse = db or config.warehouse
-    summary = RunSummary(run_id=uuid.uuid4().hex, name=config.name, warehouse=str(warehouse))
-    # one run per warehouse on a shared server; `runner: ray` starts (or joins) Ray before anything is written
-    with warehouse_turn(warehouse), local_servers() as servers, task_runner(config) as ray:
-        for model in config.all_models():  # a missing GGUF file fails before anything starts
-            servers.check(model)
-        policies = [servers.endpoint(m) for m in config.generation.models]
-        scorers = [build_scorer(s, servers.endpoint) for s in config.scorers]
-        offload(scorers, ray)  # in-process reward models compute on Ray workers
-        teacher = Teacher(config.teacher, servers.endpoint(config.teacher.model)) if config.teacher else None
-        check_endpoints([*policies, *(e for s in scorers for e in s.endpoints.values()),
-                         *([teacher.endpoint] if teacher else [])])  # fmt: skip
-
-        with (Store(warehouse, wait_s=config.warehouse_wait_s, notify=get_run_logger().warning) as store,
-              spending(config.budget) as run_budget):
-            announce_revisions(store, config)
-            ingest(store, config, summary, part)
-            store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), flow_run_id())
-            try:
-                if summary.prompts:  # a shard's range may hold no prompt
-                    _run(store, config, policies, scorers, teacher, summary, ray, part is not None)
-            except BaseException as err:
-                summary.status = "interrupted" if interrupted(err) else "failed"
-                summary.seconds = time.monotonic() - started
-                store.end_run(summary.run_id, summary.status, summary.model_dump())
-                raise
-            summary.seconds = time.monotonic() - started
-            summary.budget = run_budget.spent() if run_budget is not None else None
+    early = claim(config, warehouse, shard)  # the run's head start, streaming since before this flow run
+    opening = early.adopted() if early else opened(config, warehouse, part, get_run_logger(), flow_run_id())
+    with warehouse_turn(warehouse), opening as run:  # one run per warehouse on a shared server
+        store, summary = run.store, run.summary
+        try:
+            if summary.prompts:  # a shard's range may hold no prompt
+                _run(run, early)
+        except BaseException as err:
+            summary.status = "interrupted" if interrupted(err) else "failed"
+            summary.seconds = time.monotonic() - run.started
             store.end_run(summary.run_id, summary.status, summary.model_dump())
-            report = _report(store, summary.run_id)
+            raise
+        summary.seconds = time.monotonic() - run.started
+        summary.budget = run.run_budget.spent() if run.run_budget is not None else None
+        store.end_run(summary.run_id, summary.status, summary.model_dump())
+        report = _report(store, summary.run_id)
     _publish(summary, report)
     check_outcome(summary, config)
     return summary
@@ -123,62 +101,15 @@ def check_outcome(summary: RunSummary, config: PipelineConfig) -> None:
                         summary)  # fmt: skip
 
 
-def announce_revisions(store: Store, config: PipelineConfig) -> None:
-    """Warn when an endpoint model was called before under another revision: its old answers are not reused."""
-    for spec in {m.identity: m for m in config.all_models() if m.revision}.values():
-        url_identity = spec.model_copy(update={"revision": None}).identity
-        for old in store.other_revisions(spec.identity, url_identity, str(spec.model)):
-            was = old.split("@", 1)[1] if "@" in old else "none (known by its URL)"
-            get_run_logger().warning(f"model {spec.model}: revision {spec.revision} is new here (was {was}); "
-                                     "its cached answers are not reused, it is called again")  # fmt: skip
-
-
-def ingest(store: Store, config: PipelineConfig, summary: RunSummary, shard: tuple[int, int] | None = None) -> None:
-    """Read the prompts into the warehouse as they come (one transaction: bad input leaves nothing); a shard's
-    run reads every prompt (bad input fails every shard alike) and keeps its own."""
-    source = config.prompts
-    rows = store.prompts_from_table(source.warehouse_table).to_dicts() if source.warehouse_table else None
-    prompts = read_prompts(source, config.generation.system_prompt, rows)
-    if shard is not None:
-        index, count = shard
-        seen = [0]
-
-        def counted(items: Iterator[Prompt]) -> Iterator[Prompt]:
-            for p in items:
-                seen[0] += 1
-                yield p
-
-        prompts = (p for p in counted(prompts) if shard_of(p.prompt_id, count) == index)
-    read, new, linked = store.ingest_prompts(summary.run_id, prompts)
-    if shard is not None:
-        if not seen[0]:
-            raise no_prompts(source)
-        get_run_logger().info(f"shard {shard[0]}/{shard[1]}: {linked} of the source's prompts are in its range")
-    elif not linked:
-        raise no_prompts(source)
-    summary.prompts = linked
-    summary.prompts_read, summary.duplicates_dropped = read, read - linked
-    summary.stages.append(StageCounts(stage="ingest", total=linked, new=new, reused=linked - new))
-    get_run_logger().info(f"ingest: {linked} prompts ({read - linked} duplicates dropped)")
-
-
-def _run(
-    store: Store, config: PipelineConfig, policies: list[Endpoint], scorers: list[Scorer], teacher: Teacher | None,
-    summary: RunSummary, ray: RayRunner | None = None, shard: bool = False,
-) -> None:  # fmt: skip
+def _run(run: Opened, early: HeadStart | None) -> None:
     logger = get_run_logger()
-    run_id = summary.run_id
-    for scorer in scorers:
-        store.register_scorer(scorer.scorer_id, scorer.name, scorer.kind, scorer.config_json)
-
-    writer = writer_for(store, run_id)
-    blocks = store.run_prompts(run_id, PROMPTS_PER_BLOCK)
-    try:
-        streaming = Streaming(store, config, policies, scorers, writer)
-        run_async(streaming.run(blocks, summary.prompts))
-    finally:
-        blocks.close()  # its cursor would keep the file open
-        finish(writer)  # whatever finished is committed, also on Ctrl-C
+    store, config, summary, policies, scorers = run.store, run.config, run.summary, run.policies, run.scorers
+    run_id, teacher, ray = summary.run_id, run.teacher, run.ray
+    if early is not None:
+        streaming, writer = early.join(committer(store, run_id)), early.writer
+    else:
+        writer = writer_for(store, run_id)
+        streaming = stream(run, logger, writer)
     logger.info(f"streamed: {writer.commits} commits")
     counts = {s.counts.stage: s.counts for s in streaming.stages}
     generated = _merge("generate", [counts[f"generate[{ep.label}]"] for ep in policies])
@@ -194,7 +125,7 @@ def _run(
         summary.status = "failed" if summary.status == "completed" else summary.status
         logger.error("this run produced no responses or no scores (see the failures table); no export replaced")
         return
-    if shard:  # the rest needs every prompt: the run over the whole config does it
+    if run.shard:  # the rest needs every prompt: the run over the whole config does it
         logger.info("shard: generated and scored; screens, curation and exports happen in the run over all shards")
         return
     values = {name: s.values for name, s in scored.items()}
@@ -341,18 +272,6 @@ def _scaled(config: PipelineConfig, name: str) -> bool:
     return spec is not None and hasattr(spec, "scale_min") and not spec.compares
 
 
-def finish(writer: Writer, patience_s: float = 30.0) -> None:
-    """Close the writer even through further Ctrl-Cs (for up to `patience_s`): its last batch is committed."""
-    deadline = time.monotonic() + patience_s
-    while True:
-        try:
-            writer.close()
-            return
-        except KeyboardInterrupt:
-            if time.monotonic() > deadline:
-                raise
-
-
 def interrupted(err: BaseException) -> bool:
     """Ctrl-C or SIGTERM (Prefect's flow engine turns it into TerminationSignal), also when it landed inside a
     DuckDB query (which turns it into an error)."""
@@ -418,12 +337,6 @@ def diagnose(
         get_run_logger().info(f"diagnostics[{scorer.name}]: " + ", ".join(
             f"{k} {v}" for k, v in rows[-1].items() if k not in ("scorer_id", "scorer") and v is not None))
     store.write_diagnostics(run_id, rows)
-
-
-def check_endpoints(endpoints: list[Endpoint]) -> None:
-    """Fail fast, before anything is written, when an endpoint does not answer."""
-    for ep in {e.base_url: e for e in endpoints if not e.is_local}.values():
-        run_async(check_reachable(ep))
 
 
 def flow_run_id() -> str | None:

@@ -297,6 +297,11 @@ class Store:
                 [run_id, name, config_json, flow_run_id, kind],
             )
 
+    def set_flow_run(self, run_id: str, flow_run_id: str | None) -> None:
+        """The flow run of a run that began before it (flows/headstart.py)."""
+        with self._lock:
+            self.con.execute("UPDATE runs SET flow_run_id = ? WHERE run_id = ?", [flow_run_id, run_id])
+
     def end_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
         with self._lock:  # the writer thread may be inside a transaction on this connection
             self.con.execute(

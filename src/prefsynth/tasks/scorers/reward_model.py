@@ -16,18 +16,14 @@ the response as the assistant turn.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import Field, model_validator
 
 from prefsynth.backends import quirks
 from prefsynth.backends.client import Endpoint
-from prefsynth.backends.hf_reward import HFRewardModel, RewardResult, render_id, shared_model
-from prefsynth.errors import ConfigError
+from prefsynth.backends.hf_reward import HFRewardModel, RewardResult, render_id
 from prefsynth.schemas.config import ModelSpec, ScorerSpec
 from prefsynth.schemas.records import Route, Score
 from prefsynth.tasks.scorers.base import Clients, PointwiseScorer, ScoreItem, ScoreOutcome
@@ -69,18 +65,6 @@ Conversation = list[dict[str, str]]
 
 def conversation(item: ScoreItem) -> Conversation:
     return [*(m.model_dump() for m in item.messages), {"role": "assistant", "content": item.response}]
-
-
-@task(name="reward-batch", cache_policy=NO_CACHE)
-def reward_batch(spec: RewardModelSpec, identity: str, conversations: list[Conversation]) -> list[RewardResult]:
-    """Prefect task for a task runner's workers (Ray): the in-process rewards of a batch of conversations, from
-    plain data only. The model loads once per worker process (`shared_model`); a worker whose copy of the
-    folder is missing or differs fails the batch's items, never the run."""
-    try:
-        model = shared_model(str(spec.path), spec.max_length, identity)
-    except ConfigError as err:
-        return [RewardResult(error=f"on {socket.gethostname()}: {err}")] * len(conversations)
-    return model.rewards(conversations, spec.label_index, spec.batch_size)
 
 
 class RewardModelScorer(PointwiseScorer):

@@ -1,0 +1,99 @@
+"""A run's head start (flows/headstart.py): opened and streaming before any flow run exists, on a loopback
+endpoint with deterministic answers. No Prefect API is involved here: the head start must not need one."""
+
+from __future__ import annotations
+
+import time
+
+import duckdb
+import pytest
+
+from prefsynth.flows.headstart import HeadStart, HeldLog, claim, eligible, head_start
+from prefsynth.schemas.config import parse_config
+from tests.conftest import write_jsonl
+from tests.fake_server import CountingServer
+
+
+def _config(tmp_path, url: str, **extra):
+    model = {"base_url": url, "model": "m", "max_concurrency": 2, "max_retries": 0}
+    prompts = write_jsonl(tmp_path / "p.jsonl", [f"Question {i}?" for i in range(60)])
+    return parse_config({
+        "name": "early", "prompts": {"path": str(prompts)},
+        "generation": {"models": [model], "samples_per_prompt": 2},
+        "scorers": [{"kind": "pointwise_judge", "name": "judge", "model": model}],
+        "warehouse": str(tmp_path / "w.duckdb"), **extra,
+    })  # fmt: skip
+
+
+def _q(db, sql: str) -> list[tuple]:
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+def _wait_for_commits(early: HeadStart, n: int, limit_s: float = 30) -> None:
+    deadline = time.monotonic() + limit_s
+    while early.writer is not None and early.writer.commits < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("stopped_by", "status"), [(KeyboardInterrupt(), "interrupted"), (None, "failed")])
+def test_a_head_start_no_flow_run_adopts_is_stopped_and_recorded_with_its_rows(tmp_path, stopped_by, status):
+    with CountingServer(latency_s=0.05) as server:  # 240 calls two at a time: about 6 s
+        config = _config(tmp_path, server.base_url)
+        early = HeadStart(config, config.warehouse)
+        early.start()
+        _wait_for_commits(early, 2)
+        assert early.writer is not None and early.writer.commits >= 2  # the precondition: it streamed
+        early.close(stopped_by)
+        sent = len(server.requests)
+        time.sleep(0.3)
+        assert len(server.requests) == sent, "requests went on after close()"
+    assert sent < 240, "the stream had ended before it was stopped"
+    db = tmp_path / "w.duckdb"
+    assert _q(db, "SELECT status FROM run_ends") == [(status,)]
+    ok = _q(db, "SELECT count(*) FROM model_calls WHERE status = 'ok'")[0][0]
+    assert 0 < ok <= sent
+    assert _q(db, "SELECT count(*) FROM responses")[0][0] > 0
+
+
+def test_only_the_flow_run_of_the_same_config_and_warehouse_claims_it_once(tmp_path):
+    with CountingServer(latency_s=0.01) as server:
+        config = _config(tmp_path, server.base_url)
+        other = config.model_copy(update={"name": "other"})
+        with head_start(config, None) as early:
+            assert early is not None
+            assert claim(other, config.warehouse, None) is None
+            assert claim(config, str(tmp_path / "elsewhere.duckdb"), None) is None
+            assert claim(config, config.warehouse, "0/2") is None  # a shard opens its own run
+            assert claim(config, config.warehouse, None) is early
+            assert claim(config, config.warehouse, None) is None  # once
+            early.stop()
+
+
+def test_runs_that_need_prefect_from_the_start_get_no_head_start(tmp_path):
+    url = "http://127.0.0.1:9/v1"
+    assert eligible(_config(tmp_path, url))
+    assert not eligible(_config(tmp_path, url, runner="ray"))
+    limited = _config(tmp_path, url).model_dump(exclude_none=True)
+    limited["generation"]["models"][0]["global_limit"] = True
+    assert not eligible(parse_config(limited))
+
+
+def test_held_lines_reach_the_flow_runs_log_once_it_exists(caplog):
+    import logging
+
+    log = HeldLog()
+    log.info("ingest: 3 prompts")
+    with caplog.at_level(logging.INFO, logger="prefsynth.run"):
+        log.warning("warehouse in use: waiting")  # shown at once, not only when a flow run adopts the run
+    assert [r.getMessage() for r in caplog.records] == ["warehouse in use: waiting"]
+    to = logging.getLogger("test.flow_run")
+    with caplog.at_level(logging.INFO, logger="test.flow_run"):
+        caplog.clear()
+        log.attach(to)
+        log.info("generate: 10/10 done")
+    assert [r.getMessage() for r in caplog.records] == [
+        "(before the flow run started) ingest: 3 prompts",
+        "(before the flow run started) warehouse in use: waiting",
+        "generate: 10/10 done",
+    ]
