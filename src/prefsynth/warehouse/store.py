@@ -294,8 +294,8 @@ class Store:
     @contextlib.contextmanager
     def _one_thread(self) -> Iterator[None]:
         """duckdb's `threads` at 1 meanwhile (a global setting: call it holding the lock). With more threads, duckdb
-        1.5.5 plans an INSERT from Arrow as a batch insert that stages each batch's rows in collections of their
-        own before it appends them: 2.3x the CPU of the plain insert for the batches of `write_frames`."""
+        1.5.5 plans an INSERT from Arrow as a BATCH_INSERT (see EXPLAIN): for the batches of `write_frames`
+        (bench/scale.py) 2.4x the CPU of the plain INSERT it plans on one thread, and no faster."""
         threads = self.con.execute("SELECT current_setting('threads')").fetchone()[0]
         self.con.execute("SET threads = 1")
         try:
@@ -380,10 +380,11 @@ class Store:
     def write_frames(self, run_id: str, frames: dict[str, pl.DataFrame]) -> dict[str, int]:
         """The batch writer: each table's frame in one statement, all in one transaction; rows added per table.
 
-        In a DuckDB file a keyed table is first written with a plain INSERT: ON CONFLICT DO NOTHING costs 2.4x
-        its CPU in duckdb 1.5.5 and new rows are the common case. A key that exists (a rerun, a write of the
-        same rows again) aborts the transaction; it runs again with ON CONFLICT for that table, which stays on
-        ON CONFLICT for the life of this Store. Either way the rows added are exactly those whose key was new.
+        In a DuckDB file a keyed table is first written with a plain INSERT: duckdb 1.5.5 plans ON CONFLICT DO
+        NOTHING as a MERGE_INTO, 2.4x the CPU for these batches, and new rows are the common case. A key that
+        exists (a rerun writing the same rows again) aborts the transaction; it runs again with ON CONFLICT for
+        that table, which stays on ON CONFLICT for the life of this Store. Either way the rows added are exactly
+        those whose key was new.
         """
         if not isinstance(self.con, duckdb.DuckDBPyConnection):  # DuckLake: anti-join inserts (ducklake.py)
             return self._transaction(lambda: {table: self._insert(table, df, run_id) for table, df in frames.items()})
