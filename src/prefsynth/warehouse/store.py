@@ -295,7 +295,8 @@ class Store:
     def _one_thread(self) -> Iterator[None]:
         """duckdb's `threads` at 1 meanwhile (a global setting: call it holding the lock). With more threads, duckdb
         1.5.5 plans an INSERT from Arrow as a BATCH_INSERT (see EXPLAIN): for the batches of `write_frames`
-        (bench/scale.py) 2.4x the CPU of the plain INSERT it plans on one thread, and no faster."""
+        (bench/scale.py) 2.4x the CPU of the plain INSERT it plans on one thread, and no faster. Queries that other
+        processes send meanwhile (sharing.py) run on one thread too: a commit takes milliseconds."""
         threads = self.con.execute("SELECT current_setting('threads')").fetchone()[0]
         self.con.execute("SET threads = 1")
         try:
