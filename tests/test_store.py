@@ -61,6 +61,47 @@ def test_a_failed_batch_writes_nothing(tmp_path):
         assert store.con.execute("SELECT count(*) FROM model_calls").fetchone()[0] == 0
 
 
+def _threads(store: Store) -> int:
+    return store.con.execute("SELECT current_setting('threads')").fetchone()[0]
+
+
+def test_the_batch_writer_adds_exactly_the_new_keys_when_some_exist_or_repeat(tmp_path):
+    from prefsynth.warehouse.store import frame
+
+    def batch(*calls: tuple[str, str], fails: int = 1) -> dict[str, pl.DataFrame]:
+        return {"model_calls": frame("model_calls", [_call(a, c) for a, c in calls]),
+                "failures": frame("failures", [Failure(stage="g", item_id=f"i{n}", scorer_id=None, error="e",
+                                                       raw=None) for n in range(fails)])}  # fmt: skip
+
+    with Store(tmp_path / "w.duckdb") as store:
+        threads = _threads(store)
+        assert store.write_frames("run", batch(("a1", "c1"), ("a2", "c2"))) == {"model_calls": 2, "failures": 1}
+        assert not store._conflicting  # new keys: the plain INSERT
+        # a2 exists and a3 comes twice: the plain INSERT fails, the batch runs again with ON CONFLICT
+        again = batch(("a2", "c2"), ("a3", "first"), ("a3", "second"), ("a4", "c4"))
+        assert store.write_frames("run", again) == {"model_calls": 2, "failures": 1}
+        assert store._conflicting == {"model_calls"}
+        assert store.write_frames("run", batch(("a5", "c5"), ("a1", "c1"))) == {"model_calls": 1, "failures": 1}
+        rows = dict(store.con.execute("SELECT attempt_id, call_id FROM model_calls").fetchall())
+        assert rows == {"a1": "c1", "a2": "c2", "a3": "first", "a4": "c4", "a5": "c5"}
+        assert store._count("failures") == 3  # once per batch: the rolled back try left nothing
+        assert _threads(store) == threads
+
+
+def test_the_batch_writer_raises_a_broken_constraint_that_is_not_a_key_and_writes_nothing(tmp_path):
+    from prefsynth.warehouse.store import frame
+
+    with Store(tmp_path / "w.duckdb") as store:
+        threads = _threads(store)
+        calls = frame("model_calls", [_call("a1", "c1"), _call("a2", "c2")]).with_columns(
+            model=pl.Series([None, "m"], dtype=pl.String))  # model is NOT NULL
+        fails = frame("failures", [Failure(stage="g", item_id="i", scorer_id=None, error="e", raw=None)])
+        with pytest.raises(duckdb.ConstraintException, match="NOT NULL"):
+            store.write_frames("run", {"failures": fails, "model_calls": calls})
+        assert store._count("model_calls") == store._count("failures") == 0
+        assert _threads(store) == threads
+
+
 def test_read_only_open_of_a_missing_warehouse_is_a_clear_error(tmp_path):
     with pytest.raises(PrefsynthError, match="warehouse not found"):
         Store(tmp_path / "none.duckdb", read_only=True)

@@ -169,6 +169,7 @@ class Store:
         """
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._conflicting: set[str] = set()  # tables `write_frames` writes with ON CONFLICT (a key existed)
         self._server: QueryServer | None = None
         lake = ducklake.parse(path) if ducklake.is_lake(path) else None
         if lake is None and (read_only or not create) and not self.path.exists():
@@ -245,12 +246,15 @@ class Store:
             return 0
 
     # ---- writes -------------------------------------------------------------------------------
-    def _insert(self, table: str, df: pl.DataFrame, run_id: str | None) -> int:
-        """Insert a batch in one statement through Arrow; rows whose key exists are skipped. Returns rows added."""
+    def _insert(self, table: str, df: pl.DataFrame, run_id: str | None, plain: bool = False) -> int:
+        """Insert a batch in one statement through Arrow; rows whose key exists are skipped. Returns rows added.
+
+        `plain` leaves out ON CONFLICT DO NOTHING: a key that exists is a ConstraintException instead (the
+        batch writer's fast path, `write_frames`)."""
         if df.is_empty():
             return 0
         key = TABLES[table].key if table in TABLES else None
-        if key:
+        if key and df[key].n_unique() < len(df):  # the check costs a tenth of `unique`
             df = df.unique(subset=key, keep="first", maintain_order=True)
         cols = [f'"{c}"' for c in df.columns]
         select = ", ".join(cols)
@@ -258,7 +262,7 @@ class Store:
             df = df.with_columns(pl.lit(run_id).alias("run_id"))
             cols.append("run_id")
             select += ", run_id"
-        conflict = " ON CONFLICT DO NOTHING" if key else ""
+        conflict = " ON CONFLICT DO NOTHING" if key and not plain else ""
         self.con.register("_batch", df.to_arrow())
         try:
             row = self.con.execute(
@@ -270,11 +274,11 @@ class Store:
     def _count(self, table: str) -> int:
         return self.con.execute(f"SELECT count(*) FROM {_table(table)}").fetchone()[0]
 
-    def _transaction(self, fn: Any) -> Any:
+    def _transaction(self, fn: Any, one_thread: bool = False) -> Any:
         """fn() in one transaction. On a DuckLake commit conflict (another writer committed meanwhile) it runs
-        again, so fn must be replayable (ducklake.py)."""
+        again, so fn must be replayable (ducklake.py). `one_thread`: duckdb runs it on one thread (`_one_thread`)."""
         for attempt in itertools.count():
-            with self._lock:
+            with self._lock, self._one_thread() if one_thread else contextlib.nullcontext():
                 self.con.execute("BEGIN")
                 try:
                     out = fn()
@@ -286,6 +290,19 @@ class Store:
                         raise
             time.sleep(wait)
         raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def _one_thread(self) -> Iterator[None]:
+        """duckdb's `threads` at 1 meanwhile (a global setting: call it holding the lock). With more threads, duckdb
+        1.5.5 plans an INSERT from Arrow as a BATCH_INSERT (see EXPLAIN): for the batches of `write_frames`
+        (bench/scale.py) 2.4x the CPU of the plain INSERT it plans on one thread, and no faster. Queries that other
+        processes send meanwhile (sharing.py) run on one thread too: a commit takes milliseconds."""
+        threads = self.con.execute("SELECT current_setting('threads')").fetchone()[0]
+        self.con.execute("SET threads = 1")
+        try:
+            yield
+        finally:
+            self.con.execute(f"SET threads = {int(threads)}")
 
     def begin_run(
         self, run_id: str, name: str, config_json: str, flow_run_id: str | None, kind: str = "synthesize"
@@ -367,8 +384,37 @@ class Store:
         return self.write_frames(run_id, {table: frame(table, rows) for table, rows in result.rows.items()})
 
     def write_frames(self, run_id: str, frames: dict[str, pl.DataFrame]) -> dict[str, int]:
-        """The batch writer: each table's frame in one statement, all in one transaction; rows added per table."""
-        return self._transaction(lambda: {table: self._insert(table, df, run_id) for table, df in frames.items()})
+        """The batch writer: each table's frame in one statement, all in one transaction; rows added per table.
+
+        In a DuckDB file a keyed table is first written with a plain INSERT: duckdb 1.5.5 plans ON CONFLICT DO
+        NOTHING as a MERGE_INTO, 2.4x the CPU for these batches, and new rows are the common case. A key that
+        exists (a rerun writing the same rows again) aborts the transaction; it runs again with ON CONFLICT for
+        that table, which stays on ON CONFLICT for the life of this Store. Either way the rows added are exactly
+        those whose key was new.
+        """
+        if not isinstance(self.con, duckdb.DuckDBPyConnection):  # DuckLake: anti-join inserts (ducklake.py)
+            return self._transaction(lambda: {table: self._insert(table, df, run_id) for table, df in frames.items()})
+        while True:
+            plain = {t for t in frames if t in TABLES and TABLES[t].key and t not in self._conflicting}
+            failed: list[str] = []
+
+            def write(plain: set[str] = plain, failed: list[str] = failed) -> dict[str, int]:
+                out = {}
+                for table, df in frames.items():
+                    try:
+                        out[table] = self._insert(table, df, run_id, plain=table in plain)
+                    except duckdb.ConstraintException:
+                        failed.append(table)
+                        raise
+                return out
+
+            try:
+                return self._transaction(write, one_thread=True)
+            except duckdb.ConstraintException:
+                retry = plain & set(failed) if failed else plain  # none failed: COMMIT found the key
+                if not retry:
+                    raise
+                self._conflicting |= retry
 
     def register_scorer(self, scorer_id: str, name: str, kind: str, config_json: str) -> None:
         with self._lock:  # the writer thread may be inside a transaction on this connection
