@@ -257,7 +257,8 @@ def run_cmd(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 
                 timed_out = True
                 kill_group(proc)
                 break
-            time.sleep(0.2)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.2)  # returns when it ends: the wall time is exact, not rounded up to a tick
         proc.wait()
         seconds = time.perf_counter() - start
         out.seek(0)
@@ -415,6 +416,16 @@ def sdk(url: str, bodies: Path, concurrency: int, timeout: float = 300, retries:
     return run, json.loads(run.out.strip().splitlines()[-1])
 
 
+def sdk_startup() -> float:
+    """Seconds for a new Python process to import the openai SDK and exit (the best of three)."""
+    def once() -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import openai"], check=True)
+        return time.perf_counter() - start
+
+    return min(once() for _ in range(3))
+
+
 def sdk_bodies(folder: Path, db: Path, prompts: int, samples: int = 2) -> tuple[Path, float]:
     """Bodies for the SDK arm; and the share of its generation bodies that prefsynth's ledger holds too."""
     gen = generation_bodies(prompts, samples)
@@ -451,6 +462,9 @@ def ceiling(folder: Path, calls: int, concurrencies: list[int], distilabel: bool
             r[f"{name}_sdk_same_generation_bodies"] = same
             r[f"{name}_sdk_fallback_judge_bodies"] = out["fallback_judge_bodies"]
             r[f"{name}_prefsynth_vs_sdk"] = run.seconds / out["seconds"]
+            # the SDK as a whole command too: a Python process that imports openai, then sends the calls
+            r[f"{name}_sdk_command_seconds"] = sdk_startup() + out["seconds"]
+            r[f"{name}_prefsynth_vs_sdk_command"] = run.seconds / r[f"{name}_sdk_command_seconds"]
             server.reset()
             _, fast = sdk(server.url, bodies, c, aiohttp=True)
             r[f"{name}_sdk_aiohttp_seconds"] = fast["seconds"]
