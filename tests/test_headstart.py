@@ -97,3 +97,36 @@ def test_held_lines_reach_the_flow_runs_log_once_it_exists(caplog):
         "(before the flow run started) warehouse in use: waiting",
         "generate: 10/10 done",
     ]
+
+
+def _no_server(cwd, **env) -> bool:
+    """`no_server_configured()` in a new process (without Prefect imported, as at the CLI's start)."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.upper().startswith("PREFECT_")}
+    code = ("import sys; from prefsynth.flows.prefect_api import no_server_configured as f; "
+            "print(f(), 'prefect' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env={**base, **env}, capture_output=True, text=True,
+                         check=True).stdout.split()  # fmt: skip
+    assert out[1] == "False", "the quick check imported Prefect"
+    return out[0] == "True"
+
+
+def test_the_quick_check_for_a_configured_prefect_server_errs_on_the_safe_side(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    assert _no_server(tmp_path, PREFECT_HOME=str(home))  # nothing configured: a temporary API, a head start
+    assert not _no_server(tmp_path, PREFECT_HOME=str(home), PREFECT_API_URL="http://10.0.0.1:4200/api")
+    assert not _no_server(tmp_path, PREFECT_HOME=str(home), prefect_api_url="http://10.0.0.1:4200/api")
+    (home / "profiles.toml").write_text('active = "work"\n[profiles.work]\nprefect_api_url = "http://10.0.0.1/api"\n')
+    assert not _no_server(tmp_path, PREFECT_HOME=str(home))
+    (home / "profiles.toml").write_text('active = "mine"\n[profiles.mine]\nPREFECT_LOGGING_LEVEL = "INFO"\n'
+                                        '[profiles.work]\nPREFECT_API_URL = "http://10.0.0.1/api"\n')  # fmt: skip
+    assert _no_server(tmp_path, PREFECT_HOME=str(home))  # another profile names one, the active one does not
+    (tmp_path / ".env").write_text("prefect_api_url=http://10.0.0.1/api\n")
+    assert not _no_server(tmp_path, PREFECT_HOME=str(home))
+    (tmp_path / ".env").unlink()
+    (tmp_path / "pyproject.toml").write_text('[tool.prefect]\napi.url = "http://10.0.0.1/api"\n')
+    assert not _no_server(tmp_path, PREFECT_HOME=str(home))

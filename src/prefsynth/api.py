@@ -111,8 +111,8 @@ def run(
     `config`: a PipelineConfig, a mapping shaped like the YAML, or a YAML file's path. `prompts` (optional)
     replaces the config's prompt source: a list of texts, message lists or records, a polars or pandas
     DataFrame, or a `datasets.Dataset`. `db` overrides the config's warehouse. Local models and Prefect's
-    temporary API (unless PREFECT_API_URL is set, or this is called inside a flow) start at once and stop
-    when the run ends. Raises `RunFailed` (its `summary` is the run's) when the run produced no responses or
+    temporary API (unless a Prefect server is configured, or this is called inside a flow) start at once and
+    stop when the run ends; the run streams while that API starts (flows/headstart.py). Raises `RunFailed` (its `summary` is the run's) when the run produced no responses or
     scores, or when items failed and the config sets `failures_fatal`. `runner` ("threads" or "ray") overrides
     the config's `runner`: where in-process reward models and dedup run. `shard` ("i/N") runs shard i of N
     alone, in this process: its prompts generated and scored, nothing curated (see `run_shards`).
@@ -221,14 +221,16 @@ def _execute(cfg: PipelineConfig, prompts: Any, db: str | Path | None, loop: boo
             flows = _flows(timings)
         servers.wait_ready()
         timings["servers"] = servers.ready_after()
+        run_started = time.monotonic()  # the run's own time: from its opening (here, or in its flow) to its end
         with head_start(cfg, db_name) if early else contextlib.nullcontext(), _api(prefect_api) as api:
             if early:
                 flows = _flows(timings)  # while the run streams
             with _using(using, api):
                 timings["api"] = api.ready_after if api and api.ready_after else 0.0
-                flow_started = time.monotonic()
+                if not early:
+                    run_started = time.monotonic()
                 summary = flows[1](config=cfg, db=db_name) if loop else flows[0](config=cfg, db=db_name, shard=shard)
-                timings["flow"] = time.monotonic() - flow_started
+                timings["flow"] = time.monotonic() - run_started
     return summary, timings
 
 

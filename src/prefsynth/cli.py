@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from importlib import resources
@@ -706,7 +707,10 @@ def eval_(
     position_consistency, first_position_rate, flipped, calls_per_pair and tokens_per_pair.
     """
     from prefsynth.flows.prefect_api import launching
+    from prefsynth.tasks.labelled import FORMATS
 
+    if fmt not in FORMATS:
+        raise fail(PrefsynthError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}"))
     try:
         with launching():
             result = _evaluate(config, data, fmt, limit, db)
@@ -733,10 +737,8 @@ def _evaluate(config: Path, data: Path, fmt: str, limit: int | None, db: Path | 
     from prefsynth.flows.evaluate import evaluate
     from prefsynth.flows.prefect_api import prefect_api, using
     from prefsynth.schemas.config import load_config
-    from prefsynth.tasks.labelled import FORMATS, load_labelled
+    from prefsynth.tasks.labelled import load_labelled
 
-    if fmt not in FORMATS:
-        raise PrefsynthError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     cfg = load_config(config)
     for model in cfg.all_models():
         if model.gguf:
@@ -793,6 +795,9 @@ def main() -> None:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         if not isinstance(done.code, int | None):
             print(done.code, file=sys.stderr)
+        # what the interpreter does first at exit: join non-daemon threads (after their executors' exit
+        # hooks), then run the atexit handlers
+        threading._shutdown()  # type: ignore[attr-defined]
         atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):

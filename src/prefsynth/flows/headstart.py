@@ -26,7 +26,7 @@ from logging import Logger, LoggerAdapter
 from typing import TYPE_CHECKING, Any
 
 from prefsynth.flows.engine import Writer
-from prefsynth.flows.opening import Opened, opened, stream
+from prefsynth.flows.opening import Opened, finish, opened, stream
 
 if TYPE_CHECKING:
     from prefsynth.flows.stream import Streaming
@@ -69,11 +69,10 @@ class HeldLog:
             _log.log(level, msg)
 
     def attach(self, logger: Logger | LoggerAdapter) -> None:
-        with self._lock:
-            held, self._held, self._to = self._held, [], logger
-            self._context = contextvars.copy_context()
-        for level, msg in held:
-            logger.log(level, f"(before the flow run started) {msg}")
+        with self._lock:  # held: no live line overtakes the replayed ones
+            for level, msg in self._held:
+                logger.log(level, f"(before the flow run started) {msg}")
+            self._held, self._to, self._context = [], logger, contextvars.copy_context()
 
 
 class HeadStart:
@@ -157,30 +156,41 @@ class HeadStart:
         assert self._streaming is not None
         return self._streaming
 
-    def stop(self) -> None:
-        """Cancel the stream (what finished is committed) and wait for its thread."""
+    def stop(self, patience_s: float = 30.0) -> None:
+        """Cancel the stream and wait for its thread, also through further Ctrl-Cs (for up to `patience_s`):
+        what finished is committed."""
         with self._lock:
             self._stopping = True
             if self._loop is not None and self._task is not None:
                 with contextlib.suppress(RuntimeError):  # its loop has closed: the stream had ended
                     self._loop.call_soon_threadsafe(self._task.cancel)
-        if self._thread is not None:
-            self._thread.join()
+        deadline = time.monotonic() + patience_s
+        while self._thread is not None and self._thread.is_alive():
+            try:
+                self._thread.join(0.2)
+            except KeyboardInterrupt:
+                if time.monotonic() > deadline:
+                    raise
+        if self._thread is None and self.writer is not None:  # the stream closes it, if it started
+            finish(self.writer)
 
     def close(self, err: BaseException | None) -> None:
-        """Stop what runs; a run no flow run adopted is recorded as interrupted or failed. Closes the run."""
+        """Stop what runs; a run whose flow run did not record its end (none adopted it, or it stopped while
+        adopting it) is recorded as interrupted or failed. Closes the run."""
         from prefsynth.flows.synthesize import interrupted
 
+        self.stop()
         try:
-            self.stop()
             run = self.run
-            if run is not None and not self.claimed:
+            if run is not None and not run.ended:
                 summary = run.summary
                 summary.status = "interrupted" if err is not None and interrupted(err) else "failed"
                 summary.seconds = time.monotonic() - run.started
                 run.store.end_run(summary.run_id, summary.status, summary.model_dump())
-                self.log.warning(f"run {summary.run_id} {summary.status} before its flow run started; what it "
-                                 "committed is kept, and a rerun continues from there")  # fmt: skip
+                run.ended = True
+                why = f": {type(self._error).__name__}: {self._error}" if self._error is not None else ""
+                self.log.warning(f"run {summary.run_id} {summary.status} before its flow run took it over{why}; "
+                                 "what it committed is kept, and a rerun continues from there")  # fmt: skip
         finally:
             self._stack.close()
 

@@ -49,6 +49,7 @@ class Opened:
     ray: RayRunner | None  # with `runner: ray`
     run_budget: Budget | None
     shard: bool
+    ended: bool = False  # its end is recorded (run_ends)
 
 
 @contextlib.contextmanager
@@ -74,9 +75,9 @@ def opened(config: PipelineConfig, warehouse: str, part: tuple[int, int] | None,
               spending(config.budget) as run_budget):
             announce_revisions(store, config, log)
             ingest(store, config, summary, part, log)
-            store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), flow_run)
             for scorer in scorers:
                 store.register_scorer(scorer.scorer_id, scorer.name, scorer.kind, scorer.config_json)
+            store.begin_run(summary.run_id, config.name, canonical_json(config.model_dump()), flow_run)
             yield Opened(config, summary, started, store, policies, scorers, teacher, ray, run_budget,
                          part is not None)  # fmt: skip
 
@@ -126,12 +127,14 @@ def ingest(store: Store, config: PipelineConfig, summary: RunSummary, shard: tup
 def stream(run: Opened, log: Log, writer: Writer,
            runner: Callable[[Coroutine[Any, Any, None]], Any] = run_async) -> Streaming:  # fmt: skip
     """Stream every prompt of the run through generation and scoring; the writer is closed after."""
-    blocks = run.store.run_prompts(run.summary.run_id, PROMPTS_PER_BLOCK)
+    blocks = None
     try:
+        blocks = run.store.run_prompts(run.summary.run_id, PROMPTS_PER_BLOCK)
         streaming = Streaming(run.store, run.config, run.policies, run.scorers, writer, log)
         runner(streaming.run(blocks, run.summary.prompts))
     finally:
-        blocks.close()  # its cursor would keep the file open
+        if blocks is not None:
+            blocks.close()  # its cursor would keep the file open
         finish(writer)  # whatever finished is committed, also on Ctrl-C
     return streaming
 

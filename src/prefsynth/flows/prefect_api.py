@@ -57,19 +57,20 @@ def no_server_configured() -> bool:
     profile with PREFECT_API* keys). When unsure it says false, and `configured_api_url()` decides."""
     if "prefect" in sys.modules:
         return not configured_api_url()
-    if any(k.startswith(("PREFECT_API", "PREFECT_PROFILE")) or k == "PREFECT_TEST_MODE" for k in os.environ):
+    names = [k.upper() for k in os.environ]  # Prefect reads its settings whatever their case
+    if any(k.startswith(("PREFECT_API", "PREFECT_PROFILE")) or k == "PREFECT_TEST_MODE" for k in names):
         return False
     try:
-        if Path("prefect.toml").exists() or "PREFECT_" in _text(Path(".env")):
+        if Path("prefect.toml").exists() or "PREFECT_" in _text(Path(".env")).upper():
             return False
-        if "tool.prefect" in _text(Path("pyproject.toml")):
+        if "tool.prefect" in _text(Path("pyproject.toml")).lower():
             return False
         home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
         profiles = tomllib.loads(_text(home / "profiles.toml"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False
     active = profiles.get("profiles", {}).get(profiles.get("active", "ephemeral"), {})
-    return not any(str(k).startswith("PREFECT_API") for k in active)
+    return not any(str(k).upper().startswith("PREFECT_API") for k in active)
 
 
 def _text(path: Path) -> str:
@@ -161,18 +162,17 @@ def prefect_api() -> Iterator[TemporaryAPI | None]:
     Call `wait()` on it before the first flow runs; `using(api)` points Prefect at it.
     """
     api = _launched.pop() if _launched else None
-    if configured_api_url():
-        if api is not None:
-            api.stop()
-        yield None
-        return
-    if api is None:
-        api = TemporaryAPI()
-        api.launch()
     try:
+        if configured_api_url():
+            yield None
+            return
+        if api is None:
+            api = TemporaryAPI()
+            api.launch()
         yield api
     finally:
-        api.stop()
+        if api is not None:
+            api.stop()
 
 
 @contextlib.contextmanager

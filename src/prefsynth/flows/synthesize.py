@@ -74,13 +74,17 @@ def synthesize(config: PipelineConfig, db: str | None = None, shard: str | None 
             if summary.prompts:  # a shard's range may hold no prompt
                 _run(run, early)
         except BaseException as err:
+            if early is not None:
+                early.stop()  # no row may land after the run's end
             summary.status = "interrupted" if interrupted(err) else "failed"
             summary.seconds = time.monotonic() - run.started
             store.end_run(summary.run_id, summary.status, summary.model_dump())
+            run.ended = True
             raise
         summary.seconds = time.monotonic() - run.started
         summary.budget = run.run_budget.spent() if run.run_budget is not None else None
         store.end_run(summary.run_id, summary.status, summary.model_dump())
+        run.ended = True
         report = _report(store, summary.run_id)
     _publish(summary, report)
     check_outcome(summary, config)
