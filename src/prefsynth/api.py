@@ -112,7 +112,8 @@ def run(
     replaces the config's prompt source: a list of texts, message lists or records, a polars or pandas
     DataFrame, or a `datasets.Dataset`. `db` overrides the config's warehouse. Local models and Prefect's
     temporary API (unless a Prefect server is configured, or this is called inside a flow) start at once and
-    stop when the run ends; the run streams while that API starts (flows/headstart.py). Raises `RunFailed` (its `summary` is the run's) when the run produced no responses or
+    stop when the run ends; the run streams while that API starts (flows/headstart.py). Raises `RunFailed`
+    (its `summary` is the run's) when the run produced no responses or
     scores, or when items failed and the config sets `failures_fatal`. `runner` ("threads" or "ray") overrides
     the config's `runner`: where in-process reward models and dedup run. `shard` ("i/N") runs shard i of N
     alone, in this process: its prompts generated and scored, nothing curated (see `run_shards`).
