@@ -294,3 +294,26 @@ def test_a_lake_takes_no_prefect_slot_on_a_shared_server(monkeypatch, tmp_path: 
     with pytest.raises(AssertionError, match="asked Prefect for limit prefsynth-warehouse-"), \
             exclusive.warehouse_turn(tmp_path / "w.duckdb"):  # fmt: skip
         pass
+
+
+@pytest.mark.postgres
+def test_processes_that_create_a_new_lake_at_the_same_moment_all_open_it(lake: str) -> None:
+    """Runs start streaming at once (no wait for Prefect's API): several may create a new catalog together,
+    and PostgreSQL fails all but one on a duplicate key. Those attach again and find the catalog made."""
+    parsed = ducklake.parse(lake)
+    start = threading.Barrier(4)
+    opened: list[str] = []
+
+    def open_it() -> None:
+        start.wait()
+        con = ducklake.connect(parsed, read_only=False)  # each its own in-memory DuckDB: separate catalog clients
+        opened.append(con.con.execute("SELECT count(*) FROM duckdb_databases() WHERE database_name = 'lake'")
+                      .fetchone()[0])  # fmt: skip
+        con.con.close()
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert opened == [1, 1, 1, 1]

@@ -223,7 +223,7 @@ def connect(lake: Lake, read_only: bool) -> LakeConnection:
     try:
         for file in _extension_files().values():
             con.execute(f"LOAD {_literal(str(file))}")
-        con.execute(lake.attach_sql(read_only))
+        _attach(con, lake, read_only)
         con.execute("USE lake")
         if not read_only:
             _make_gate(con)
@@ -237,6 +237,21 @@ def connect(lake: Lake, read_only: bool) -> LakeConnection:
             hint = " (a new catalog needs ?data_path=FOLDER in the warehouse name)"
         raise WarehouseError(f"cannot open warehouse {lake.url}: {first}{hint}") from None
     return LakeConnection(con, read_only)
+
+
+def _attach(con: duckdb.DuckDBPyConnection, lake: Lake, read_only: bool) -> None:
+    """ATTACH the lake. Two processes creating a new catalog at the same moment race in PostgreSQL (both
+    create its tables: one fails on a duplicate key); the loser attaches again and finds the catalog made."""
+    for attempt in range(MAX_ATTEMPTS):
+        try:
+            con.execute(lake.attach_sql(read_only))
+            return
+        except duckdb.Error as err:
+            racing = "Failed to initialize DuckLake" in str(err) and (
+                "duplicate key" in str(err) or "already exists" in str(err))  # fmt: skip
+            if not racing or attempt + 1 >= MAX_ATTEMPTS:
+                raise
+            time.sleep(random.uniform(0.05, 0.2))
 
 
 def _make_gate(con: duckdb.DuckDBPyConnection) -> None:
