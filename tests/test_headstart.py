@@ -3,6 +3,7 @@ endpoint with deterministic answers. No Prefect API is involved here: the head s
 
 from __future__ import annotations
 
+import json
 import time
 
 import duckdb
@@ -54,6 +55,10 @@ def test_a_head_start_no_flow_run_adopts_is_stopped_and_recorded_with_its_rows(t
     ok = _q(db, "SELECT count(*) FROM model_calls WHERE status = 'ok'")[0][0]
     assert 0 < ok <= sent
     assert _q(db, "SELECT count(*) FROM responses")[0][0] > 0
+    recorded = json.loads(_q(db, "SELECT summary FROM run_ends")[0][0])  # what it did before it stopped
+    calls = {s["stage"]: s["model_calls"] for s in recorded["stages"]}
+    assert set(calls) == {"ingest", "generate[m]", "score[judge]"} and calls["generate[m]"] > 0
+    assert sum(calls.values()) >= ok  # counted when answered; committed up to the stop
 
 
 def test_only_the_flow_run_of_the_same_config_and_warehouse_claims_it_once(tmp_path):

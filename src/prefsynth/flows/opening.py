@@ -50,6 +50,7 @@ class Opened:
     run_budget: Budget | None
     shard: bool
     ended: bool = False  # its end is recorded (run_ends)
+    streaming: Streaming | None = None  # its stream, once started
 
 
 @contextlib.contextmanager
@@ -130,7 +131,7 @@ def stream(run: Opened, log: Log, writer: Writer,
     blocks = None
     try:
         blocks = run.store.run_prompts(run.summary.run_id, PROMPTS_PER_BLOCK)
-        streaming = Streaming(run.store, run.config, run.policies, run.scorers, writer, log)
+        streaming = run.streaming = Streaming(run.store, run.config, run.policies, run.scorers, writer, log)
         runner(streaming.run(blocks, run.summary.prompts))
     finally:
         if blocks is not None:
