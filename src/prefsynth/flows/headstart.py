@@ -86,7 +86,6 @@ class HeadStart:
         self.writer: Writer | None = None
         self._stack = contextlib.ExitStack()
         self._thread: threading.Thread | None = None
-        self._streaming: Streaming | None = None
         self._error: BaseException | None = None
         self._task: asyncio.Task[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -112,7 +111,7 @@ class HeadStart:
     def _main(self) -> None:
         assert self.run is not None and self.writer is not None
         try:
-            self._streaming = stream(self.run, self.log, self.writer, self._run_async)
+            stream(self.run, self.log, self.writer, self._run_async)
         except BaseException as err:  # noqa: BLE001 - handed to the flow run's join(), or recorded by stop()
             self._error = err
 
@@ -153,8 +152,8 @@ class HeadStart:
             raise
         if self._error is not None:
             raise self._error
-        assert self._streaming is not None
-        return self._streaming
+        assert self.run is not None and self.run.streaming is not None
+        return self.run.streaming
 
     def stop(self, patience_s: float = 30.0) -> None:
         """Cancel the stream and wait for its thread, also through further Ctrl-Cs (for up to `patience_s`):

@@ -163,16 +163,23 @@ def prefect_api() -> Iterator[TemporaryAPI | None]:
     """
     api = _launched.pop() if _launched else None
     try:
-        if configured_api_url():
-            yield None
-            return
-        if api is None:
-            api = TemporaryAPI()
-            api.launch()
-        yield api
-    finally:
+        configured = configured_api_url()
+    except BaseException:
         if api is not None:
             api.stop()
+        raise
+    if configured:
+        if api is not None:
+            api.stop()
+        yield None
+        return
+    if api is None:
+        api = TemporaryAPI()
+        api.launch()
+    try:
+        yield api
+    finally:
+        api.stop()
 
 
 @contextlib.contextmanager
