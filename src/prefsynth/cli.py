@@ -732,7 +732,8 @@ def eval_(
 
 
 def _evaluate(config: Path, data: Path, fmt: str, limit: int | None, db: Path | None) -> dict:
-    """Check the config and the labelled data (before servers or Prefect start), then run the eval flow."""
+    """Check the config and the labelled data (before local servers start and Prefect is imported), then run
+    the eval flow."""
     from prefsynth.backends.local import require_local
     from prefsynth.flows.evaluate import evaluate
     from prefsynth.flows.prefect_api import prefect_api, using
