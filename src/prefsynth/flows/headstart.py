@@ -26,7 +26,7 @@ from logging import Logger, LoggerAdapter
 from typing import TYPE_CHECKING, Any
 
 from prefsynth.flows.engine import Writer
-from prefsynth.flows.opening import Opened, finish, opened, stream
+from prefsynth.flows.opening import Opened, finish, opened, patiently, stream
 
 if TYPE_CHECKING:
     from prefsynth.flows.stream import Streaming
@@ -145,8 +145,7 @@ class HeadStart:
         assert self.writer is not None
         self.writer.attach(commit)
         try:
-            while self._thread is not None and self._thread.is_alive():
-                self._thread.join(0.2)
+            self._wait()
         except BaseException:
             self.stop()
             raise
@@ -155,21 +154,21 @@ class HeadStart:
         assert self.run is not None and self.run.streaming is not None
         return self.run.streaming
 
-    def stop(self, patience_s: float = 30.0) -> None:
-        """Cancel the stream and wait for its thread, also through further Ctrl-Cs (for up to `patience_s`):
-        what finished is committed."""
+    def _wait(self) -> None:
+        """Until the stream's thread ends, in short joins (a Ctrl-C interrupts it at once)."""
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(0.2)
+
+    def stop(self) -> None:
+        """Cancel the stream and wait for its thread, also through further Ctrl-Cs: what finished is
+        committed."""
         with self._lock:
             self._stopping = True
             if self._loop is not None and self._task is not None:
                 with contextlib.suppress(RuntimeError):  # its loop has closed: the stream had ended
                     self._loop.call_soon_threadsafe(self._task.cancel)
-        deadline = time.monotonic() + patience_s
-        while self._thread is not None and self._thread.is_alive():
-            try:
-                self._thread.join(0.2)
-            except KeyboardInterrupt:
-                if time.monotonic() > deadline:
-                    raise
+        if self._thread is not None:
+            patiently(self._wait)
         if self._thread is None and self.writer is not None:  # the stream closes it, if it started
             finish(self.writer)
 
@@ -198,12 +197,9 @@ class HeadStart:
 
 
 @contextlib.contextmanager
-def head_start(config: PipelineConfig, warehouse: str | None) -> Iterator[HeadStart | None]:
-    """Open `config`'s run and start streaming it now (if `eligible`); the next flow run of the same config
-    and warehouse adopts it (`claim`)."""
-    if not eligible(config):
-        yield None
-        return
+def head_start(config: PipelineConfig, warehouse: str | None) -> Iterator[HeadStart]:
+    """Open `config`'s run (which must be `eligible`) and start streaming it now; the next flow run of the same
+    config and warehouse adopts it (`claim`)."""
     early = HeadStart(config, warehouse or str(config.warehouse))
     token = _offered.set(early)
     err: BaseException | None = None

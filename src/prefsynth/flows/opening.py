@@ -140,12 +140,17 @@ def stream(run: Opened, log: Log, writer: Writer,
     return streaming
 
 
-def finish(writer: Writer, patience_s: float = 30.0) -> None:
-    """Close the writer even through further Ctrl-Cs (for up to `patience_s`): its last batch is committed."""
+def finish(writer: Writer) -> None:
+    """Close the writer even through further Ctrl-Cs: its last batch is committed."""
+    patiently(writer.close)
+
+
+def patiently(wait: Callable[[], None], patience_s: float = 30.0) -> None:
+    """`wait()` to the end, through further Ctrl-Cs for up to `patience_s` (what is stopping gets to finish)."""
     deadline = time.monotonic() + patience_s
     while True:
         try:
-            writer.close()
+            wait()
             return
         except KeyboardInterrupt:
             if time.monotonic() > deadline:

@@ -392,7 +392,7 @@ class Store:
         that table, which stays on ON CONFLICT for the life of this Store. Either way the rows added are exactly
         those whose key was new.
         """
-        if not isinstance(self.con, duckdb.DuckDBPyConnection):  # DuckLake: anti-join inserts (ducklake.py)
+        if not isinstance(self.con, duckdb.DuckDBPyConnection):  # DuckLake (anti-join inserts), or a served store
             return self._transaction(lambda: {table: self._insert(table, df, run_id) for table, df in frames.items()})
         while True:
             plain = {t for t in frames if t in TABLES and TABLES[t].key and t not in self._conflicting}
