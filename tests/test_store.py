@@ -345,3 +345,25 @@ def test_stats_sum_attempts_retries_and_waits_per_endpoint(tmp_path):
     assert by_run == [(4, 8, 5)]
     text = CliRunner().invoke(app, ["stats", "--db", str(tmp_path / "w.duckdb")], env={"COLUMNS": "200"})
     assert text.exit_code == 0 and "HTTP requests and retries per endpoint" in text.output
+
+
+def test_a_writer_bounds_duckdbs_cache_above_room_for_its_keys(tmp_path, monkeypatch):
+    """duckdb's default memory_limit (80% of RAM) let a long run's RSS grow with its warehouse."""
+    import prefsynth.warehouse.store as store_module
+    from prefsynth.warehouse.store import CACHE_BYTES, frame
+
+    def limit_mib(store: Store) -> float:
+        value, unit = store.con.execute("SELECT current_setting('memory_limit')").fetchone()[0].split()
+        return float(value) * {"MiB": 1, "GiB": 1024}[unit]
+
+    with Store(tmp_path / "w.duckdb") as store:  # a new warehouse: a few keys (schema_version), the cache
+        assert CACHE_BYTES / 2**20 <= limit_mib(store) < CACHE_BYTES / 2**20 + 1
+    monkeypatch.setattr(store_module, "_REBOUND_ROWS", 100)
+    monkeypatch.setattr(store_module, "KEY_BYTES", 2**20)  # a MiB a key: 100 calls move the limit visibly
+    with Store(tmp_path / "w.duckdb") as store:
+        before = limit_mib(store)
+        store.write_frames("run", {"model_calls": frame("model_calls", [_call(f"a{n}", f"c{n}") for n in range(99)])})
+        assert limit_mib(store) == before  # fewer rows than _REBOUND_ROWS: not looked at yet
+        store.write_frames("run", {"model_calls": frame("model_calls", [_call("a99", "c99")])})
+        # 100 calls, 2 keys each (the attempt's primary key and the index on call_id), a MiB a key
+        assert limit_mib(store) == before + 200

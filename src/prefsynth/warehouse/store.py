@@ -34,6 +34,17 @@ READER_WAIT_S = 15.0  # how long a reader waits for a file that a process holds 
 # A writer checkpoints when its WAL reaches this (duckdb's default, 16 MiB, checkpoints every few batches and
 # rewrites the growing key indexes each time: 1.7x slower bulk writes). Data in the WAL replays after a crash.
 CHECKPOINT_THRESHOLD = "256MiB"
+# duckdb caches the table blocks it reads and writes up to `memory_limit`, 80% of RAM by default: a writer's RSS
+# grew with its warehouse. A writer's limit is this cache plus room for every key of its indexes, which duckdb
+# cannot evict and loads as writes touch them (measured ~70 bytes a 32-digit key; KEY_BYTES leaves a margin).
+CACHE_BYTES = 384 * 2**20
+KEY_BYTES = 100
+_REBOUND_ROWS = 200_000  # rows written between two looks at the keys (at most ~40 MB more of them)
+_KEYS = """SELECT coalesce(sum(t.estimated_size * k.n), 0) FROM duckdb_tables() t JOIN (
+    SELECT table_oid, count(*) AS n FROM (
+        SELECT table_oid FROM duckdb_constraints() WHERE constraint_type IN ('PRIMARY KEY', 'UNIQUE')
+        UNION ALL SELECT table_oid FROM duckdb_indexes()) GROUP BY table_oid) k USING (table_oid)
+    WHERE t.database_name = current_database()"""
 STATS_TABLES = ("runs", "prompts", "responses", "scores", "judgments", "comparisons", "failures", "pairs",
                 "refinements", "run_anchors", "prompt_flags", "dataset_snapshots", "logprobs", "prompt_routes", "evals",
                 "model_calls", "prompt_versions", "loop_rounds", "review_tasks", "human_labels")
@@ -170,6 +181,8 @@ class Store:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._conflicting: set[str] = set()  # tables `write_frames` writes with ON CONFLICT (a key existed)
+        self._unbounded_rows = 0  # rows written since `_bound_memory` last ran
+        self._memory_limit = 0
         self._server: QueryServer | None = None
         lake = ducklake.parse(path) if ducklake.is_lake(path) else None
         if lake is None and (read_only or not create) and not self.path.exists():
@@ -185,6 +198,8 @@ class Store:
             try:
                 self.con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
                 self.migrate()
+                if lake is None:
+                    self._bound_memory()
             except BaseException:  # e.g. a lake's migration lost 30 commit races: close what was opened
                 self.close()
                 raise
@@ -409,12 +424,26 @@ class Store:
                 return out
 
             try:
-                return self._transaction(write, one_thread=True)
+                added = self._transaction(write, one_thread=True)
             except duckdb.ConstraintException:
                 retry = plain & set(failed) if failed else plain  # none failed: COMMIT found the key
                 if not retry:
                     raise
                 self._conflicting |= retry
+                continue
+            self._unbounded_rows += sum(added.values())
+            if self._unbounded_rows >= _REBOUND_ROWS:
+                self._bound_memory()
+            return added
+
+    def _bound_memory(self) -> None:
+        """duckdb's `memory_limit` at CACHE_BYTES above what this file's key indexes can take."""
+        with self._lock:
+            limit = CACHE_BYTES + int(self.con.execute(_KEYS).fetchone()[0]) * KEY_BYTES
+            if abs(limit - self._memory_limit) >= 32 * 2**20:
+                self.con.execute(f"SET memory_limit = '{limit // 2**20}MiB'")
+                self._memory_limit = limit
+            self._unbounded_rows = 0
 
     def register_scorer(self, scorer_id: str, name: str, kind: str, config_json: str) -> None:
         with self._lock:  # the writer thread may be inside a transaction on this connection
