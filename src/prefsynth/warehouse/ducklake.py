@@ -78,12 +78,12 @@ class Lake:
         # is reserved when inlining is on)
         options = ["READ_ONLY"] if read_only else ["DATA_INLINING_ROW_LIMIT 0"]
         if self.data_path and not read_only:
-            options.append(f"DATA_PATH {_literal(self.data_path)}")
+            options.append(f"DATA_PATH {literal(self.data_path)}")
         with_options = f" ({', '.join(options)})" if options else ""
-        return f"ATTACH {_literal(f'{PREFIX}postgres:{conninfo}')} AS lake{with_options}"
+        return f"ATTACH {literal(f'{PREFIX}postgres:{conninfo}')} AS lake{with_options}"
 
 
-def _literal(text: str) -> str:
+def literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -222,7 +222,7 @@ def connect(lake: Lake, read_only: bool) -> LakeConnection:
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     try:
         for file in _extension_files().values():
-            con.execute(f"LOAD {_literal(str(file))}")
+            con.execute(f"LOAD {literal(str(file))}")
         _attach(con, lake, read_only)
         con.execute("USE lake")
         if not read_only:

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import shlex
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -374,25 +375,25 @@ class Store:
         return self._transaction(write)
 
     def run_prompts(self, run_id: str, batch: int) -> Iterator[list[Prompt]]:
-        """A run's prompts, `batch` at a time, streamed from one query (no order; memory holds one batch).
-        Each `next` reads from DuckDB: call it off the event loop."""
-        with self._lock:
-            cur = self.con.cursor()
-            reader = cur.execute(
-                "SELECT p.prompt_id, p.messages, p.source, p.source_ref FROM run_prompts rp "
-                "JOIN prompts p USING (prompt_id) WHERE rp.run_id = $1", [run_id]
-            ).to_arrow_reader(batch)
-        try:
-            while True:
-                with self._lock:
-                    try:
-                        rows = reader.read_next_batch().to_pylist()
-                    except StopIteration:
-                        return
-                yield [Prompt(prompt_id=r["prompt_id"], messages=[Message(**m) for m in json.loads(r["messages"])],
-                              source=r["source"], source_ref=r["source_ref"]) for r in rows]  # fmt: skip
-        finally:
-            cur.close()
+        """A run's prompts, `batch` at a time (no order; memory holds one batch). They are copied to a temporary
+        Parquet file and read from there: a query left open for the whole stream holds a transaction, and duckdb
+        never checkpoints while one is open (the WAL, and the uncheckpointed rows in memory, grew with the run).
+        Each `next` reads the file: call it off the event loop."""
+        import pyarrow.parquet as pq
+
+        with tempfile.TemporaryDirectory(prefix="prefsynth-prompts-") as tmp:
+            path = Path(tmp) / "prompts.parquet"
+            with self._lock:
+                self.con.execute(
+                    "COPY (SELECT p.prompt_id, p.messages, p.source, p.source_ref FROM run_prompts rp JOIN prompts p "
+                    f"USING (prompt_id) WHERE rp.run_id = {ducklake.literal(run_id)}) TO {ducklake.literal(str(path))} "
+                    f"(FORMAT parquet, ROW_GROUP_SIZE {max(int(batch), 1)})"
+                )
+            with pq.ParquetFile(path) as file:
+                for rows in file.iter_batches(batch_size=batch):
+                    yield [Prompt(prompt_id=r["prompt_id"], source=r["source"], source_ref=r["source_ref"],
+                                  messages=[Message(**m) for m in json.loads(r["messages"])])
+                           for r in rows.to_pylist()]
 
     def write(self, run_id: str, result: StageResult) -> dict[str, int]:
         """Write one batch of records (calls, responses, scores, failures, ...) in one transaction."""
