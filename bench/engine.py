@@ -14,7 +14,8 @@ Arms (each prints `name: value` lines):
   faults    5% 429, 10% 500, 2% slower than timeout_s 5; C=16, max_retries 3 for both; then a rerun
   kill      runs SIGKILLed at a random moment (seeded) and resumed: calls paid twice, pairs vs uninterrupted
   fixed     cold first run (persistent and empty PREFECT_HOME), cached rerun; the `timings:` split if printed
-  memory    peak RSS of `prefsynth run` (process tree) at 10k/100k/1M prompts, 1 sample + judge, latency 0
+  memory    peak RSS of `prefsynth run` (process tree) at 10k/100k/1M prompts, 1 sample + judge, latency 0:
+            the whole run's, and the stream's (until the loopback server's last answer)
 """
 
 from __future__ import annotations
@@ -219,9 +220,11 @@ def write_job(folder: Path, url: str, prompts: int, *, concurrency: int, samples
 class Run:
     """One finished (or killed) command: return code, output, wall seconds, peak RSS of its process tree."""
 
-    def __init__(self, rc: int, out: str, err: str, seconds: float, peak_mib: float, timed_out: bool) -> None:
+    def __init__(self, rc: int, out: str, err: str, seconds: float, peak_mib: float, timed_out: bool,
+                 rss: list[tuple[float, float]] | None = None) -> None:  # fmt: skip
         self.rc, self.out, self.err = rc, out, err
         self.seconds, self.peak_mib, self.timed_out = seconds, peak_mib, timed_out
+        self.rss = rss or []  # (wall clock, MiB of the process tree), one sample a tick
         self.ended_at = time.time()  # wall clock, to compare with the loopback server's timestamps
 
     @property
@@ -249,10 +252,10 @@ def run_cmd(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, text=True, start_new_session=True)
-        peak = 0.0
+        samples: list[tuple[float, float]] = []
         timed_out = False
         while proc.poll() is None:
-            peak = max(peak, _tree_rss(proc.pid))
+            samples.append((time.time(), _tree_rss(proc.pid)))
             if time.perf_counter() - start > timeout:
                 timed_out = True
                 kill_group(proc)
@@ -263,7 +266,8 @@ def run_cmd(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 
         seconds = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
-        return Run(proc.returncode, out.read(), err.read(), seconds, peak, timed_out)
+        peak = max((mib for _, mib in samples), default=0.0)
+        return Run(proc.returncode, out.read(), err.read(), seconds, peak, timed_out, samples)
 
 
 def prefsynth(config: Path, db: Path, env: dict[str, str] | None = None, timeout: float = 3600) -> Run:
@@ -611,7 +615,11 @@ def memory(folder: Path, sizes: list[int], timeout: float, r: dict[str, Any]) ->
             run = prefsynth(config, db, timeout=timeout)
             name = f"memory_{n}"
             r[f"{name}_peak_rss_mib"], r[f"{name}_seconds"] = run.peak_mib, run.seconds
-            r[f"{name}_requests"] = server.stats().get("requests", 0)
+            stats = server.stats()
+            r[f"{name}_requests"] = stats.get("requests", 0)
+            if "last_answer_at" in stats:  # the stream apart from the end (curation reads the run's columns)
+                r[f"{name}_stream_peak_rss_mib"] = max(
+                    (mib for at, mib in run.rss if at <= stats["last_answer_at"]), default=0.0)
             if run.timed_out:
                 calls = r[f"{name}_requests"]
                 r[f"{name}_note"] = f"stopped at the {timeout:.0f} s limit after {calls} of {2 * n} calls"
@@ -622,6 +630,9 @@ def memory(folder: Path, sizes: list[int], timeout: float, r: dict[str, Any]) ->
         done = [n for n in sizes if f"memory_{n}_note" not in r]
         if len(done) > 1:
             r["memory_peak_growth"] = r[f"memory_{done[-1]}_peak_rss_mib"] / r[f"memory_{done[0]}_peak_rss_mib"]
+            if all(f"memory_{n}_stream_peak_rss_mib" in r for n in (done[0], done[-1])):
+                r["memory_stream_peak_growth"] = (r[f"memory_{done[-1]}_stream_peak_rss_mib"]
+                                                  / r[f"memory_{done[0]}_stream_peak_rss_mib"])
 
 
 SRC: str | None = None

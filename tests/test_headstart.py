@@ -135,3 +135,19 @@ def test_the_quick_check_for_a_configured_prefect_server_errs_on_the_safe_side(t
     (tmp_path / ".env").unlink()
     (tmp_path / "pyproject.toml").write_text('[tool.prefect]\napi.url = "http://10.0.0.1/api"\n')
     assert not _no_server(tmp_path, PREFECT_HOME=str(home))
+
+
+def test_the_temporary_api_starts_at_a_lower_cpu_priority_than_the_run():
+    """Its start overlaps the run's first seconds: the stream comes first."""
+    import os
+
+    from prefsynth.flows.prefect_api import API_NICE, TemporaryAPI
+
+    api = TemporaryAPI()
+    api.launch()
+    try:
+        assert api.proc is not None
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, api.proc.pid) == min(ours + API_NICE, 19) > ours
+    finally:
+        api.stop()

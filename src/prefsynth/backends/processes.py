@@ -38,11 +38,19 @@ class ChildServer:
     _log: IO[bytes] | None = None
     started = 0.0
 
-    def _spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+    def _spawn(self, cmd: list[str], env: dict[str, str] | None = None, nice: int = 0) -> None:
+        """Start `cmd`; `nice` lowers its CPU priority (a server whose start must not slow the work)."""
+
+        def before_exec() -> None:
+            if nice:
+                os.nice(nice)
+            if sys.platform == "linux":
+                die_with_parent()
+
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, preexec_fn=die_with_parent if sys.platform == "linux" else None,
+            start_new_session=True, preexec_fn=before_exec,
         )  # fmt: skip
         self.started = time.monotonic()
 
