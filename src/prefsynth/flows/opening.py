@@ -135,7 +135,7 @@ def stream(run: Opened, log: Log, writer: Writer,
         runner(streaming.run(blocks, run.summary.prompts))
     finally:
         if blocks is not None:
-            blocks.close()  # its cursor would keep the file open
+            blocks.close()  # deletes the prompts' temporary file
         finish(writer)  # whatever finished is committed, also on Ctrl-C
     return streaming
 

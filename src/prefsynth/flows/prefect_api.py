@@ -31,6 +31,7 @@ from prefsynth.errors import PrefsynthError
 # on 2 cores it slowed the stream (bench/engine.py, 12k calls at 64 in flight: 0.6 s less wall time at 10).
 API_NICE = 10
 
+
 class PrefectAPIError(PrefsynthError):
     """Prefect's temporary API did not start."""
 
