@@ -183,8 +183,7 @@ class HeadStart:
             if run is not None and not run.ended:
                 summary = run.summary
                 for stage in run.streaming.stages if run.streaming is not None else []:  # what it did
-                    stage.counts.total = stage.counts.reused + stage.counts.new + stage.counts.failed
-                    summary.stages.append(stage.counts)
+                    summary.stages.append(stage.counts.tally())
                 summary.status = "interrupted" if err is not None and interrupted(err) else "failed"
                 summary.seconds = time.monotonic() - run.started
                 run.store.end_run(summary.run_id, summary.status, summary.model_dump())

@@ -82,7 +82,7 @@ class Streaming:
         finally:
             reporter.cancel()
         for stage in self.stages:
-            stage.counts.total = stage.counts.reused + stage.counts.new + stage.counts.failed
+            stage.counts.tally()
             self.log.info(stage.progress.line())
 
     async def _jobs(self, blocks: Iterator[list[Prompt]]) -> AsyncIterator[Coroutine[Any, Any, None]]:

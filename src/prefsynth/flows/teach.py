@@ -138,7 +138,7 @@ def teach(
 
     run_async(run())
     for stage in (anchors, refines):
-        stage.counts.total = stage.counts.reused + stage.counts.new + stage.counts.failed
+        stage.counts.tally()
         if stage.progress.total:
             get_run_logger().info(stage.progress.line())
     kept = sum(r.kept for r in taught.refinements)

@@ -463,6 +463,11 @@ class StageCounts(BaseModel):
     model_calls: int = 0
     tokens: int = 0  # prompt + completion tokens of the new model calls
 
+    def tally(self) -> StageCounts:
+        """`total` from what was reused, made and failed (a stage's counts once it stops)."""
+        self.total = self.reused + self.new + self.failed
+        return self
+
 
 class RunSummary(BaseModel):
     run_id: str

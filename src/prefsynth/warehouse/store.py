@@ -387,7 +387,7 @@ class Store:
                 self.con.execute(
                     "COPY (SELECT p.prompt_id, p.messages, p.source, p.source_ref FROM run_prompts rp JOIN prompts p "
                     f"USING (prompt_id) WHERE rp.run_id = {ducklake.literal(run_id)}) TO {ducklake.literal(str(path))} "
-                    f"(FORMAT parquet, ROW_GROUP_SIZE {max(int(batch), 1)})"
+                    f"(FORMAT parquet, ROW_GROUP_SIZE {max(batch, 1)})"
                 )
             with pq.ParquetFile(path) as file:
                 for rows in file.iter_batches(batch_size=batch):
